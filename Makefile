@@ -1,0 +1,75 @@
+# mkc — build, test and install.
+#
+#   make build       release binary: target/release/mkc
+#   make test        install (once) and start the test broker, then run every test
+#   make install     PREFIX=/usr/local/mkc DESTDIR= : binary, conf, logs, run, systemd unit
+#   make fmt         cargo fmt
+#   make clippy      cargo clippy --all-targets -- -D warnings
+#   make kafka-start / kafka-stop   the test broker (scripts/kafka.sh)
+#   make clean       cargo clean and stop the broker
+
+CARGO   ?= cargo
+PREFIX  ?= /usr/local/mkc
+DESTDIR ?=
+INSTALL ?= install
+# Two test binaries at a time: every end-to-end test runs a broker client,
+# an HTTP sink and mkc's master and workers, on a 2-core machine.
+TEST_THREADS ?= 2
+
+SYSTEMD_UNIT := systemd/mkc.service
+UNIT_DIR     := $(DESTDIR)/lib/systemd/system
+
+.PHONY: all build test install fmt clippy kafka-install kafka-start kafka-stop clean
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+# The tests find the broker through MKC_TEST_BROKERS; it follows
+# MKC_KAFKA_PORT, the port scripts/kafka.sh starts the broker on.
+test: kafka-start
+	MKC_TEST_BROKERS="$${MKC_TEST_BROKERS:-127.0.0.1:$${MKC_KAFKA_PORT:-9092}}" \
+	$(CARGO) test --all-targets -- --test-threads=$(TEST_THREADS)
+
+kafka-install:
+	scripts/kafka.sh install
+
+kafka-start: kafka-install
+	scripts/kafka.sh start
+
+kafka-stop:
+	scripts/kafka.sh stop
+
+# install builds only when there is no release binary yet, so that
+# `make build && sudo make install` needs no cargo for root. An operator's
+# server.conf is never overwritten: the shipped one lands beside it as
+# server.conf.default.
+install: target/release/mkc
+	$(INSTALL) -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/conf \
+		$(DESTDIR)$(PREFIX)/logs $(DESTDIR)$(PREFIX)/run
+	$(INSTALL) -m 0755 target/release/mkc $(DESTDIR)$(PREFIX)/bin/mkc
+	@if [ -e $(DESTDIR)$(PREFIX)/conf/server.conf ]; then \
+		echo "keeping existing $(DESTDIR)$(PREFIX)/conf/server.conf (new one: server.conf.default)"; \
+		$(INSTALL) -m 0644 conf/server.conf $(DESTDIR)$(PREFIX)/conf/server.conf.default; \
+	else \
+		$(INSTALL) -m 0644 conf/server.conf $(DESTDIR)$(PREFIX)/conf/server.conf; \
+	fi
+	$(INSTALL) -m 0644 conf/module-example.conf $(DESTDIR)$(PREFIX)/conf/module-example.conf
+	@if [ -f $(SYSTEMD_UNIT) ]; then \
+		echo "$(INSTALL) -D -m 0644 $(SYSTEMD_UNIT) $(UNIT_DIR)/mkc.service"; \
+		$(INSTALL) -D -m 0644 $(SYSTEMD_UNIT) $(UNIT_DIR)/mkc.service; \
+	fi
+
+target/release/mkc:
+	$(CARGO) build --release
+
+fmt:
+	$(CARGO) fmt
+
+clippy:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+clean:
+	-scripts/kafka.sh stop
+	$(CARGO) clean

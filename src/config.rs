@@ -1,0 +1,2477 @@
+//! Configuration: `server.conf` and the `module.conf` files it names.
+//!
+//! Two stages, as in ripgrep's config reader: [`parse_reader`] turns text
+//! into [`Directive`]s (what the user wrote, with its line number), then
+//! [`load`] validates them into a [`ServerConfig`] ready to use. Every
+//! error and warning names `path:line`, and every problem of every file is
+//! reported at once, so an operator fixes a configuration in one pass.
+//!
+//! # Line format (DESIGN.md section 6)
+//!
+//! `key value...` per line. Blank lines are skipped; `#` starts a comment
+//! at the start of a line or of a token outside quotes (so the `#` of a URL
+//! fragment stays). Leading spaces and tabs are allowed. A value with
+//! spaces is written `"..."`, where `\"` and `\\` are escapes. Keys are
+//! case-insensitive. CRLF line ends and a UTF-8 byte order mark are
+//! accepted, and comments may hold any bytes (files of the old program
+//! may carry comments in a legacy encoding); values must be UTF-8.
+//!
+//! # Paths
+//!
+//! [`load`] makes the server.conf path absolute; every relative path inside
+//! it (`conf-path`, `log-file`, `pid-path`, `offset.store.path`) is
+//! resolved against server.conf's directory, and `module FILE` against
+//! `conf-path` — wherever in the file `conf-path` appears.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::Url;
+
+/// A command id as carried by a message: a JSON integer or a string of
+/// digits, anywhere in the signed or unsigned 64-bit range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CommandId(pub i128);
+
+impl CommandId {
+    /// Parses a filter value or a digit string: optional `-`, digits only,
+    /// within `i64::MIN ..= u64::MAX`.
+    pub fn parse(text: &str) -> Option<CommandId> {
+        let digits = text.strip_prefix('-').unwrap_or(text);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let value: i128 = text.parse().ok()?;
+        (i128::from(i64::MIN)..=i128::from(u64::MAX))
+            .contains(&value)
+            .then_some(CommandId(value))
+    }
+}
+
+impl fmt::Display for CommandId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A place in a configuration file, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub path: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.path.display(), self.line)
+    }
+}
+
+/// One problem found in a configuration, with where it was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// `None` for problems that belong to no single line (for example
+    /// "no topic configured"); then the message names the file.
+    pub location: Option<Location>,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.location {
+            Some(loc) => write!(f, "{loc}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Log levels of the old program, mapped onto tracing levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warning,
+    Notice,
+    Info,
+    /// `verbose` or `debug`.
+    Debug,
+}
+
+/// Where committed offsets live (DESIGN.md section 4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OffsetStore {
+    /// Manual commits to the consumer group (the default).
+    Broker,
+    /// `<dir>/<group>/<topic>-<partition>.offset`, kept by mkc.
+    File { dir: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMethod {
+    Post,
+    Put,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicConfig {
+    pub name: String,
+    /// Worker processes for this topic (`topic NAME N`, default 1).
+    pub workers: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MysqlConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleConfig {
+    /// `name`; unique across modules.
+    pub name: String,
+    /// The module file this came from.
+    pub file: PathBuf,
+    /// `uri`: http or https, any host, port and path.
+    pub uri: String,
+    /// `method`: post (default) or put.
+    pub method: HttpMethod,
+    /// `filters ID` lines, in file order, duplicates removed.
+    pub filters: Vec<CommandId>,
+    /// `delay` ms after the Kafka timestamp (default 0).
+    pub delay: Duration,
+    /// `retrynum`: retries after the first attempt; 0 = forever (default 3).
+    pub retrynum: u32,
+    /// `retry_delay` (alias `retry_num`) ms between attempts (default 1000).
+    pub retry_delay: Duration,
+    /// `rcv_timeout` s: whole-request timeout (default 30).
+    pub rcv_timeout: Duration,
+    /// `snd_timeout` s: connect timeout (default 5).
+    pub snd_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// Absolute path of server.conf.
+    pub path: PathBuf,
+    /// `daemonize on|off` (default on).
+    pub daemonize: bool,
+    /// `brokers`, repeatable, comma lists allowed; at least one.
+    pub brokers: Vec<String>,
+    /// `groupid` (default `mkc`).
+    pub group_id: String,
+    /// `fallback`: broker.version.fallback.
+    pub fallback: Option<String>,
+    /// `kafka-debug`: librdkafka `debug` contexts.
+    pub kafka_debug: Option<String>,
+    /// `property K V` lines passed to librdkafka, in file order, with the
+    /// offset.store.* keys removed and `auto.offset.rest` renamed.
+    pub properties: Vec<(String, String)>,
+    /// `property offset.store.method broker|file` (+ `offset.store.path`).
+    pub offset_store: OffsetStore,
+    /// `property offset.store.sync.interval.ms` (default 1000).
+    pub offset_sync_interval: Duration,
+    /// `conf-path`: where module files are looked up (default: the
+    /// directory of server.conf).
+    pub conf_path: PathBuf,
+    /// `timeout` ms: consumer poll timeout (default 1000).
+    pub poll_timeout: Duration,
+    /// `log-level` (default notice).
+    pub log_level: LogLevel,
+    /// `log-file`; `None` = standard error.
+    pub log_file: Option<PathBuf>,
+    /// `pid-path` joined with `pid-file` (defaults: server.conf's
+    /// directory and `mkc.pid`).
+    pub pid_file: PathBuf,
+    /// `topic NAME [N]` lines; at least one.
+    pub topics: Vec<TopicConfig>,
+    /// Global `filters`: an allow-list; empty = every module filter counts.
+    pub filters: Vec<CommandId>,
+    /// `module FILE` lines, in order; at least one.
+    pub modules: Vec<ModuleConfig>,
+    /// `mysql host|port|user_name|password|db_name V`; `None` without any.
+    pub mysql: Option<MysqlConfig>,
+    /// `shutdown_timeout` s (default 30).
+    pub shutdown_timeout: Duration,
+    /// `max-message-bytes` (default 4 MiB): larger payloads are invalid.
+    pub max_message_bytes: usize,
+}
+
+/// A validated configuration with the warnings found while reading it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: ServerConfig,
+    pub warnings: Vec<Diagnostic>,
+}
+
+// ---------------------------------------------------------------------------
+// Stage 1: lines -> directives
+// ---------------------------------------------------------------------------
+
+/// One `key value...` line as the user wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Directive {
+    /// Where the line is.
+    pub location: Location,
+    /// The first token, lowercased.
+    pub key: String,
+    /// The remaining tokens, quotes removed and escapes applied.
+    pub args: Vec<String>,
+}
+
+/// Reads a configuration file into directives: one per line that is not
+/// blank or a comment. Every bad line is reported (unterminated quote,
+/// value not UTF-8, ...), each with `path:line`; `path` is used only for
+/// those messages.
+pub fn parse_reader(path: &Path, reader: impl Read) -> Result<Vec<Directive>, Vec<Diagnostic>> {
+    let (directives, errors) = lex(path, reader);
+    if errors.is_empty() {
+        Ok(directives)
+    } else {
+        Err(errors)
+    }
+}
+
+/// [`parse_reader`] without giving up: the directives of the good lines
+/// and the errors of the bad ones, so that [`load`] can go on validating.
+fn lex(path: &Path, mut reader: impl Read) -> (Vec<Directive>, Vec<Diagnostic>) {
+    let mut bytes = Vec::new();
+    if let Err(err) = reader.read_to_end(&mut bytes) {
+        let message = format!("cannot read {}: {err}", path.display());
+        return (Vec::new(), vec![Diagnostic { location: None, message }]);
+    }
+    let text = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let mut directives = Vec::new();
+    let mut errors = Vec::new();
+    for (index, raw) in text.split(|&b| b == b'\n').enumerate() {
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let location = Location {
+            path: path.to_path_buf(),
+            line: index + 1,
+        };
+        match split_line(line) {
+            Ok(tokens) => {
+                let mut tokens = tokens.into_iter();
+                let Some(key) = tokens.next() else { continue };
+                if key.is_empty() {
+                    errors.push(Diagnostic {
+                        location: Some(location),
+                        message: "empty key".to_string(),
+                    });
+                    continue;
+                }
+                directives.push(Directive {
+                    location,
+                    key: key.to_lowercase(),
+                    args: tokens.collect(),
+                });
+            }
+            Err(message) => errors.push(Diagnostic {
+                location: Some(location),
+                message,
+            }),
+        }
+    }
+    (directives, errors)
+}
+
+fn is_blank(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\x0b' | b'\x0c')
+}
+
+/// Splits one line (without its line end) into tokens. The bytes of a
+/// comment are never decoded, so they may be in any encoding.
+fn split_line(line: &[u8]) -> Result<Vec<String>, String> {
+    let mut tokens: Vec<Vec<u8>> = Vec::new();
+    let mut i = 0;
+    loop {
+        while i < line.len() && is_blank(line[i]) {
+            i += 1;
+        }
+        let Some(&first) = line.get(i) else { break };
+        if first == b'#' {
+            break;
+        }
+        let mut token = Vec::new();
+        if first == b'"' {
+            i += 1;
+            loop {
+                match line.get(i) {
+                    None => return Err("unterminated quoted string".to_string()),
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(b'\\') if matches!(line.get(i + 1), Some(b'"' | b'\\')) => {
+                        token.push(line[i + 1]);
+                        i += 2;
+                    }
+                    Some(&b) => {
+                        token.push(b);
+                        i += 1;
+                    }
+                }
+            }
+            if line.get(i).is_some_and(|&b| !is_blank(b)) {
+                return Err("a closing quote must be followed by a space or the end of the line"
+                    .to_string());
+            }
+        } else {
+            while let Some(&b) = line.get(i).filter(|&&b| !is_blank(b)) {
+                token.push(b);
+                i += 1;
+            }
+        }
+        tokens.push(token);
+    }
+    tokens
+        .into_iter()
+        .map(|token| {
+            String::from_utf8(token).map_err(|_| {
+                "the line is not valid UTF-8 (only comments may hold other bytes)".to_string()
+            })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Stage 2: directives -> validated configuration
+// ---------------------------------------------------------------------------
+
+const DEFAULT_GROUP_ID: &str = "mkc";
+const DEFAULT_PID_FILE: &str = "mkc.pid";
+const DEFAULT_OFFSET_SYNC_MS: u64 = 1000;
+const DEFAULT_POLL_TIMEOUT_MS: u64 = 1000;
+const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
+const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
+const DEFAULT_RETRYNUM: u32 = 3;
+const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
+const DEFAULT_RCV_TIMEOUT_S: u64 = 30;
+const DEFAULT_SND_TIMEOUT_S: u64 = 5;
+
+/// Upper bounds, so that no later `Instant + duration` can overflow and a
+/// typo cannot fork thousands of processes or allocate gigabytes.
+const MAX_SECS: u64 = 365 * 24 * 3600;
+const MAX_MS: u64 = MAX_SECS * 1000;
+const MAX_WORKERS: u64 = 1024;
+const MAX_MESSAGE_BYTES_LIMIT: u64 = 1 << 30;
+/// Kafka's own limit on topic name length.
+const MAX_TOPIC_NAME: usize = 249;
+
+/// Reads `server_conf` and every module file it names, validates them and
+/// returns the configuration with its warnings, or every error found.
+///
+/// The path is made absolute first (its directory canonicalized), and
+/// relative paths inside are resolved against that directory.
+pub fn load(server_conf: &Path) -> Result<Loaded, Vec<Diagnostic>> {
+    let unplaced = |message: String| vec![Diagnostic { location: None, message }];
+    let path = absolute_conf_path(server_conf).map_err(|err| {
+        unplaced(format!("cannot read {}: {err}", server_conf.display()))
+    })?;
+    let bytes = std::fs::read(&path)
+        .map_err(|err| unplaced(format!("cannot read {}: {err}", path.display())))?;
+    load_bytes(&path, &bytes, |module| std::fs::read(module))
+}
+
+/// [`load`] with server.conf given as text and module files read through
+/// `read_module` (called with each module's resolved absolute path), so
+/// that tests and `-t` style checks need no files. A relative `path` is
+/// made absolute against the current directory, without touching the
+/// file system.
+pub fn load_str(
+    path: &Path,
+    text: &str,
+    read_module: impl Fn(&Path) -> io::Result<Vec<u8>>,
+) -> Result<Loaded, Vec<Diagnostic>> {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    load_bytes(&path, text.as_bytes(), read_module)
+}
+
+/// `dir/server.conf` → `<canonical dir>/server.conf`.
+fn absolute_conf_path(path: &Path) -> io::Result<PathBuf> {
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "not the path of a file")
+    })?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    Ok(std::fs::canonicalize(dir)?.join(name))
+}
+
+fn load_bytes(
+    path: &Path,
+    bytes: &[u8],
+    read_module: impl Fn(&Path) -> io::Result<Vec<u8>>,
+) -> Result<Loaded, Vec<Diagnostic>> {
+    let mut report = Report::default();
+    let (directives, errors) = lex(path, bytes);
+    report.errors.extend(errors);
+    let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let mut draft = ServerDraft::new(dir);
+    for directive in &directives {
+        draft.apply(directive, &mut report);
+    }
+    let config = draft.finish(path, &read_module, &mut report);
+    if report.errors.is_empty() {
+        Ok(Loaded {
+            config,
+            warnings: report.warnings,
+        })
+    } else {
+        Err(report.errors)
+    }
+}
+
+/// Errors and warnings collected while validating.
+#[derive(Default)]
+struct Report {
+    errors: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
+}
+
+impl Report {
+    fn error(&mut self, at: &Location, message: impl Into<String>) {
+        self.errors.push(Diagnostic {
+            location: Some(at.clone()),
+            message: message.into(),
+        });
+    }
+
+    fn warn(&mut self, at: &Location, message: impl Into<String>) {
+        self.warnings.push(Diagnostic {
+            location: Some(at.clone()),
+            message: message.into(),
+        });
+    }
+
+    /// A problem of a whole file; `message` names the file.
+    fn error_unplaced(&mut self, message: impl Into<String>) {
+        self.errors.push(Diagnostic {
+            location: None,
+            message: message.into(),
+        });
+    }
+
+    /// The arguments of `d` if their count is within `min..=max`;
+    /// otherwise an error showing `usage`.
+    fn args<'d>(
+        &mut self,
+        d: &'d Directive,
+        min: usize,
+        max: usize,
+        usage: &str,
+    ) -> Option<&'d [String]> {
+        let found = d.args.len();
+        if (min..=max).contains(&found) {
+            return Some(&d.args);
+        }
+        let expected = match (min, max) {
+            (1, 1) => "1 argument".to_string(),
+            _ if min == max => format!("{min} arguments"),
+            _ if max == usize::MAX => format!("at least {min} argument{}", plural(min)),
+            _ => format!("{min} to {max} arguments"),
+        };
+        self.error(
+            &d.location,
+            format!("{}: expected {expected} (`{usage}`), found {found}", d.key),
+        );
+        None
+    }
+
+    /// The one argument of `d`.
+    fn single<'d>(&mut self, d: &'d Directive, usage: &str) -> Option<&'d str> {
+        self.args(d, 1, 1, usage).map(|args| args[0].as_str())
+    }
+
+    /// An unsigned integer in `min..=max` (`min` is 0 or 1). `what` names
+    /// the value inside the line (may be empty), `unit` is shown after it.
+    fn uint(
+        &mut self,
+        d: &Directive,
+        what: &str,
+        text: &str,
+        min: u64,
+        max: u64,
+        unit: &str,
+    ) -> Option<u64> {
+        let prefix = if what.is_empty() {
+            format!("{}: ", d.key)
+        } else {
+            format!("{}: {what} ", d.key)
+        };
+        let unit = if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {unit}")
+        };
+        let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+        match text.parse::<u64>() {
+            Ok(value) if digits && (min..=max).contains(&value) => Some(value),
+            // Digits only, so the parse can fail only by overflow.
+            Ok(value) if digits && value > max => self.too_large(d, &prefix, text, max, &unit),
+            Err(_) if digits => self.too_large(d, &prefix, text, max, &unit),
+            _ => {
+                let kind = if min > 0 { "positive" } else { "non-negative" };
+                self.error(
+                    &d.location,
+                    format!("{prefix}\"{text}\" is not a {kind} integer{unit}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn too_large(
+        &mut self,
+        d: &Directive,
+        prefix: &str,
+        text: &str,
+        max: u64,
+        unit: &str,
+    ) -> Option<u64> {
+        self.error(
+            &d.location,
+            format!("{prefix}{text} is too large (at most {max}{unit})"),
+        );
+        None
+    }
+
+    /// A non-empty path argument, resolved against `base`.
+    fn path(&mut self, d: &Directive, text: &str, base: &Path) -> Option<PathBuf> {
+        if text.is_empty() {
+            self.error(&d.location, format!("{}: empty path", d.key));
+            return None;
+        }
+        Some(resolve(base, text))
+    }
+
+    /// A list of command ids, one or several per line.
+    fn command_ids(&mut self, d: &Directive, into: &mut Vec<(CommandId, Location)>) {
+        let Some(args) = self.args(d, 1, usize::MAX, "filters ID...") else {
+            return;
+        };
+        for text in args {
+            match CommandId::parse(text) {
+                Some(id) if into.iter().all(|(known, _)| *known != id) => {
+                    into.push((id, d.location.clone()));
+                }
+                Some(_) => {}
+                None => self.error(
+                    &d.location,
+                    format!(
+                        "{}: \"{text}\" is not a command id (an integer in the 64-bit range)",
+                        d.key
+                    ),
+                ),
+            }
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn resolve(base: &Path, text: &str) -> PathBuf {
+    let path = Path::new(text);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+fn ms(value: u64) -> Duration {
+    Duration::from_millis(value)
+}
+
+fn secs(value: u64) -> Duration {
+    Duration::from_secs(value)
+}
+
+/// Remembers where each single-valued key was set, to warn when a later
+/// line replaces it (the old program silently kept the last one).
+#[derive(Default)]
+struct Seen(HashMap<String, usize>);
+
+impl Seen {
+    fn note(&mut self, name: &str, d: &Directive, report: &mut Report) {
+        if let Some(previous) = self.0.insert(name.to_string(), d.location.line) {
+            report.warn(
+                &d.location,
+                format!("{name} is set again; this line replaces line {previous}"),
+            );
+        }
+    }
+}
+
+fn parse_switch(text: &str) -> Option<bool> {
+    match text.to_ascii_lowercase().as_str() {
+        "on" | "yes" | "true" | "1" => Some(true),
+        "off" | "no" | "false" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_log_level(text: &str) -> Option<LogLevel> {
+    match text.to_ascii_lowercase().as_str() {
+        "error" => Some(LogLevel::Error),
+        "warning" | "warn" => Some(LogLevel::Warning),
+        "notice" => Some(LogLevel::Notice),
+        "info" => Some(LogLevel::Info),
+        "verbose" | "debug" => Some(LogLevel::Debug),
+        _ => None,
+    }
+}
+
+/// `host:port` with a non-empty host and a port in 1..=65535.
+fn valid_broker(text: &str) -> bool {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return false;
+    };
+    !host.is_empty()
+        && !host.contains(|c: char| c.is_whitespace() || c == '/')
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|port| port > 0)
+}
+
+fn valid_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_TOPIC_NAME
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The `mysql SUBKEY VALUE` lines, combined at the end.
+#[derive(Default)]
+struct MysqlDraft {
+    /// The first `mysql` line: where "incomplete" errors point.
+    first: Option<Location>,
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    password: Option<String>,
+    database: Option<String>,
+}
+
+/// server.conf as read so far; defaults filled in by [`ServerDraft::finish`].
+struct ServerDraft {
+    /// server.conf's directory: the base of relative paths.
+    dir: PathBuf,
+    seen: Seen,
+    daemonize: bool,
+    brokers: Vec<String>,
+    group_id: String,
+    fallback: Option<String>,
+    kafka_debug: Option<String>,
+    properties: Vec<(String, String)>,
+    /// `offset.store.method`: `Some(true)` for file.
+    offset_file: Option<bool>,
+    offset_path: Option<(PathBuf, Location)>,
+    offset_sync_interval: Duration,
+    conf_path: Option<PathBuf>,
+    poll_timeout: Duration,
+    log_level: LogLevel,
+    log_file: Option<PathBuf>,
+    pid_path: Option<(PathBuf, Location)>,
+    pid_file: Option<String>,
+    topics: Vec<(TopicConfig, Location)>,
+    filters: Vec<(CommandId, Location)>,
+    /// `module FILE` lines; resolved once `conf-path` is known.
+    modules: Vec<(String, Location)>,
+    mysql: MysqlDraft,
+    shutdown_timeout: Duration,
+    max_message_bytes: u64,
+}
+
+impl ServerDraft {
+    fn new(dir: PathBuf) -> Self {
+        ServerDraft {
+            dir,
+            seen: Seen::default(),
+            daemonize: true,
+            brokers: Vec::new(),
+            group_id: DEFAULT_GROUP_ID.to_string(),
+            fallback: None,
+            kafka_debug: None,
+            properties: Vec::new(),
+            offset_file: None,
+            offset_path: None,
+            offset_sync_interval: ms(DEFAULT_OFFSET_SYNC_MS),
+            conf_path: None,
+            poll_timeout: ms(DEFAULT_POLL_TIMEOUT_MS),
+            log_level: LogLevel::Notice,
+            log_file: None,
+            pid_path: None,
+            pid_file: None,
+            topics: Vec::new(),
+            filters: Vec::new(),
+            modules: Vec::new(),
+            mysql: MysqlDraft::default(),
+            shutdown_timeout: secs(DEFAULT_SHUTDOWN_TIMEOUT_S),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+
+    fn apply(&mut self, d: &Directive, report: &mut Report) {
+        let key = d.key.as_str();
+        match key {
+            "daemonize" => {
+                let Some(value) = report.single(d, "daemonize on|off") else {
+                    return;
+                };
+                match parse_switch(value) {
+                    Some(on) => {
+                        self.seen.note(key, d, report);
+                        self.daemonize = on;
+                    }
+                    None => report.error(
+                        &d.location,
+                        format!("daemonize: \"{value}\" is not on or off"),
+                    ),
+                }
+            }
+            "brokers" => {
+                let Some(args) = report.args(d, 1, usize::MAX, "brokers HOST:PORT[,HOST:PORT...]")
+                else {
+                    return;
+                };
+                for broker in args.iter().flat_map(|arg| arg.split(',')) {
+                    let broker = broker.trim();
+                    if broker.is_empty() {
+                        continue;
+                    }
+                    if !valid_broker(broker) {
+                        report.error(
+                            &d.location,
+                            format!("brokers: \"{broker}\" is not host:port"),
+                        );
+                    } else if !self.brokers.iter().any(|known| known == broker) {
+                        self.brokers.push(broker.to_string());
+                    }
+                }
+            }
+            "groupid" => {
+                if let Some(value) = report.single(d, "groupid NAME") {
+                    if value.is_empty() {
+                        report.error(&d.location, "groupid: empty group id");
+                    } else {
+                        self.seen.note(key, d, report);
+                        self.group_id = value.to_string();
+                    }
+                }
+            }
+            "fallback" => {
+                if let Some(value) = report.single(d, "fallback VERSION") {
+                    self.seen.note(key, d, report);
+                    self.fallback = Some(value.to_string());
+                }
+            }
+            "kafka-debug" => {
+                if let Some(value) = report.single(d, "kafka-debug CONTEXTS") {
+                    self.seen.note(key, d, report);
+                    self.kafka_debug = Some(value.to_string());
+                }
+            }
+            "property" => self.property(d, report),
+            "conf-path" => {
+                if let Some(value) = report.single(d, "conf-path DIR") {
+                    if let Some(path) = report.path(d, value, &self.dir) {
+                        self.seen.note(key, d, report);
+                        self.conf_path = Some(path);
+                    }
+                }
+            }
+            "timeout" => {
+                if let Some(value) = report.single(d, "timeout MILLISECONDS") {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_MS, "(milliseconds)") {
+                        self.seen.note(key, d, report);
+                        self.poll_timeout = ms(n);
+                    }
+                }
+            }
+            "log-level" => {
+                let usage = "log-level error|warning|notice|info|verbose|debug";
+                let Some(value) = report.single(d, usage) else {
+                    return;
+                };
+                match parse_log_level(value) {
+                    Some(level) => {
+                        self.seen.note(key, d, report);
+                        self.log_level = level;
+                    }
+                    None => report.error(
+                        &d.location,
+                        format!(
+                            "log-level: \"{value}\" is not one of error, warning, notice, \
+                             info, verbose, debug"
+                        ),
+                    ),
+                }
+            }
+            "log-file" => {
+                if let Some(value) = report.single(d, "log-file PATH") {
+                    if let Some(path) = report.path(d, value, &self.dir) {
+                        self.seen.note(key, d, report);
+                        self.log_file = Some(path);
+                    }
+                }
+            }
+            "pid-path" => {
+                if let Some(value) = report.single(d, "pid-path DIR") {
+                    if let Some(path) = report.path(d, value, &self.dir) {
+                        self.seen.note(key, d, report);
+                        self.pid_path = Some((path, d.location.clone()));
+                    }
+                }
+            }
+            "pid-file" => {
+                if let Some(value) = report.single(d, "pid-file NAME") {
+                    if value.is_empty() {
+                        report.error(&d.location, "pid-file: empty path");
+                    } else {
+                        self.seen.note(key, d, report);
+                        self.pid_file = Some(value.to_string());
+                    }
+                }
+            }
+            "topic" => self.topic(d, report),
+            "filters" => report.command_ids(d, &mut self.filters),
+            "module" => {
+                if let Some(value) = report.single(d, "module FILE") {
+                    if value.is_empty() {
+                        report.error(&d.location, "module: empty path");
+                    } else {
+                        self.modules.push((value.to_string(), d.location.clone()));
+                    }
+                }
+            }
+            "mysql" => self.mysql(d, report),
+            "shutdown_timeout" => {
+                if let Some(value) = report.single(d, "shutdown_timeout SECONDS") {
+                    if let Some(n) = report.uint(d, "", value, 0, MAX_SECS, "(seconds)") {
+                        self.seen.note(key, d, report);
+                        self.shutdown_timeout = secs(n);
+                    }
+                }
+            }
+            "max-message-bytes" => {
+                if let Some(value) = report.single(d, "max-message-bytes BYTES") {
+                    let limit = MAX_MESSAGE_BYTES_LIMIT;
+                    if let Some(n) = report.uint(d, "", value, 1, limit, "(bytes)") {
+                        self.seen.note(key, d, report);
+                        self.max_message_bytes = n;
+                    }
+                }
+            }
+            "zookeeper" | "zookeeper-debug" => report.warn(
+                &d.location,
+                format!("{key} is ignored: mkc talks to the Kafka brokers directly"),
+            ),
+            _ => report.error(&d.location, format!("unknown key \"{key}\"")),
+        }
+    }
+
+    fn property(&mut self, d: &Directive, report: &mut Report) {
+        let Some(args) = report.args(d, 2, 2, "property KEY VALUE") else {
+            return;
+        };
+        let (name, value) = (args[0].as_str(), args[1].as_str());
+        match name.to_ascii_lowercase().as_str() {
+            "offset.store.method" => match value.to_ascii_lowercase().as_str() {
+                method @ ("broker" | "file") => {
+                    self.seen.note("property offset.store.method", d, report);
+                    self.offset_file = Some(method == "file");
+                }
+                _ => report.error(
+                    &d.location,
+                    format!("property: offset.store.method \"{value}\" is not broker or file"),
+                ),
+            },
+            "offset.store.path" => {
+                if let Some(path) = report.path(d, value, &self.dir) {
+                    self.seen.note("property offset.store.path", d, report);
+                    self.offset_path = Some((path, d.location.clone()));
+                }
+            }
+            "offset.store.sync.interval.ms" => {
+                let what = "offset.store.sync.interval.ms";
+                if let Some(n) = report.uint(d, what, value, 1, MAX_MS, "") {
+                    self.seen.note("property offset.store.sync.interval.ms", d, report);
+                    self.offset_sync_interval = ms(n);
+                }
+            }
+            "auto.offset.rest" => {
+                report.warn(
+                    &d.location,
+                    "property auto.offset.rest is read as auto.offset.reset \
+                     (a typo of the old documentation)",
+                );
+                self.properties
+                    .push(("auto.offset.reset".to_string(), value.to_string()));
+            }
+            "enable.auto.commit" | "enable.auto.offset.store" => report.warn(
+                &d.location,
+                format!(
+                    "property {name} is ignored: mkc commits offsets itself, \
+                     only after delivery"
+                ),
+            ),
+            _ => self.properties.push((name.to_string(), value.to_string())),
+        }
+    }
+
+    fn topic(&mut self, d: &Directive, report: &mut Report) {
+        let Some(args) = report.args(d, 1, 2, "topic NAME [WORKERS]") else {
+            return;
+        };
+        let name = args[0].as_str();
+        let workers = match args.get(1) {
+            Some(text) => report.uint(d, "worker count", text, 1, MAX_WORKERS, ""),
+            None => Some(1),
+        };
+        if !valid_topic_name(name) {
+            report.error(
+                &d.location,
+                format!(
+                    "topic: \"{name}\" is not a valid Kafka topic name \
+                     (letters, digits, '.', '_', '-'; at most {MAX_TOPIC_NAME})"
+                ),
+            );
+            return;
+        }
+        if let Some((_, first)) = self.topics.iter().find(|(t, _)| t.name == name) {
+            report.error(
+                &d.location,
+                format!("topic: \"{name}\" is already configured at line {}", first.line),
+            );
+            return;
+        }
+        if let Some(workers) = workers.and_then(|n| u32::try_from(n).ok()) {
+            let topic = TopicConfig {
+                name: name.to_string(),
+                workers,
+            };
+            self.topics.push((topic, d.location.clone()));
+        }
+    }
+
+    fn mysql(&mut self, d: &Directive, report: &mut Report) {
+        let usage = "mysql host|port|user_name|password|db_name VALUE";
+        let Some(args) = report.args(d, 2, 2, usage) else {
+            return;
+        };
+        let (field, value) = (args[0].to_ascii_lowercase(), args[1].as_str());
+        let slot = match field.as_str() {
+            "host" => &mut self.mysql.host,
+            "user_name" => &mut self.mysql.user,
+            "password" => &mut self.mysql.password,
+            "db_name" => &mut self.mysql.database,
+            "port" => {
+                if let Some(port) = report.uint(d, "port", value, 1, u64::from(u16::MAX), "") {
+                    self.seen.note("mysql port", d, report);
+                    self.mysql.port = u16::try_from(port).ok();
+                    self.mysql.first.get_or_insert_with(|| d.location.clone());
+                }
+                return;
+            }
+            _ => {
+                report.error(
+                    &d.location,
+                    format!(
+                        "mysql: unknown setting \"{}\" (host, port, user_name, password, db_name)",
+                        args[0]
+                    ),
+                );
+                return;
+            }
+        };
+        *slot = Some(value.to_string());
+        self.seen.note(&format!("mysql {field}"), d, report);
+        self.mysql.first.get_or_insert_with(|| d.location.clone());
+    }
+
+    /// Applies defaults, reads the module files and checks the rules that
+    /// need the whole file (reporting what is missing).
+    fn finish(
+        self,
+        path: &Path,
+        read_module: &impl Fn(&Path) -> io::Result<Vec<u8>>,
+        report: &mut Report,
+    ) -> ServerConfig {
+        let shown = path.display();
+        if self.brokers.is_empty() {
+            report.error_unplaced(format!(
+                "{shown}: no brokers configured (add a `brokers HOST:PORT` line)"
+            ));
+        }
+        if self.topics.is_empty() {
+            report.error_unplaced(format!(
+                "{shown}: no topic configured (add a `topic NAME [WORKERS]` line)"
+            ));
+        }
+        if self.modules.is_empty() {
+            report.error_unplaced(format!(
+                "{shown}: no module configured (add a `module FILE` line)"
+            ));
+        }
+
+        let offset_store = match (self.offset_file, self.offset_path) {
+            (Some(true), Some((dir, _))) => OffsetStore::File { dir },
+            // librdkafka's default path was ".", which mkc reads as
+            // server.conf's directory like every other relative path.
+            (Some(true), None) => OffsetStore::File {
+                dir: self.dir.clone(),
+            },
+            (_, Some((_, at))) => {
+                report.warn(
+                    &at,
+                    "property offset.store.path is ignored: offset.store.method is not file",
+                );
+                OffsetStore::Broker
+            }
+            (_, None) => OffsetStore::Broker,
+        };
+
+        let pid_name = self.pid_file.as_deref().unwrap_or(DEFAULT_PID_FILE);
+        let pid_file = if Path::new(pid_name).is_absolute() {
+            if let Some((_, at)) = &self.pid_path {
+                report.warn(at, "pid-path is ignored: pid-file is an absolute path");
+            }
+            PathBuf::from(pid_name)
+        } else {
+            let dir = self.pid_path.map_or_else(|| self.dir.clone(), |(dir, _)| dir);
+            dir.join(pid_name)
+        };
+
+        let mysql = finish_mysql(self.mysql, report);
+        let conf_path = self.conf_path.unwrap_or_else(|| self.dir.clone());
+        let modules = load_modules(&self.modules, &conf_path, &self.filters, read_module, report);
+
+        ServerConfig {
+            path: path.to_path_buf(),
+            daemonize: self.daemonize,
+            brokers: self.brokers,
+            group_id: self.group_id,
+            fallback: self.fallback,
+            kafka_debug: self.kafka_debug,
+            properties: self.properties,
+            offset_store,
+            offset_sync_interval: self.offset_sync_interval,
+            conf_path,
+            poll_timeout: self.poll_timeout,
+            log_level: self.log_level,
+            log_file: self.log_file,
+            pid_file,
+            topics: self.topics.into_iter().map(|(topic, _)| topic).collect(),
+            filters: self.filters.into_iter().map(|(id, _)| id).collect(),
+            modules,
+            mysql,
+            shutdown_timeout: self.shutdown_timeout,
+            max_message_bytes: usize::try_from(self.max_message_bytes).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+fn finish_mysql(draft: MysqlDraft, report: &mut Report) -> Option<MysqlConfig> {
+    let first = draft.first?;
+    let mut required = |value: Option<String>, name: &str| {
+        if value.is_none() {
+            report.error(
+                &first,
+                format!("mysql: {name} is not set (add a `mysql {name} VALUE` line)"),
+            );
+        }
+        value
+    };
+    let host = required(draft.host, "host");
+    let user = required(draft.user, "user_name");
+    let database = required(draft.database, "db_name");
+    Some(MysqlConfig {
+        host: host?,
+        port: draft.port.unwrap_or(3306),
+        user: user?,
+        password: draft.password.unwrap_or_default(),
+        database: database?,
+    })
+}
+
+/// Reads the module files named by `module` lines, in order, and checks
+/// what involves several modules or the global filters.
+fn load_modules(
+    lines: &[(String, Location)],
+    conf_path: &Path,
+    global: &[(CommandId, Location)],
+    read_module: &impl Fn(&Path) -> io::Result<Vec<u8>>,
+    report: &mut Report,
+) -> Vec<ModuleConfig> {
+    let mut modules: Vec<(ModuleConfig, Location)> = Vec::new();
+    let mut files: Vec<(PathBuf, &Location)> = Vec::new();
+    for (name, at) in lines {
+        let file = resolve(conf_path, name);
+        if let Some((_, first)) = files.iter().find(|(known, _)| *known == file) {
+            report.error(
+                at,
+                format!(
+                    "module: {} is already listed at line {}",
+                    file.display(),
+                    first.line
+                ),
+            );
+            continue;
+        }
+        files.push((file.clone(), at));
+        let bytes = match read_module(&file) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                report.error(at, format!("module: cannot read {}: {err}", file.display()));
+                continue;
+            }
+        };
+        let (directives, errors) = lex(&file, bytes.as_slice());
+        report.errors.extend(errors);
+        let Some((module, name_at)) = read_module_file(file, &directives, global, report) else {
+            continue;
+        };
+        if let Some((_, first)) = modules.iter().find(|(m, _)| m.name == module.name) {
+            report.error(
+                &name_at,
+                format!(
+                    "name: module name \"{}\" is already used at {first}",
+                    module.name
+                ),
+            );
+            continue;
+        }
+        if module.filters.is_empty() {
+            report.warn(
+                at,
+                format!(
+                    "module {}: no filters; it will never receive a message",
+                    module.name
+                ),
+            );
+        }
+        modules.push((module, name_at));
+    }
+    for (id, at) in global {
+        if !modules.is_empty() && modules.iter().all(|(m, _)| !m.filters.contains(id)) {
+            report.warn(
+                at,
+                format!(
+                    "filters: no module lists {id}; its messages are acknowledged \
+                     without dispatch"
+                ),
+            );
+        }
+    }
+    modules.into_iter().map(|(module, _)| module).collect()
+}
+
+/// Validates one module file. Returns the module and where its name was
+/// set, or `None` when `name` or `uri` is missing.
+fn read_module_file(
+    file: PathBuf,
+    directives: &[Directive],
+    global: &[(CommandId, Location)],
+    report: &mut Report,
+) -> Option<(ModuleConfig, Location)> {
+    let mut seen = Seen::default();
+    let mut name: Option<(String, Location)> = None;
+    let mut uri: Option<String> = None;
+    let mut method = HttpMethod::Post;
+    let mut filters: Vec<(CommandId, Location)> = Vec::new();
+    let mut delay = ms(0);
+    let mut retrynum = DEFAULT_RETRYNUM;
+    let mut retry_delay = ms(DEFAULT_RETRY_DELAY_MS);
+    let mut rcv_timeout = secs(DEFAULT_RCV_TIMEOUT_S);
+    let mut snd_timeout = secs(DEFAULT_SND_TIMEOUT_S);
+
+    for d in directives {
+        let key = d.key.as_str();
+        match key {
+            "name" => {
+                let Some(value) = report.single(d, "name NAME") else {
+                    continue;
+                };
+                if value.is_empty() || value.chars().any(char::is_control) {
+                    report.error(
+                        &d.location,
+                        "name: a module name must be non-empty, without control characters",
+                    );
+                    continue;
+                }
+                seen.note(key, d, report);
+                name = Some((value.to_string(), d.location.clone()));
+            }
+            "uri" => {
+                let Some(value) = report.single(d, "uri http[s]://HOST[:PORT]/PATH") else {
+                    continue;
+                };
+                match Url::parse(value) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+                        seen.note(key, d, report);
+                        uri = Some(value.to_string());
+                    }
+                    Ok(_) => report.error(
+                        &d.location,
+                        format!("uri: \"{value}\" is not an http or https URL"),
+                    ),
+                    Err(err) => report.error(
+                        &d.location,
+                        format!("uri: \"{value}\" is not a URL: {err}"),
+                    ),
+                }
+            }
+            "method" => {
+                let Some(value) = report.single(d, "method post|put") else {
+                    continue;
+                };
+                match value.to_ascii_lowercase().as_str() {
+                    "post" => method = HttpMethod::Post,
+                    "put" => method = HttpMethod::Put,
+                    _ => {
+                        report.error(
+                            &d.location,
+                            format!("method: \"{value}\" is not post or put"),
+                        );
+                        continue;
+                    }
+                }
+                seen.note(key, d, report);
+            }
+            "filters" => report.command_ids(d, &mut filters),
+            "delay" => {
+                if let Some(value) = report.single(d, "delay MILLISECONDS") {
+                    if let Some(n) = report.uint(d, "", value, 0, MAX_MS, "(milliseconds)") {
+                        seen.note(key, d, report);
+                        delay = ms(n);
+                    }
+                }
+            }
+            "retrynum" => {
+                if let Some(value) = report.single(d, "retrynum N") {
+                    let max = u64::from(u32::MAX);
+                    if let Some(n) = report.uint(d, "", value, 0, max, "") {
+                        seen.note(key, d, report);
+                        retrynum = u32::try_from(n).unwrap_or(u32::MAX);
+                    }
+                }
+            }
+            "retry_delay" | "retry_num" => {
+                if key == "retry_num" {
+                    report.warn(&d.location, "retry_num is read as retry_delay");
+                }
+                if let Some(value) = report.single(d, "retry_delay MILLISECONDS") {
+                    if let Some(n) = report.uint(d, "", value, 0, MAX_MS, "(milliseconds)") {
+                        seen.note("retry_delay", d, report);
+                        retry_delay = ms(n);
+                    }
+                }
+            }
+            "rcv_timeout" | "snd_timeout" => {
+                let usage = format!("{key} SECONDS");
+                if let Some(value) = report.single(d, &usage) {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_SECS, "(seconds)") {
+                        seen.note(key, d, report);
+                        if key == "rcv_timeout" {
+                            rcv_timeout = secs(n);
+                        } else {
+                            snd_timeout = secs(n);
+                        }
+                    }
+                }
+            }
+            _ => report.error(&d.location, format!("unknown key \"{key}\"")),
+        }
+    }
+
+    let shown = file.display();
+    if name.is_none() {
+        report.error_unplaced(format!("{shown}: module has no name (add a `name NAME` line)"));
+    }
+    if uri.is_none() {
+        report.error_unplaced(format!("{shown}: module has no uri (add a `uri URL` line)"));
+    }
+    let (name, name_at) = name?;
+    let uri = uri?;
+    if !global.is_empty() {
+        for (id, at) in &filters {
+            if global.iter().all(|(known, _)| known != id) {
+                report.warn(
+                    at,
+                    format!(
+                        "module {name}: filter {id} is not in the global filters of \
+                         server.conf; it will never be dispatched"
+                    ),
+                );
+            }
+        }
+    }
+    let module = ModuleConfig {
+        name,
+        file,
+        uri,
+        method,
+        filters: filters.into_iter().map(|(id, _)| id).collect(),
+        delay,
+        retrynum,
+        retry_delay,
+        rcv_timeout,
+        snd_timeout,
+    };
+    Some((module, name_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIR: &str = "/etc/mkc";
+    const SERVER: &str = "/etc/mkc/server.conf";
+
+    /// A valid server.conf needing only `m.conf` (see [`MODULE_M`]).
+    const MINIMAL: &str = "brokers 127.0.0.1:9092\ntopic orders\nmodule m.conf\n";
+    const MODULE_M: &str = "name m\nuri http://127.0.0.1:8080/m\nfilters 1\n";
+
+    /// Loads `server` as /etc/mkc/server.conf; module files are looked up
+    /// in `modules` by their path relative to /etc/mkc.
+    fn load_with(server: &str, modules: &[(&str, &str)]) -> Result<Loaded, Vec<Diagnostic>> {
+        let files: HashMap<PathBuf, Vec<u8>> = modules
+            .iter()
+            .map(|(name, text)| (Path::new(DIR).join(name), text.as_bytes().to_vec()))
+            .collect();
+        load_str(Path::new(SERVER), server, |path| {
+            files
+                .get(path)
+                .cloned()
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        })
+    }
+
+    fn render(diagnostics: &[Diagnostic]) -> Vec<String> {
+        diagnostics.iter().map(ToString::to_string).collect()
+    }
+
+    #[track_caller]
+    fn accepted(server: &str, modules: &[(&str, &str)]) -> Loaded {
+        match load_with(server, modules) {
+            Ok(loaded) => loaded,
+            Err(errors) => panic!("rejected: {:#?}", render(&errors)),
+        }
+    }
+
+    #[track_caller]
+    fn rejected(server: &str, modules: &[(&str, &str)]) -> Vec<String> {
+        match load_with(server, modules) {
+            Ok(loaded) => panic!("accepted: {:#?}", loaded.config),
+            Err(errors) => render(&errors),
+        }
+    }
+
+    /// The minimal configuration plus `extra` server lines.
+    fn server_with(extra: &str) -> Loaded {
+        accepted(&format!("{MINIMAL}{extra}"), &[("m.conf", MODULE_M)])
+    }
+
+    /// The minimal configuration with `extra` lines in the module file.
+    fn module_with(extra: &str) -> Loaded {
+        accepted(MINIMAL, &[("m.conf", &format!("{MODULE_M}{extra}"))])
+    }
+
+    fn warnings(loaded: &Loaded) -> Vec<String> {
+        render(&loaded.warnings)
+    }
+
+    fn parse(text: &[u8]) -> Result<Vec<Directive>, Vec<Diagnostic>> {
+        parse_reader(Path::new("x.conf"), text)
+    }
+
+    fn keys_and_args(directives: &[Directive]) -> Vec<(usize, String, Vec<String>)> {
+        directives
+            .iter()
+            .map(|d| (d.location.line, d.key.clone(), d.args.clone()))
+            .collect()
+    }
+
+    fn owned(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    // ---- stage 1: the line format ----
+
+    #[test]
+    fn comments_blank_and_indented_lines() {
+        let text = b"# comment\n\n   \n\t# indented comment\n  name a # trailing\n\tfilters 1 2\n";
+        let directives = parse(text).unwrap();
+        assert_eq!(
+            keys_and_args(&directives),
+            vec![
+                (5, "name".to_string(), owned(&["a"])),
+                (6, "filters".to_string(), owned(&["1", "2"])),
+            ]
+        );
+        assert_eq!(directives[0].location.path, PathBuf::from("x.conf"));
+    }
+
+    #[test]
+    fn hash_inside_a_token_is_not_a_comment() {
+        let directives = parse(b"uri http://h/p#frag #comment\n").unwrap();
+        assert_eq!(directives[0].args, owned(&["http://h/p#frag"]));
+    }
+
+    #[test]
+    fn quoted_values_and_escapes() {
+        let text = br##"password "a b  c" "" "say \"hi\"" "back\\slash" "keep \n" "#x""##;
+        let directives = parse(text).unwrap();
+        assert_eq!(
+            directives[0].args,
+            owned(&["a b  c", "", "say \"hi\"", "back\\slash", "keep \\n", "#x"])
+        );
+    }
+
+    #[test]
+    fn quote_inside_an_unquoted_token_is_literal() {
+        let directives = parse(b"uri http://h/?a=\"b\"\n").unwrap();
+        assert_eq!(directives[0].args, owned(&["http://h/?a=\"b\""]));
+    }
+
+    #[test]
+    fn unterminated_quote_and_text_after_quote_are_errors() {
+        let errors = render(&parse(b"ok 1\nname \"abc\nname \"a\"b\n").unwrap_err());
+        assert_eq!(
+            errors,
+            vec![
+                "x.conf:2: unterminated quoted string",
+                "x.conf:3: a closing quote must be followed by a space or the end of the line",
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_are_case_insensitive() {
+        let directives = parse(b"LOG-Level Verbose\nTopic Orders 2\n").unwrap();
+        assert_eq!(
+            keys_and_args(&directives),
+            vec![
+                (1, "log-level".to_string(), owned(&["Verbose"])),
+                (2, "topic".to_string(), owned(&["Orders", "2"])),
+            ]
+        );
+        let loaded = server_with("LOG-LEVEL VERBOSE\nDaemonize OFF\n");
+        assert_eq!(loaded.config.log_level, LogLevel::Debug);
+        assert!(!loaded.config.daemonize);
+    }
+
+    #[test]
+    fn crlf_bom_and_non_utf8_comments_are_tolerated() {
+        let text = b"\xEF\xBB\xBFname a\r\n# \xC4\xE3\xBA\xC3 gbk\r\n\t#\xFF\xFE\r\nuri x\r\n";
+        let directives = parse(text).unwrap();
+        assert_eq!(
+            keys_and_args(&directives),
+            vec![
+                (1, "name".to_string(), owned(&["a"])),
+                (4, "uri".to_string(), owned(&["x"])),
+            ]
+        );
+        let directives = parse(b"name a # \xFF trailing comment\n").unwrap();
+        assert_eq!(directives[0].args, owned(&["a"]));
+    }
+
+    #[test]
+    fn non_utf8_value_is_an_error_naming_the_line() {
+        let errors = render(&parse(b"name ok\nname caf\xE9\n").unwrap_err());
+        assert_eq!(
+            errors,
+            vec!["x.conf:2: the line is not valid UTF-8 (only comments may hold other bytes)"]
+        );
+    }
+
+    #[test]
+    fn non_utf8_module_file_is_reported_by_load() {
+        let read = |path: &Path| -> io::Result<Vec<u8>> {
+            if path == Path::new("/etc/mkc/m.conf") {
+                Ok(b"name m\nuri http://h/\nfilters 1\nname \xFF\n".to_vec())
+            } else {
+                Err(io::Error::from(io::ErrorKind::NotFound))
+            }
+        };
+        let errors = render(&load_str(Path::new(SERVER), MINIMAL, read).unwrap_err());
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/m.conf:4: the line is not valid UTF-8 (only comments may hold other bytes)"
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_quoted_key_is_an_error() {
+        let errors = render(&parse(b"\"\" value\n").unwrap_err());
+        assert_eq!(errors, vec!["x.conf:1: empty key"]);
+    }
+
+    #[test]
+    fn hostile_input_never_panics() {
+        let inputs: [&[u8]; 10] = [
+            b"\"",
+            b"\"\\",
+            b"\"\\\"",
+            b"\\\"\"\"\"",
+            b"\xEF\xBB",
+            b"\xEF\xBB\xBF",
+            b"\r\r\r\n\n\x00\x0b",
+            b"topic \"\" \"\"",
+            b"# \xFF\n\xFF",
+            b"a\tb\x0cc\"d\"\"",
+        ];
+        for input in inputs {
+            let _ = parse(input);
+            let text = String::from_utf8_lossy(input);
+            let _ = load_with(&text, &[("m.conf", &text)]);
+        }
+        for text in [
+            "topic a 99999999999999999999999999",
+            "timeout -1",
+            "mysql port 70000",
+            "filters 99999999999999999999999",
+            "brokers :,::,:0,a:",
+            "pid-file \"\"",
+            "module \"\"",
+            "property",
+        ] {
+            assert!(load_with(text, &[]).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn read_error_is_reported() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk on fire"))
+            }
+        }
+        let errors = render(&parse_reader(Path::new("x.conf"), Failing).unwrap_err());
+        assert_eq!(errors, vec!["cannot read x.conf: disk on fire"]);
+    }
+
+    // ---- server.conf ----
+
+    #[test]
+    fn every_server_key_is_read_into_its_field() {
+        let server = r#"
+daemonize off
+brokers k1:9092,k2:9093
+brokers k3:9094
+groupid group-a
+fallback 0.8.2
+kafka-debug consumer,cgrp
+property fetch.min.bytes 1
+property auto.offset.reset earliest
+property offset.store.method file
+property offset.store.path /var/lib/mkc/offsets
+property offset.store.sync.interval.ms 250
+conf-path modules
+timeout 500
+log-level info
+log-file /var/log/mkc.log
+pid-path /run
+pid-file mkc-a.pid
+topic orders 4
+topic "siren"
+filters 7 8
+filters 9
+module m.conf
+mysql host db.local
+mysql port 3307
+mysql user_name mkc
+mysql password "p w"
+mysql db_name queue
+shutdown_timeout 10
+max-message-bytes 1024
+"#;
+        let loaded = accepted(server, &[("modules/m.conf", "name m\nuri http://h/\nfilters 7\n")]);
+        let config = loaded.config;
+        assert_eq!(config.path, PathBuf::from(SERVER));
+        assert!(!config.daemonize);
+        assert_eq!(config.brokers, owned(&["k1:9092", "k2:9093", "k3:9094"]));
+        assert_eq!(config.group_id, "group-a");
+        assert_eq!(config.fallback.as_deref(), Some("0.8.2"));
+        assert_eq!(config.kafka_debug.as_deref(), Some("consumer,cgrp"));
+        assert_eq!(
+            config.properties,
+            vec![
+                ("fetch.min.bytes".to_string(), "1".to_string()),
+                ("auto.offset.reset".to_string(), "earliest".to_string()),
+            ]
+        );
+        assert_eq!(
+            config.offset_store,
+            OffsetStore::File {
+                dir: PathBuf::from("/var/lib/mkc/offsets")
+            }
+        );
+        assert_eq!(config.offset_sync_interval, Duration::from_millis(250));
+        assert_eq!(config.conf_path, PathBuf::from("/etc/mkc/modules"));
+        assert_eq!(config.poll_timeout, Duration::from_millis(500));
+        assert_eq!(config.log_level, LogLevel::Info);
+        assert_eq!(config.log_file, Some(PathBuf::from("/var/log/mkc.log")));
+        assert_eq!(config.pid_file, PathBuf::from("/run/mkc-a.pid"));
+        assert_eq!(
+            config.topics,
+            vec![
+                TopicConfig {
+                    name: "orders".to_string(),
+                    workers: 4
+                },
+                TopicConfig {
+                    name: "siren".to_string(),
+                    workers: 1
+                },
+            ]
+        );
+        assert_eq!(
+            config.filters,
+            vec![CommandId(7), CommandId(8), CommandId(9)]
+        );
+        assert_eq!(config.modules.len(), 1);
+        assert_eq!(config.modules[0].file, PathBuf::from("/etc/mkc/modules/m.conf"));
+        assert_eq!(
+            config.mysql,
+            Some(MysqlConfig {
+                host: "db.local".to_string(),
+                port: 3307,
+                user: "mkc".to_string(),
+                password: "p w".to_string(),
+                database: "queue".to_string(),
+            })
+        );
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(config.max_message_bytes, 1024);
+        // Global filters 8 and 9 have no module: one warning each.
+        assert_eq!(
+            warnings(&Loaded {
+                config: config.clone(),
+                warnings: loaded.warnings
+            }),
+            vec![
+                "/etc/mkc/server.conf:22: filters: no module lists 8; its messages are \
+                 acknowledged without dispatch",
+                "/etc/mkc/server.conf:23: filters: no module lists 9; its messages are \
+                 acknowledged without dispatch",
+            ]
+        );
+    }
+
+    #[test]
+    fn server_defaults() {
+        let loaded = server_with("");
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let config = loaded.config;
+        assert!(config.daemonize);
+        assert_eq!(config.group_id, "mkc");
+        assert_eq!(config.fallback, None);
+        assert_eq!(config.kafka_debug, None);
+        assert!(config.properties.is_empty());
+        assert_eq!(config.offset_store, OffsetStore::Broker);
+        assert_eq!(config.offset_sync_interval, Duration::from_millis(1000));
+        assert_eq!(config.conf_path, PathBuf::from(DIR));
+        assert_eq!(config.poll_timeout, Duration::from_millis(1000));
+        assert_eq!(config.log_level, LogLevel::Notice);
+        assert_eq!(config.log_file, None);
+        assert_eq!(config.pid_file, PathBuf::from("/etc/mkc/mkc.pid"));
+        assert_eq!(config.topics[0].workers, 1);
+        assert!(config.filters.is_empty());
+        assert_eq!(config.mysql, None);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(config.max_message_bytes, 4_194_304);
+    }
+
+    #[test]
+    fn daemonize_values() {
+        for (text, expected) in [
+            ("on", true),
+            ("yes", true),
+            ("true", true),
+            ("1", true),
+            ("off", false),
+            ("No", false),
+            ("FALSE", false),
+            ("0", false),
+        ] {
+            let loaded = server_with(&format!("daemonize {text}\n"));
+            assert_eq!(loaded.config.daemonize, expected, "{text}");
+        }
+        let errors = rejected(&format!("{MINIMAL}daemonize maybe\n"), &[("m.conf", MODULE_M)]);
+        assert_eq!(
+            errors,
+            vec!["/etc/mkc/server.conf:4: daemonize: \"maybe\" is not on or off"]
+        );
+    }
+
+    #[test]
+    fn log_levels() {
+        for (text, expected) in [
+            ("error", LogLevel::Error),
+            ("warning", LogLevel::Warning),
+            ("notice", LogLevel::Notice),
+            ("info", LogLevel::Info),
+            ("verbose", LogLevel::Debug),
+            ("debug", LogLevel::Debug),
+        ] {
+            let loaded = server_with(&format!("log-level {text}\n"));
+            assert_eq!(loaded.config.log_level, expected, "{text}");
+        }
+        let errors = rejected(&format!("{MINIMAL}log-level loud\n"), &[("m.conf", MODULE_M)]);
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: log-level: \"loud\" is not one of error, warning, \
+                 notice, info, verbose, debug"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_path_and_line() {
+        let errors = rejected(&format!("{MINIMAL}\n  colour blue\n"), &[("m.conf", MODULE_M)]);
+        assert_eq!(errors, vec!["/etc/mkc/server.conf:5: unknown key \"colour\""]);
+        let errors = rejected(MINIMAL, &[("m.conf", &format!("{MODULE_M}mode fast\n"))]);
+        assert_eq!(errors, vec!["/etc/mkc/m.conf:4: unknown key \"mode\""]);
+    }
+
+    #[test]
+    fn bad_number_is_an_error_with_path_and_line() {
+        let errors = rejected(
+            "brokers h:1\nmodule m.conf\ntopic orders x\n",
+            &[("m.conf", MODULE_M)],
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:3: topic: worker count \"x\" is not a positive integer",
+                "/etc/mkc/server.conf: no topic configured (add a `topic NAME [WORKERS]` line)",
+            ]
+        );
+        let errors = rejected(&format!("{MINIMAL}timeout 1.5\n"), &[("m.conf", MODULE_M)]);
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: timeout: \"1.5\" is not a positive integer (milliseconds)"
+            ]
+        );
+        let errors = rejected(MINIMAL, &[("m.conf", &format!("{MODULE_M}delay -5\n"))]);
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/m.conf:4: delay: \"-5\" is not a non-negative integer (milliseconds)"
+            ]
+        );
+        let errors = rejected(
+            &format!("{MINIMAL}shutdown_timeout 99999999999999999999999\n"),
+            &[("m.conf", MODULE_M)],
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: shutdown_timeout: 99999999999999999999999 is too \
+                 large (at most 31536000 (seconds))"
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_argument_count_is_an_error() {
+        let errors = rejected(
+            &format!("{MINIMAL}groupid\ntopic a 1 2\nproperty a\nbrokers\n"),
+            &[("m.conf", MODULE_M)],
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: groupid: expected 1 argument (`groupid NAME`), found 0",
+                "/etc/mkc/server.conf:5: topic: expected 1 to 2 arguments \
+                 (`topic NAME [WORKERS]`), found 3",
+                "/etc/mkc/server.conf:6: property: expected 2 arguments \
+                 (`property KEY VALUE`), found 1",
+                "/etc/mkc/server.conf:7: brokers: expected at least 1 argument \
+                 (`brokers HOST:PORT[,HOST:PORT...]`), found 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn all_errors_of_all_files_are_reported() {
+        let server = "brokers nope\ntopic a 0\ncolour x\nmodule m.conf\nmodule gone.conf\n";
+        let module = "name m\nuri ftp://h/\nretrynum many\nfilters x\n";
+        let errors = rejected(server, &[("m.conf", module)]);
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:1: brokers: \"nope\" is not host:port",
+                "/etc/mkc/server.conf:2: topic: worker count \"0\" is not a positive integer",
+                "/etc/mkc/server.conf:3: unknown key \"colour\"",
+                "/etc/mkc/server.conf: no brokers configured (add a `brokers HOST:PORT` line)",
+                "/etc/mkc/server.conf: no topic configured (add a `topic NAME [WORKERS]` line)",
+                "/etc/mkc/m.conf:2: uri: \"ftp://h/\" is not an http or https URL",
+                "/etc/mkc/m.conf:3: retrynum: \"many\" is not a non-negative integer",
+                "/etc/mkc/m.conf:4: filters: \"x\" is not a command id (an integer in the \
+                 64-bit range)",
+                "/etc/mkc/m.conf: module has no uri (add a `uri URL` line)",
+                "/etc/mkc/server.conf:5: module: cannot read /etc/mkc/gone.conf: entity not found",
+            ]
+        );
+    }
+
+    #[test]
+    fn requirements_broker_topic_module() {
+        let errors = rejected("", &[]);
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf: no brokers configured (add a `brokers HOST:PORT` line)",
+                "/etc/mkc/server.conf: no topic configured (add a `topic NAME [WORKERS]` line)",
+                "/etc/mkc/server.conf: no module configured (add a `module FILE` line)",
+            ]
+        );
+    }
+
+    #[test]
+    fn zookeeper_keys_are_accepted_with_a_warning() {
+        let loaded = server_with("zookeeper 127.0.0.1:2181\nzookeeper-debug all\n");
+        assert_eq!(
+            warnings(&loaded),
+            vec![
+                "/etc/mkc/server.conf:4: zookeeper is ignored: mkc talks to the Kafka brokers \
+                 directly",
+                "/etc/mkc/server.conf:5: zookeeper-debug is ignored: mkc talks to the Kafka \
+                 brokers directly",
+            ]
+        );
+    }
+
+    #[test]
+    fn auto_offset_rest_is_renamed_with_a_warning() {
+        let loaded = server_with("property auto.offset.rest smallest\n");
+        assert_eq!(
+            loaded.config.properties,
+            vec![("auto.offset.reset".to_string(), "smallest".to_string())]
+        );
+        assert_eq!(
+            warnings(&loaded),
+            vec![
+                "/etc/mkc/server.conf:4: property auto.offset.rest is read as auto.offset.reset \
+                 (a typo of the old documentation)"
+            ]
+        );
+    }
+
+    #[test]
+    fn auto_commit_properties_are_dropped_with_a_warning() {
+        let loaded =
+            server_with("property enable.auto.commit true\nproperty enable.auto.offset.store true\n");
+        assert!(loaded.config.properties.is_empty());
+        assert_eq!(
+            warnings(&loaded),
+            vec![
+                "/etc/mkc/server.conf:4: property enable.auto.commit is ignored: mkc commits \
+                 offsets itself, only after delivery",
+                "/etc/mkc/server.conf:5: property enable.auto.offset.store is ignored: mkc \
+                 commits offsets itself, only after delivery",
+            ]
+        );
+    }
+
+    #[test]
+    fn offset_store_keys_are_kept_out_of_properties() {
+        let loaded = server_with(
+            "property offset.store.path offsets\nproperty offset.store.method FILE\n\
+             property offset.store.sync.interval.ms 100\nproperty queued.min.messages 10\n",
+        );
+        let config = &loaded.config;
+        assert_eq!(
+            config.properties,
+            vec![("queued.min.messages".to_string(), "10".to_string())]
+        );
+        assert_eq!(
+            config.offset_store,
+            OffsetStore::File {
+                dir: PathBuf::from("/etc/mkc/offsets")
+            }
+        );
+        assert_eq!(config.offset_sync_interval, Duration::from_millis(100));
+        assert!(loaded.warnings.is_empty());
+
+        // File store without a path: server.conf's directory.
+        let loaded = server_with("property offset.store.method file\n");
+        assert_eq!(
+            loaded.config.offset_store,
+            OffsetStore::File {
+                dir: PathBuf::from(DIR)
+            }
+        );
+
+        // A path with the broker store means nothing: warned.
+        let loaded = server_with(
+            "property offset.store.method broker\nproperty offset.store.path offsets\n",
+        );
+        assert_eq!(loaded.config.offset_store, OffsetStore::Broker);
+        assert!(loaded.config.properties.is_empty());
+        assert_eq!(
+            warnings(&loaded),
+            vec![
+                "/etc/mkc/server.conf:5: property offset.store.path is ignored: \
+                 offset.store.method is not file"
+            ]
+        );
+
+        let errors = rejected(
+            &format!(
+                "{MINIMAL}property offset.store.method zk\n\
+                 property offset.store.sync.interval.ms 0\n"
+            ),
+            &[("m.conf", MODULE_M)],
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: property: offset.store.method \"zk\" is not broker or \
+                 file",
+                "/etc/mkc/server.conf:5: property: offset.store.sync.interval.ms \"0\" is not a \
+                 positive integer",
+            ]
+        );
+    }
+
+    #[test]
+    fn brokers_comma_lists_and_repeats() {
+        let loaded = server_with("brokers a:1, b:2,,c:3\nbrokers a:1\nbrokers [::1]:9092\n");
+        assert_eq!(
+            loaded.config.brokers,
+            owned(&["127.0.0.1:9092", "a:1", "b:2", "c:3", "[::1]:9092"])
+        );
+        let errors = rejected(&format!("{MINIMAL}brokers h,h:0,h:x\n"), &[("m.conf", MODULE_M)]);
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: brokers: \"h\" is not host:port",
+                "/etc/mkc/server.conf:4: brokers: \"h:0\" is not host:port",
+                "/etc/mkc/server.conf:4: brokers: \"h:x\" is not host:port",
+            ]
+        );
+    }
+
+    #[test]
+    fn topic_worker_count() {
+        let loaded = server_with("topic siren 3\ntopic audit 1\n");
+        let workers: Vec<(&str, u32)> = loaded
+            .config
+            .topics
+            .iter()
+            .map(|t| (t.name.as_str(), t.workers))
+            .collect();
+        assert_eq!(workers, vec![("orders", 1), ("siren", 3), ("audit", 1)]);
+        let errors = rejected(
+            &format!("{MINIMAL}topic a 0\ntopic b 5000\ntopic \"c d\"\n"),
+            &[("m.conf", MODULE_M)],
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: topic: worker count \"0\" is not a positive integer",
+                "/etc/mkc/server.conf:5: topic: worker count 5000 is too large (at most 1024)",
+                "/etc/mkc/server.conf:6: topic: \"c d\" is not a valid Kafka topic name \
+                 (letters, digits, '.', '_', '-'; at most 249)",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_topic_is_an_error() {
+        let errors = rejected(&format!("{MINIMAL}topic orders 2\n"), &[("m.conf", MODULE_M)]);
+        assert_eq!(
+            errors,
+            vec!["/etc/mkc/server.conf:4: topic: \"orders\" is already configured at line 2"]
+        );
+    }
+
+    #[test]
+    fn filters_several_per_line_deduplicated() {
+        let loaded = server_with("filters 1 2\nfilters 2 -3 18446744073709551615\n");
+        assert_eq!(
+            loaded.config.filters,
+            vec![
+                CommandId(1),
+                CommandId(2),
+                CommandId(-3),
+                CommandId(i128::from(u64::MAX))
+            ]
+        );
+        let errors = rejected(&format!("{MINIMAL}filters 1 abc\n"), &[("m.conf", MODULE_M)]);
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: filters: \"abc\" is not a command id (an integer in the \
+                 64-bit range)"
+            ]
+        );
+    }
+
+    #[test]
+    fn pid_path_and_pid_file_combination() {
+        let pid = |extra: &str| server_with(extra).config.pid_file;
+        assert_eq!(pid(""), PathBuf::from("/etc/mkc/mkc.pid"));
+        assert_eq!(pid("pid-path run/\n"), PathBuf::from("/etc/mkc/run/mkc.pid"));
+        assert_eq!(pid("pid-path /var/run\n"), PathBuf::from("/var/run/mkc.pid"));
+        assert_eq!(pid("pid-file a.pid\n"), PathBuf::from("/etc/mkc/a.pid"));
+        assert_eq!(
+            pid("pid-file a.pid\npid-path /run/mkc\n"),
+            PathBuf::from("/run/mkc/a.pid")
+        );
+        assert_eq!(
+            pid("pid-path run\npid-file sub/a.pid\n"),
+            PathBuf::from("/etc/mkc/run/sub/a.pid")
+        );
+        let loaded = server_with("pid-path /run\npid-file /tmp/x.pid\n");
+        assert_eq!(loaded.config.pid_file, PathBuf::from("/tmp/x.pid"));
+        assert_eq!(
+            warnings(&loaded),
+            vec!["/etc/mkc/server.conf:4: pid-path is ignored: pid-file is an absolute path"]
+        );
+    }
+
+    #[test]
+    fn relative_paths_are_resolved_against_the_server_conf_directory() {
+        // conf-path comes after the module line and still applies to it.
+        let server = "brokers h:1\ntopic t\nmodule m.conf\nmodule /abs/n.conf\nconf-path ./conf\n\
+                      log-file logs/mkc.log\nproperty offset.store.method file\n\
+                      property offset.store.path ../offsets\n";
+        let loaded = accepted(
+            server,
+            &[
+                ("conf/m.conf", MODULE_M),
+                ("/abs/n.conf", "name n\nuri https://h/\nfilters 2\n"),
+            ],
+        );
+        let config = loaded.config;
+        assert_eq!(config.conf_path, PathBuf::from("/etc/mkc/conf"));
+        assert_eq!(config.modules[0].file, PathBuf::from("/etc/mkc/conf/m.conf"));
+        assert_eq!(config.modules[1].file, PathBuf::from("/abs/n.conf"));
+        assert_eq!(config.log_file, Some(PathBuf::from("/etc/mkc/logs/mkc.log")));
+        assert_eq!(
+            config.offset_store,
+            OffsetStore::File {
+                dir: PathBuf::from("/etc/mkc/../offsets")
+            }
+        );
+        // conf-path itself may be absolute.
+        let loaded = accepted(
+            "brokers h:1\ntopic t\nconf-path /srv/mods\nmodule m.conf\n",
+            &[("/srv/mods/m.conf", MODULE_M)],
+        );
+        assert_eq!(
+            loaded.config.modules[0].file,
+            PathBuf::from("/srv/mods/m.conf")
+        );
+    }
+
+    #[test]
+    fn mysql_settings() {
+        let loaded = server_with("mysql host h\nmysql user_name u\nmysql db_name d\n");
+        assert_eq!(
+            loaded.config.mysql,
+            Some(MysqlConfig {
+                host: "h".to_string(),
+                port: 3306,
+                user: "u".to_string(),
+                password: String::new(),
+                database: "d".to_string(),
+            })
+        );
+        let errors = rejected(
+            &format!("{MINIMAL}mysql port 99999\nmysql host h\nmysql colour x\n"),
+            &[("m.conf", MODULE_M)],
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: mysql: port 99999 is too large (at most 65535)",
+                "/etc/mkc/server.conf:6: mysql: unknown setting \"colour\" (host, port, \
+                 user_name, password, db_name)",
+                "/etc/mkc/server.conf:5: mysql: user_name is not set (add a `mysql user_name \
+                 VALUE` line)",
+                "/etc/mkc/server.conf:5: mysql: db_name is not set (add a `mysql db_name VALUE` \
+                 line)",
+            ]
+        );
+    }
+
+    #[test]
+    fn repeated_single_valued_key_warns() {
+        let loaded = server_with("groupid a\ngroupid b\n");
+        assert_eq!(loaded.config.group_id, "b");
+        assert_eq!(
+            warnings(&loaded),
+            vec!["/etc/mkc/server.conf:5: groupid is set again; this line replaces line 4"]
+        );
+    }
+
+    // ---- module.conf ----
+
+    #[test]
+    fn every_module_key_is_read_into_its_field() {
+        let module = "name billing\nuri https://pay.example:8443/hook?x=1\nmethod PUT\n\
+                      filters 5\nfilters 6 5\ndelay 250\nretrynum 0\nretry_delay 20\n\
+                      rcv_timeout 7\nsnd_timeout 2\n";
+        let loaded = accepted(MINIMAL, &[("m.conf", module)]);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(
+            loaded.config.modules,
+            vec![ModuleConfig {
+                name: "billing".to_string(),
+                file: PathBuf::from("/etc/mkc/m.conf"),
+                uri: "https://pay.example:8443/hook?x=1".to_string(),
+                method: HttpMethod::Put,
+                filters: vec![CommandId(5), CommandId(6)],
+                delay: Duration::from_millis(250),
+                retrynum: 0,
+                retry_delay: Duration::from_millis(20),
+                rcv_timeout: Duration::from_secs(7),
+                snd_timeout: Duration::from_secs(2),
+            }]
+        );
+    }
+
+    #[test]
+    fn module_defaults() {
+        let loaded = module_with("");
+        let module = &loaded.config.modules[0];
+        assert_eq!(module.method, HttpMethod::Post);
+        assert_eq!(module.delay, Duration::ZERO);
+        assert_eq!(module.retrynum, 3);
+        assert_eq!(module.retry_delay, Duration::from_millis(1000));
+        assert_eq!(module.rcv_timeout, Duration::from_secs(30));
+        assert_eq!(module.snd_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn method_must_be_post_or_put() {
+        let errors = rejected(MINIMAL, &[("m.conf", &format!("{MODULE_M}method get\n"))]);
+        assert_eq!(
+            errors,
+            vec!["/etc/mkc/m.conf:4: method: \"get\" is not post or put"]
+        );
+    }
+
+    #[test]
+    fn retry_num_is_an_alias_of_retry_delay_with_a_warning() {
+        let loaded = module_with("retry_num 3000\n");
+        assert_eq!(
+            loaded.config.modules[0].retry_delay,
+            Duration::from_millis(3000)
+        );
+        assert_eq!(
+            warnings(&loaded),
+            vec!["/etc/mkc/m.conf:4: retry_num is read as retry_delay"]
+        );
+    }
+
+    #[test]
+    fn module_filter_outside_the_global_list_warns() {
+        let loaded = accepted(
+            &format!("{MINIMAL}filters 1\n"),
+            &[("m.conf", &format!("{MODULE_M}filters 99999999\n"))],
+        );
+        assert_eq!(
+            loaded.config.modules[0].filters,
+            vec![CommandId(1), CommandId(99999999)]
+        );
+        assert_eq!(
+            warnings(&loaded),
+            vec![
+                "/etc/mkc/m.conf:4: module m: filter 99999999 is not in the global filters of \
+                 server.conf; it will never be dispatched"
+            ]
+        );
+        // Without global filters every module filter counts.
+        let loaded = module_with("filters 99999999\n");
+        assert!(loaded.warnings.is_empty());
+    }
+
+    #[test]
+    fn module_without_filters_warns() {
+        let loaded = accepted(MINIMAL, &[("m.conf", "name m\nuri http://h/\n")]);
+        assert_eq!(
+            warnings(&loaded),
+            vec!["/etc/mkc/server.conf:3: module m: no filters; it will never receive a message"]
+        );
+    }
+
+    #[test]
+    fn duplicate_module_name_names_both_places() {
+        let errors = rejected(
+            &format!("{MINIMAL}module n.conf\n"),
+            &[
+                ("m.conf", MODULE_M),
+                ("n.conf", "uri http://h/\n\nname m\nfilters 1\n"),
+            ],
+        );
+        assert_eq!(
+            errors,
+            vec!["/etc/mkc/n.conf:3: name: module name \"m\" is already used at /etc/mkc/m.conf:1"]
+        );
+    }
+
+    #[test]
+    fn same_module_file_twice_is_an_error() {
+        let errors = rejected(&format!("{MINIMAL}module ./m.conf\n"), &[("m.conf", MODULE_M)]);
+        assert_eq!(
+            errors,
+            vec!["/etc/mkc/server.conf:4: module: /etc/mkc/./m.conf is already listed at line 3"]
+        );
+    }
+
+    #[test]
+    fn bad_uri_is_an_error() {
+        let module = |uri: &str| format!("name m\nfilters 1\nuri {uri}\n");
+        let errors = rejected(MINIMAL, &[("m.conf", &module("ftp://h/x"))]);
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/m.conf:3: uri: \"ftp://h/x\" is not an http or https URL",
+                "/etc/mkc/m.conf: module has no uri (add a `uri URL` line)",
+            ]
+        );
+        let errors = rejected(MINIMAL, &[("m.conf", &module("not-a-url"))]);
+        assert_eq!(
+            errors[0],
+            "/etc/mkc/m.conf:3: uri: \"not-a-url\" is not a URL: relative URL without a base"
+        );
+        let errors = rejected(MINIMAL, &[("m.conf", &module("http://h:99999/"))]);
+        assert_eq!(
+            errors[0],
+            "/etc/mkc/m.conf:3: uri: \"http://h:99999/\" is not a URL: invalid port number"
+        );
+        let errors = rejected(MINIMAL, &[("m.conf", "name m\nfilters 1\n")]);
+        assert_eq!(
+            errors,
+            vec!["/etc/mkc/m.conf: module has no uri (add a `uri URL` line)"]
+        );
+    }
+
+    #[test]
+    fn missing_name_is_an_error() {
+        let errors = rejected(MINIMAL, &[("m.conf", "uri http://h/\nfilters 1\n")]);
+        assert_eq!(
+            errors,
+            vec!["/etc/mkc/m.conf: module has no name (add a `name NAME` line)"]
+        );
+    }
+
+    #[test]
+    fn missing_module_file_is_an_error_at_the_module_line() {
+        let errors = rejected(
+            "brokers h:1\ntopic t\nconf-path conf\nmodule gone.conf\n",
+            &[],
+        );
+        assert_eq!(
+            errors,
+            vec!["/etc/mkc/server.conf:4: module: cannot read /etc/mkc/conf/gone.conf: entity not found"]
+        );
+    }
+
+    // ---- files on disk ----
+
+    fn manifest_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn compat_fixture_is_accepted_with_its_meaning() {
+        let dir = std::fs::canonicalize(manifest_dir().join("tests/fixtures/compat")).unwrap();
+        let loaded = match load(&dir.join("server.conf")) {
+            Ok(loaded) => loaded,
+            Err(errors) => panic!("rejected: {:#?}", render(&errors)),
+        };
+        let shown = |file: &str, line: usize, message: &str| {
+            format!("{}:{line}: {message}", dir.join(file).display())
+        };
+        assert_eq!(
+            warnings(&loaded),
+            vec![
+                shown(
+                    "server.conf",
+                    14,
+                    "property auto.offset.rest is read as auto.offset.reset (a typo of the old \
+                     documentation)"
+                ),
+                shown("conf/test-module.conf", 15, "retry_num is read as retry_delay"),
+                shown(
+                    "conf/moduleC.conf",
+                    4,
+                    "module moduleC: filter 99999999 is not in the global filters of \
+                     server.conf; it will never be dispatched"
+                ),
+            ]
+        );
+        let config = loaded.config;
+        assert_eq!(config.path, dir.join("server.conf"));
+        assert!(config.daemonize);
+        assert_eq!(config.brokers, owned(&["127.0.0.1:9094"]));
+        assert_eq!(config.group_id, "rdkafka_default");
+        assert_eq!(
+            config.properties,
+            vec![("auto.offset.reset".to_string(), "smallest".to_string())]
+        );
+        assert_eq!(
+            config.offset_store,
+            OffsetStore::File {
+                dir: dir.join("offset")
+            }
+        );
+        assert_eq!(config.offset_sync_interval, Duration::from_millis(100));
+        assert_eq!(config.conf_path, dir.join("conf"));
+        assert_eq!(config.poll_timeout, Duration::from_millis(1000));
+        assert_eq!(config.log_level, LogLevel::Debug);
+        assert_eq!(config.log_file, Some(dir.join("logs/mkc.log")));
+        assert_eq!(config.pid_file, dir.join("run/mkc.pid"));
+        let topics: Vec<(&str, u32)> = config
+            .topics
+            .iter()
+            .map(|t| (t.name.as_str(), t.workers))
+            .collect();
+        assert_eq!(topics, vec![("test", 3), ("siren", 2)]);
+        assert_eq!(
+            config.filters,
+            [10303023, 10209392, 10102939, 10103030, 11000001]
+                .map(CommandId)
+                .to_vec()
+        );
+        let names: Vec<&str> = config.modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, vec!["test", "moduleA", "moduleB", "moduleC"]);
+
+        let test = &config.modules[0];
+        assert_eq!(test.file, dir.join("conf/test-module.conf"));
+        assert_eq!(test.uri, "http://127.0.0.1:8080/commit/commit");
+        assert_eq!(test.delay, Duration::from_millis(3000));
+        assert_eq!(test.retrynum, 0);
+        assert_eq!(test.retry_delay, Duration::from_millis(3000));
+        assert_eq!(test.method, HttpMethod::Post);
+        assert_eq!(
+            test.filters,
+            [10303023, 10209392, 10102939].map(CommandId).to_vec()
+        );
+
+        let a = &config.modules[1];
+        let url = Url::parse(&a.uri).unwrap();
+        assert_eq!(url.port(), Some(8080));
+        assert_eq!(url.path(), "/a/commit");
+        assert_eq!(url.query(), Some("src=mkc"));
+        assert_eq!(a.retrynum, 3);
+        assert_eq!(a.retry_delay, Duration::from_millis(1000));
+        assert_eq!(a.rcv_timeout, Duration::from_secs(1));
+        assert_eq!(a.snd_timeout, Duration::from_secs(3));
+        assert_eq!(a.filters, [10103030, 10303023].map(CommandId).to_vec());
+
+        let b = &config.modules[2];
+        assert_eq!(b.retrynum, 5);
+        assert_eq!(b.retry_delay, Duration::from_millis(200));
+        assert_eq!(b.filters, vec![CommandId(11000001)]);
+
+        let c = &config.modules[3];
+        assert_eq!(c.uri, "http://127.0.0.1:8081/c");
+        assert_eq!(c.filters, [10209392, 99999999].map(CommandId).to_vec());
+
+        assert_eq!(
+            config.mysql,
+            Some(MysqlConfig {
+                host: "127.0.0.1".to_string(),
+                port: 3306,
+                user: "root".to_string(),
+                password: "root".to_string(),
+                database: "testdb".to_string(),
+            })
+        );
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(config.max_message_bytes, 4_194_304);
+    }
+
+    #[test]
+    fn load_makes_a_relative_path_absolute() {
+        // Tests run in the package directory.
+        let relative = Path::new("tests/fixtures/compat/server.conf");
+        let expected = std::fs::canonicalize(manifest_dir().join(relative)).unwrap();
+        if std::env::current_dir().ok() != std::fs::canonicalize(manifest_dir()).ok() {
+            return;
+        }
+        let loaded = load(relative).unwrap_or_else(|e| panic!("{:#?}", render(&e)));
+        assert_eq!(loaded.config.path, expected);
+        assert!(loaded.config.conf_path.is_absolute());
+    }
+
+    #[test]
+    fn load_reports_a_missing_server_conf() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.conf");
+        let errors = render(&load(&path).unwrap_err());
+        let canonical = std::fs::canonicalize(dir.path()).unwrap().join("server.conf");
+        assert_eq!(
+            errors,
+            vec![format!(
+                "cannot read {}: No such file or directory (os error 2)",
+                canonical.display()
+            )]
+        );
+        let errors = render(&load(&dir.path().join("no/such/server.conf")).unwrap_err());
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with("cannot read "), "{errors:?}");
+    }
+
+    #[test]
+    fn load_reads_files_with_crlf_and_legacy_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("server.conf"),
+            b"\xEF\xBB\xBF# \xC5\xE4\xD6\xC3\r\nbrokers h:1\r\ntopic t\r\nmodule m.conf\r\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("m.conf"),
+            b"name m\r\n#\xB5\xD8\xD6\xB7\r\nuri http://h/\r\nfilters 1\r\n",
+        )
+        .unwrap();
+        let loaded = load(&dir.path().join("server.conf"))
+            .unwrap_or_else(|e| panic!("{:#?}", render(&e)));
+        assert_eq!(loaded.config.modules[0].uri, "http://h/");
+        assert!(loaded.warnings.is_empty());
+    }
+
+    #[test]
+    fn example_configuration_is_valid() {
+        let path = manifest_dir().join("conf/server.conf");
+        let loaded = load(&path).unwrap_or_else(|e| panic!("{:#?}", render(&e)));
+        assert!(loaded.warnings.is_empty(), "{:#?}", render(&loaded.warnings));
+        let config = loaded.config;
+        assert!(config.daemonize);
+        assert_eq!(config.brokers, owned(&["127.0.0.1:9092"]));
+        assert_eq!(config.topics.len(), 1);
+        assert_eq!(config.modules.len(), 1);
+        assert!(config.modules[0].uri.starts_with("http://127.0.0.1:8080/"));
+        let dir = std::fs::canonicalize(manifest_dir().join("conf")).unwrap();
+        assert_eq!(config.log_file, Some(dir.join("logs/mkc.log")));
+    }
+}

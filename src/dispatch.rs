@@ -1,0 +1,272 @@
+//! HTTP delivery of one message to one module: delay, attempts, retry.
+//!
+//! [`Endpoint::deliver`] turns a message into an [`Outcome`]. A failed
+//! delivery is an outcome, not an error: the worker records it and moves
+//! the partition on. Cancellation comes in two strengths (see [`Cancel`]):
+//! a graceful stop lets the attempt on the wire finish but starts no new
+//! one; an abort (partition revoked, shutdown deadline) drops it at once.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{HttpMethod, ModuleConfig};
+use crate::envelope::Envelope;
+
+/// One Kafka message, owned, as the lanes of a partition share it.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    /// Kafka timestamp (ms since the epoch), when the broker gave one.
+    pub timestamp_ms: Option<i64>,
+    /// The payload, byte for byte; cloning is a reference count.
+    pub payload: Bytes,
+    pub envelope: Envelope,
+}
+
+/// The final (or not) result of delivering one message to one module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A 2xx answer, after `attempts` attempts.
+    Delivered { attempts: u32 },
+    /// `retrynum` retries used up; the last error says why.
+    Exhausted {
+        attempts: u32,
+        last_error: String,
+        http_status: Option<u16>,
+    },
+    /// Stopped before a final outcome (stop or revoke): not final, the
+    /// message stays uncommitted and is delivered again later.
+    Aborted,
+}
+
+/// Why the delivery of a message should stop early.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel {
+    /// Graceful stop: finish the attempt on the wire, start no new one.
+    pub stop: CancellationToken,
+    /// Abort: give up at once, even mid-request.
+    pub abort: CancellationToken,
+}
+
+/// One failed attempt.
+#[derive(Debug, Clone)]
+struct AttemptError {
+    status: Option<u16>,
+    text: String,
+}
+
+/// A module ready to receive messages: its settings and a pooled client.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub module: Arc<ModuleConfig>,
+    client: reqwest::Client,
+    url: reqwest::Url,
+    module_header: HeaderValue,
+}
+
+static X_MKC_TOPIC: HeaderName = HeaderName::from_static("x-mkc-topic");
+static X_MKC_PARTITION: HeaderName = HeaderName::from_static("x-mkc-partition");
+static X_MKC_OFFSET: HeaderName = HeaderName::from_static("x-mkc-offset");
+static X_MKC_COMMAND_ID: HeaderName = HeaderName::from_static("x-mkc-command-id");
+static X_MKC_COMMIT_ID: HeaderName = HeaderName::from_static("x-mkc-commit-id");
+static X_MKC_ATTEMPT: HeaderName = HeaderName::from_static("x-mkc-attempt");
+static X_MKC_MODULE: HeaderName = HeaderName::from_static("x-mkc-module");
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// How much of an error response body goes into the last error.
+const ERROR_BODY_PREVIEW: usize = 200;
+
+impl Endpoint {
+    pub fn new(module: Arc<ModuleConfig>) -> anyhow::Result<Endpoint> {
+        let url = reqwest::Url::parse(&module.uri)
+            .map_err(|e| anyhow::anyhow!("module {}: uri {:?}: {e}", module.name, module.uri))?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(module.snd_timeout)
+            .timeout(module.rcv_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("mkc/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let module_header = HeaderValue::from_str(&module.name)
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid-name"));
+        Ok(Endpoint {
+            module,
+            client,
+            url,
+            module_header,
+        })
+    }
+
+    /// Delivers `msg` with the module's delay and retry policy.
+    pub async fn deliver(&self, msg: &Message, cancel: &Cancel) -> Outcome {
+        let m = &self.module;
+        if let Some(wait) = delay_left(msg.timestamp_ms, m.delay, SystemTime::now()) {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.stop.cancelled() => return Outcome::Aborted,
+            }
+        }
+        let mut attempts = 0u32;
+        loop {
+            if cancel.stop.is_cancelled() {
+                return Outcome::Aborted;
+            }
+            attempts += 1;
+            let result = tokio::select! {
+                r = self.attempt(msg, attempts) => r,
+                _ = cancel.abort.cancelled() => return Outcome::Aborted,
+            };
+            let error = match result {
+                Ok(()) => return Outcome::Delivered { attempts },
+                Err(e) => e,
+            };
+            let last_attempt = m.retrynum != 0 && attempts > m.retrynum;
+            tracing::warn!(
+                topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+                command_id = %msg.envelope.command_id, module = %m.name,
+                attempt = attempts, error = %error.text,
+                "attempt failed{}",
+                if last_attempt { "" } else { ", will retry" }
+            );
+            if last_attempt {
+                return Outcome::Exhausted {
+                    attempts,
+                    last_error: error.text,
+                    http_status: error.status,
+                };
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(m.retry_delay) => {}
+                _ = cancel.stop.cancelled() => return Outcome::Aborted,
+            }
+        }
+    }
+
+    /// One HTTP request; `Ok` on any 2xx.
+    async fn attempt(&self, msg: &Message, attempt: u32) -> Result<(), AttemptError> {
+        let request = match self.module.method {
+            HttpMethod::Post => self.client.post(self.url.clone()),
+            HttpMethod::Put => self.client.put(self.url.clone()),
+        };
+        let response = request
+            .headers(self.headers(msg, attempt))
+            .body(msg.payload.clone())
+            .send()
+            .await
+            .map_err(|e| AttemptError {
+                status: None,
+                text: describe(&e),
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            // Drain a small body so the connection goes back to the pool.
+            let _ = response.bytes().await;
+            return Ok(());
+        }
+        let body = response.bytes().await.unwrap_or_default();
+        let preview = String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_PREVIEW)]);
+        Err(AttemptError {
+            status: Some(status.as_u16()),
+            text: format!("HTTP {status}: {}", preview.trim()),
+        })
+    }
+
+    fn headers(&self, msg: &Message, attempt: u32) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(10);
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Ok(v) = HeaderValue::from_str(&msg.topic) {
+            h.insert(X_MKC_TOPIC.clone(), v);
+        }
+        h.insert(X_MKC_PARTITION.clone(), HeaderValue::from(msg.partition));
+        h.insert(X_MKC_OFFSET.clone(), HeaderValue::from(msg.offset));
+        if let Ok(v) = HeaderValue::from_str(&msg.envelope.command_id.to_string()) {
+            h.insert(X_MKC_COMMAND_ID.clone(), v);
+        }
+        if let Some(Ok(v)) = msg.envelope.commit_id.as_deref().map(HeaderValue::from_str) {
+            h.insert(X_MKC_COMMIT_ID.clone(), v);
+        }
+        h.insert(X_MKC_ATTEMPT.clone(), HeaderValue::from(attempt));
+        h.insert(X_MKC_MODULE.clone(), self.module_header.clone());
+        let key = format!("{}-{}-{}", msg.topic, msg.partition, msg.offset);
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            h.insert(IDEMPOTENCY_KEY.clone(), v);
+        }
+        h
+    }
+}
+
+/// How long to wait before the first attempt so that it happens no earlier
+/// than `timestamp + delay`. A timestamp in the future (clock skew) never
+/// makes the wait longer than `delay` itself.
+fn delay_left(timestamp_ms: Option<i64>, delay: Duration, now: SystemTime) -> Option<Duration> {
+    if delay.is_zero() {
+        return None;
+    }
+    let now_ms = now.duration_since(UNIX_EPOCH).ok()?.as_millis() as i64;
+    let due_ms = timestamp_ms.unwrap_or(now_ms).saturating_add(delay.as_millis() as i64);
+    let left = due_ms.saturating_sub(now_ms);
+    (left > 0).then(|| Duration::from_millis(left as u64).min(delay))
+}
+
+/// A transport error in a few words, with its cause chain.
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect error"
+    } else {
+        "request error"
+    };
+    let mut text = kind.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: i64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    }
+
+    #[test]
+    fn no_delay_never_waits() {
+        assert_eq!(delay_left(Some(1_000), Duration::ZERO, at(500)), None);
+    }
+
+    #[test]
+    fn fresh_message_waits_the_rest_of_the_delay() {
+        let d = Duration::from_millis(2000);
+        assert_eq!(delay_left(Some(10_000), d, at(10_500)), Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn backlog_is_not_slowed() {
+        let d = Duration::from_millis(2000);
+        assert_eq!(delay_left(Some(10_000), d, at(20_000)), None);
+    }
+
+    #[test]
+    fn future_timestamps_wait_at_most_the_delay() {
+        let d = Duration::from_millis(2000);
+        assert_eq!(delay_left(Some(99_000), d, at(10_000)), Some(d));
+    }
+
+    #[test]
+    fn missing_timestamp_counts_from_now() {
+        let d = Duration::from_millis(300);
+        assert_eq!(delay_left(None, d, at(10_000)), Some(d));
+    }
+}

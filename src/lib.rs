@@ -1,0 +1,46 @@
+//! mkc — consumes Kafka topics and delivers every JSON message to the HTTP
+//! endpoints of the modules that subscribe to its `commandId`.
+//!
+//! # Data flow
+//!
+//! ```text
+//!  master (no threads, no runtime)         worker process (one per topic slot)
+//!  ───────────────────────────────         ─────────────────────────────────────────────
+//!  config::load ─► pid file ─► fork ──►    kafka consumer ─► envelope::parse ─► router
+//!     ▲ SIGHUP: reload        │                 ▲                                 │
+//!     │ SIGTERM: stop         │ supervise        │ pause/resume   per (partition,   ▼
+//!  signals ◄── signal-hook    │ restart          │                module) lane ─► dispatch (HTTP,
+//!                             ▼                  │                                delay, retry)
+//!                          worker::run           └─ offsets::Tracker ◄── outcome ──┘
+//!                                                      │ every sync interval
+//!                                                      ▼
+//!                                            commit (group or offset files)
+//! ```
+//!
+//! # Layout
+//!
+//! - [`cli`]: command line → exit code (start, `-t`, `-s stop|reload|status`).
+//! - [`config`]: server.conf / module.conf reader and validation.
+//! - [`master`]: pid file, daemonize, fork and supervise workers, reload.
+//! - [`signals`]: the only place Unix signals are mapped.
+//! - [`proctitle`]: process titles as `ps` shows them.
+//! - [`worker`]: one worker process: runtime, consume → route → dispatch → commit.
+//! - [`kafka`]: consumer construction, rebalance handling, commits.
+//! - [`envelope`]: the one JSON parse of a message's envelope.
+//! - [`router`]: commandId → modules.
+//! - [`dispatch`]: HTTP delivery of one message to one module → `Outcome`.
+//! - [`offsets`]: out-of-order-safe offset tracking and the offset file store.
+//! - [`logging`]: tracing setup and log reopen.
+
+pub mod cli;
+pub mod config;
+pub mod dispatch;
+pub mod envelope;
+pub mod kafka;
+pub mod logging;
+pub mod master;
+pub mod offsets;
+pub mod proctitle;
+pub mod router;
+pub mod signals;
+pub mod worker;

@@ -1,0 +1,490 @@
+//! One worker process: consume → route → dispatch → commit.
+//!
+//! ```text
+//!  consumer.recv ──► envelope::parse ──► router ──► lane (partition p, module a) ──► Endpoint::deliver
+//!        │                │ invalid / filtered             lane (partition p, module b) ──► ...
+//!        ▼                ▼                                              │ outcome
+//!   Tracker::begin    Tracker::finish ◄── last module of the message ────┘
+//!                          │ every offset.store.sync.interval.ms
+//!                          ▼
+//!                     kafka::commit (group or offset files)
+//! ```
+//!
+//! Each assigned partition has one lane per module: a task that delivers
+//! that module's messages of that partition one at a time, in offset order
+//! (`ordered` mode). Modules progress independently; a message is finished
+//! when its last module reaches a final outcome, and the partition's
+//! commit position is the lowest unfinished offset ([`Tracker`]), so lanes
+//! may finish in any order without risking a loss.
+//!
+//! A partition with too many unfinished messages is paused at the consumer
+//! and resumed when it has drained to half.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServerConfig;
+use crate::dispatch::{Cancel, Endpoint, Message, Outcome};
+use crate::envelope;
+use crate::kafka::{self, PartitionOwner, WorkerConsumer};
+use crate::offsets::Tracker;
+use crate::router::Router;
+use crate::signals::{WorkerEvent, WorkerSignals};
+
+/// Unfinished messages per partition before its fetching pauses.
+const MAX_IN_FLIGHT_PER_PARTITION: usize = 1000;
+/// How often paused partitions are checked and offsets considered.
+const TICK: Duration = Duration::from_millis(20);
+/// How long an orphaned worker (master gone) takes to stop.
+const ORPHAN_STOP: Duration = Duration::from_secs(1);
+/// Bytes of payload shown in debug lines.
+const PAYLOAD_PREVIEW: usize = 200;
+
+/// Runs a worker for `topic` slot `index` until it is told to stop.
+/// Builds its own runtime: call it after the fork, never in the master.
+/// Returns the process exit code.
+pub fn run(config: Arc<ServerConfig>, topic: &str, index: u32, master: Option<i32>) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("mkc-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(topic, index, "cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let _log_guard = crate::logging::go_non_blocking();
+    let code = runtime.block_on(async {
+        match run_async(config, topic, index, master).await {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(topic, index, "worker failed: {e:#}");
+                1
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+/// One partition's state inside a worker.
+struct Partition {
+    number: i32,
+    tracker: Mutex<Tracker>,
+    /// One sender per module (index = module index), feeding its lane.
+    lanes: Vec<mpsc::UnboundedSender<Arc<Job>>>,
+    /// Cancelled when the partition is revoked: its lanes drop their work.
+    abort: CancellationToken,
+    paused: AtomicBool,
+    /// The last position committed (or handed to the revoke commit).
+    committed: Mutex<Option<i64>>,
+}
+
+impl Partition {
+    fn finish(&self, offset: i64) {
+        self.tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finish(offset);
+    }
+
+    /// The position to commit if it moved since the last commit.
+    fn position_to_commit(&self) -> Option<i64> {
+        let position = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .commit_position()?;
+        let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        (*committed < Some(position)).then_some(position)
+    }
+
+    fn mark_committed(&self, position: i64) {
+        let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        if *committed < Some(position) {
+            *committed = Some(position);
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .in_flight()
+    }
+}
+
+/// A message on its way to its modules.
+struct Job {
+    msg: Message,
+    /// Modules that have not reached a final outcome yet.
+    remaining: AtomicUsize,
+    partition: Arc<Partition>,
+}
+
+impl Job {
+    fn module_done(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.partition.finish(self.msg.offset);
+        }
+    }
+}
+
+/// Everything the consuming task, the lanes and the rebalance callback
+/// share.
+struct Pipeline {
+    topic: Arc<str>,
+    endpoints: Vec<Arc<Endpoint>>,
+    router: Router,
+    max_message_bytes: usize,
+    partitions: Mutex<HashMap<i32, Arc<Partition>>>,
+    /// Graceful stop: lanes finish the attempt on the wire and start no more.
+    stop: CancellationToken,
+    /// Parent of every partition's abort token.
+    abort: CancellationToken,
+    lanes: TaskTracker,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Pipeline {
+    fn partition(self: &Arc<Self>, number: i32) -> Arc<Partition> {
+        let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        partitions
+            .entry(number)
+            .or_insert_with(|| self.new_partition(number))
+            .clone()
+    }
+
+    fn new_partition(self: &Arc<Self>, number: i32) -> Arc<Partition> {
+        let mut senders = Vec::with_capacity(self.endpoints.len());
+        let mut receivers = Vec::with_capacity(self.endpoints.len());
+        for _ in &self.endpoints {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let partition = Arc::new(Partition {
+            number,
+            tracker: Mutex::new(Tracker::new()),
+            lanes: senders,
+            abort: self.abort.child_token(),
+            paused: AtomicBool::new(false),
+            committed: Mutex::new(None),
+        });
+        for (module, rx) in receivers.into_iter().enumerate() {
+            let lane = lane(self.clone(), partition.clone(), module, rx);
+            self.lanes.spawn_on(lane, &self.runtime);
+        }
+        partition
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Partition>> {
+        let partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        partitions.values().cloned().collect()
+    }
+
+    /// Positions that moved since the last commit.
+    fn positions_to_commit(&self) -> Vec<(i32, i64)> {
+        self.snapshot()
+            .iter()
+            .filter_map(|p| Some((p.number, p.position_to_commit()?)))
+            .collect()
+    }
+
+    fn mark_committed(&self, positions: &[(i32, i64)]) {
+        let partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        for &(number, position) in positions {
+            if let Some(p) = partitions.get(&number) {
+                p.mark_committed(position);
+            }
+        }
+    }
+}
+
+impl PartitionOwner for Pipeline {
+    fn revoke(&self, numbers: &[i32]) -> Vec<(i32, i64)> {
+        let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut positions = Vec::new();
+        for number in numbers {
+            if let Some(p) = partitions.remove(number) {
+                p.abort.cancel();
+                if let Some(position) = p.position_to_commit() {
+                    p.mark_committed(position);
+                    positions.push((p.number, position));
+                }
+            }
+        }
+        positions
+    }
+
+    fn assign(&self, _numbers: &[i32]) {
+        // Partitions are set up on their first message; nothing to do
+        // before then.
+    }
+}
+
+async fn run_async(
+    config: Arc<ServerConfig>,
+    topic: &str,
+    index: u32,
+    master: Option<i32>,
+) -> anyhow::Result<()> {
+    let mut signals = WorkerSignals::install()?;
+    let endpoints = config
+        .modules
+        .iter()
+        .map(|m| Endpoint::new(Arc::new(m.clone())).map(Arc::new))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pipeline = Arc::new(Pipeline {
+        topic: Arc::from(topic),
+        endpoints,
+        router: Router::new(&config.filters, &config.modules),
+        max_message_bytes: config.max_message_bytes,
+        partitions: Mutex::new(HashMap::new()),
+        stop: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        lanes: TaskTracker::new(),
+        runtime: tokio::runtime::Handle::current(),
+    });
+    let consumer = kafka::consumer(&config, topic, index, pipeline.clone())?;
+    tracing::info!(topic, index, group = %config.group_id, "worker consuming");
+
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_commit = Instant::now();
+    let orphaned;
+    loop {
+        tokio::select! {
+            event = signals.next() => match event {
+                WorkerEvent::Stop => {
+                    orphaned = master.is_some_and(|m| nix::unistd::getppid().as_raw() != m);
+                    break;
+                }
+                WorkerEvent::ReopenLogs => {
+                    if let Err(e) = crate::logging::reopen() {
+                        tracing::error!("cannot reopen the log file: {e}");
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                resume_drained(&pipeline, &consumer);
+                if last_commit.elapsed() >= config.offset_sync_interval {
+                    commit(&pipeline, &consumer, CommitMode::Async);
+                    last_commit = Instant::now();
+                }
+                if master.is_some_and(|m| nix::unistd::getppid().as_raw() != m) {
+                    tracing::warn!(topic, index, "master process is gone; stopping");
+                    orphaned = true;
+                    break;
+                }
+            }
+            received = consumer.recv() => match received {
+                Ok(m) => accept(&pipeline, &consumer, &m),
+                Err(e) => {
+                    if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::Fatal)) {
+                        return Err(anyhow::anyhow!("fatal Kafka error: {e}"));
+                    }
+                    tracing::warn!(topic, "kafka: {e}");
+                }
+            },
+        }
+    }
+
+    let deadline = if orphaned {
+        ORPHAN_STOP
+    } else {
+        config.shutdown_timeout
+    };
+    shutdown(&pipeline, &consumer, deadline).await;
+    Ok(())
+}
+
+/// Takes one message from the consumer into the pipeline.
+fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessage<'_>) {
+    let partition = pipeline.partition(m.partition());
+    let offset = m.offset();
+    {
+        let mut tracker = partition.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        if !tracker.begin(offset) {
+            return;
+        }
+    }
+    let topic = &pipeline.topic;
+    let payload = m.payload().unwrap_or_default();
+    let envelope = match envelope::parse(payload, pipeline.max_message_bytes) {
+        Ok(e) => e,
+        Err(reason) => {
+            tracing::warn!(%topic, partition = partition.number, offset, bytes = payload.len(), "invalid message: {reason}");
+            partition.finish(offset);
+            return;
+        }
+    };
+    let targets = pipeline.router.route(envelope.command_id);
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let preview = String::from_utf8_lossy(&payload[..payload.len().min(PAYLOAD_PREVIEW)]);
+        tracing::debug!(%topic, partition = partition.number, offset, command_id = %envelope.command_id,
+            modules = targets.len(), payload = %preview, "received");
+    }
+    if targets.is_empty() {
+        tracing::debug!(%topic, partition = partition.number, offset, command_id = %envelope.command_id,
+            "no module subscribes (or filtered out by the global filters)");
+        partition.finish(offset);
+        return;
+    }
+    let job = Arc::new(Job {
+        msg: Message {
+            topic: topic.clone(),
+            partition: partition.number,
+            offset,
+            timestamp_ms: m.timestamp().to_millis(),
+            payload: Bytes::copy_from_slice(payload),
+            envelope,
+        },
+        remaining: AtomicUsize::new(targets.len()),
+        partition: partition.clone(),
+    });
+    for &module in targets {
+        if partition.lanes[module].send(job.clone()).is_err() {
+            // The lane ended (revoked or stopping): the message stays
+            // unfinished and is delivered again by whoever consumes next.
+            return;
+        }
+    }
+    if partition.in_flight() >= MAX_IN_FLIGHT_PER_PARTITION
+        && !partition.paused.swap(true, Ordering::AcqRel)
+    {
+        set_paused(consumer, topic, partition.number, true);
+    }
+}
+
+/// One (partition, module) lane: that module's messages of that partition,
+/// one at a time, in offset order.
+async fn lane(
+    pipeline: Arc<Pipeline>,
+    partition: Arc<Partition>,
+    module: usize,
+    mut rx: mpsc::UnboundedReceiver<Arc<Job>>,
+) {
+    let endpoint = pipeline.endpoints[module].clone();
+    let cancel = Cancel {
+        stop: pipeline.stop.clone(),
+        abort: partition.abort.clone(),
+    };
+    loop {
+        let job = tokio::select! {
+            biased;
+            _ = cancel.stop.cancelled() => return,
+            _ = cancel.abort.cancelled() => return,
+            job = rx.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let msg = &job.msg;
+        let name = &endpoint.module.name;
+        match endpoint.deliver(msg, &cancel).await {
+            Outcome::Aborted => return,
+            Outcome::Delivered { attempts } if attempts > 1 => {
+                tracing::info!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+                    command_id = %msg.envelope.command_id, module = %name, attempts, "delivered after retry");
+            }
+            Outcome::Delivered { attempts } => {
+                tracing::debug!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+                    command_id = %msg.envelope.command_id, module = %name, attempts, "delivered");
+            }
+            Outcome::Exhausted {
+                attempts,
+                last_error,
+                http_status,
+            } => {
+                tracing::error!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+                    command_id = %msg.envelope.command_id, commit_id = msg.envelope.commit_id.as_deref().unwrap_or(""),
+                    module = %name, attempts, http_status = http_status.unwrap_or(0), last_error = %last_error,
+                    "retries exhausted, giving up on this message");
+            }
+        }
+        job.module_done();
+    }
+}
+
+fn set_paused(consumer: &WorkerConsumer, topic: &str, partition: i32, pause: bool) {
+    let mut tpl = TopicPartitionList::new();
+    if tpl
+        .add_partition_offset(topic, partition, Offset::Invalid)
+        .is_err()
+    {
+        return;
+    }
+    let result = if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    match result {
+        Ok(()) => tracing::debug!(topic, partition, pause, "fetching paused/resumed"),
+        Err(e) => tracing::warn!(topic, partition, "cannot pause/resume: {e}"),
+    }
+}
+
+/// Resumes paused partitions that drained to half their window.
+fn resume_drained(pipeline: &Pipeline, consumer: &WorkerConsumer) {
+    for p in pipeline.snapshot() {
+        if p.paused.load(Ordering::Acquire) && p.in_flight() <= MAX_IN_FLIGHT_PER_PARTITION / 2 {
+            p.paused.store(false, Ordering::Release);
+            set_paused(consumer, &pipeline.topic, p.number, false);
+        }
+    }
+}
+
+fn commit(pipeline: &Pipeline, consumer: &WorkerConsumer, mode: CommitMode) {
+    let positions = pipeline.positions_to_commit();
+    if positions.is_empty() {
+        return;
+    }
+    let target = &consumer.context().target;
+    match kafka::commit(consumer, &pipeline.topic, target, &positions, mode) {
+        Ok(()) => {
+            pipeline.mark_committed(&positions);
+            tracing::debug!(topic = %pipeline.topic, positions = ?positions, "committed");
+        }
+        Err(e) => tracing::warn!(topic = %pipeline.topic, "commit failed: {e}"),
+    }
+}
+
+/// Graceful stop: no more fetching, let attempts on the wire finish within
+/// `deadline`, commit what is finished, leave the group.
+async fn shutdown(pipeline: &Arc<Pipeline>, consumer: &Arc<WorkerConsumer>, deadline: Duration) {
+    let topic = pipeline.topic.clone();
+    tracing::info!(%topic, "stopping: finishing attempts in flight");
+    if let Ok(assignment) = consumer.assignment() {
+        let _ = consumer.pause(&assignment);
+    }
+    pipeline.stop.cancel();
+    pipeline.lanes.close();
+    if tokio::time::timeout(deadline, pipeline.lanes.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(%topic, "shutdown_timeout reached: abandoning attempts in flight");
+        pipeline.abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), pipeline.lanes.wait()).await;
+    }
+    commit(pipeline, consumer, CommitMode::Sync);
+    // Leave the group now, so that the partitions move at once (the revoke
+    // callback commits again only if something moved).
+    consumer.unsubscribe();
+    tracing::info!(%topic, "worker stopped");
+}
