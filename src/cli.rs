@@ -93,7 +93,10 @@ fn load(conf: &Path) -> Result<Loaded, ExitCode> {
 fn test(conf: &Path) -> anyhow::Result<ExitCode> {
     Ok(match load(conf) {
         Ok(_) => {
-            println!("mkc: configuration file {} test is successful", conf.display());
+            println!(
+                "mkc: configuration file {} test is successful",
+                conf.display()
+            );
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -199,7 +202,9 @@ fn alive(pid: i32) -> bool {
 fn reload(pid_path: &Path, master: Pid) -> anyhow::Result<ExitCode> {
     let status_path = master::reload_status_path(pid_path);
     let first_line = |text: &str| text.lines().next().unwrap_or("").to_string();
-    let before = std::fs::read_to_string(&status_path).map(|t| first_line(&t)).unwrap_or_default();
+    let before = std::fs::read_to_string(&status_path)
+        .map(|t| first_line(&t))
+        .unwrap_or_default();
     kill(master, Signal::SIGHUP)?;
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(20) {
@@ -265,13 +270,19 @@ fn children(parent: i32) -> Vec<(i32, Duration)> {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let Some(close) = stat.rfind(')') else { continue };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
         let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
         // fields[0] is field 3 (state): ppid is field 4, starttime field 22.
         let ppid = fields.get(1).and_then(|f| f.parse::<i32>().ok());

@@ -209,7 +209,9 @@ fn delay_left(timestamp_ms: Option<i64>, delay: Duration, now: SystemTime) -> Op
         return None;
     }
     let now_ms = now.duration_since(UNIX_EPOCH).ok()?.as_millis() as i64;
-    let due_ms = timestamp_ms.unwrap_or(now_ms).saturating_add(delay.as_millis() as i64);
+    let due_ms = timestamp_ms
+        .unwrap_or(now_ms)
+        .saturating_add(delay.as_millis() as i64);
     let left = due_ms.saturating_sub(now_ms);
     (left > 0).then(|| Duration::from_millis(left as u64).min(delay))
 }
@@ -249,7 +251,10 @@ mod tests {
     #[test]
     fn fresh_message_waits_the_rest_of_the_delay() {
         let d = Duration::from_millis(2000);
-        assert_eq!(delay_left(Some(10_000), d, at(10_500)), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            delay_left(Some(10_000), d, at(10_500)),
+            Some(Duration::from_millis(1500))
+        );
     }
 
     #[test]

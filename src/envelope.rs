@@ -138,7 +138,11 @@ mod tests {
 
     #[test]
     fn commit_id_is_carried_as_text() {
-        let e = parse(br#"{"commitId": 12, "commandId": 1, "data": {"x": [1,2]}}"#, MAX).unwrap();
+        let e = parse(
+            br#"{"commitId": 12, "commandId": 1, "data": {"x": [1,2]}}"#,
+            MAX,
+        )
+        .unwrap();
         assert_eq!(e.commit_id.as_deref(), Some("12"));
         let e = parse(br#"{"commitId": "abc", "commandId": 1}"#, MAX).unwrap();
         assert_eq!(e.commit_id.as_deref(), Some("abc"));
@@ -148,18 +152,39 @@ mod tests {
 
     #[test]
     fn invalid_kinds() {
-        assert_eq!(id("not json"), Err(Invalid::NotJson("expected value at line 1 column 1".into())));
+        assert_eq!(
+            id("not json"),
+            Err(Invalid::NotJson("expected value at line 1 column 1".into()))
+        );
         assert_eq!(id("[1,2]"), Err(Invalid::NotObject));
         assert_eq!(id("42"), Err(Invalid::NotObject));
         assert_eq!(id(""), Err(Invalid::Empty));
         assert_eq!(id("   "), Err(Invalid::Empty));
         assert_eq!(id(r#"{"data": 1}"#), Err(Invalid::NoCommandId));
-        assert!(matches!(id(r#"{"commandId": "12a"}"#), Err(Invalid::BadCommandId(_))));
-        assert!(matches!(id(r#"{"commandId": "-5"}"#), Err(Invalid::BadCommandId(_))));
-        assert!(matches!(id(r#"{"commandId": ""}"#), Err(Invalid::BadCommandId(_))));
-        assert!(matches!(id(r#"{"commandId": 1.5}"#), Err(Invalid::BadCommandId(_))));
-        assert!(matches!(id(r#"{"commandId": null}"#), Err(Invalid::BadCommandId(_))));
-        assert!(matches!(id(r#"{"commandId": {"a":1}}"#), Err(Invalid::BadCommandId(_))));
+        assert!(matches!(
+            id(r#"{"commandId": "12a"}"#),
+            Err(Invalid::BadCommandId(_))
+        ));
+        assert!(matches!(
+            id(r#"{"commandId": "-5"}"#),
+            Err(Invalid::BadCommandId(_))
+        ));
+        assert!(matches!(
+            id(r#"{"commandId": ""}"#),
+            Err(Invalid::BadCommandId(_))
+        ));
+        assert!(matches!(
+            id(r#"{"commandId": 1.5}"#),
+            Err(Invalid::BadCommandId(_))
+        ));
+        assert!(matches!(
+            id(r#"{"commandId": null}"#),
+            Err(Invalid::BadCommandId(_))
+        ));
+        assert!(matches!(
+            id(r#"{"commandId": {"a":1}}"#),
+            Err(Invalid::BadCommandId(_))
+        ));
         assert!(matches!(
             id(r#"{"commandId": 18446744073709551616}"#),
             Err(Invalid::BadCommandId(_))
@@ -168,7 +193,10 @@ mod tests {
             id(r#"{"commandId": "18446744073709551616"}"#),
             Err(Invalid::BadCommandId(_))
         ));
-        assert!(matches!(id(r#"{"commandId": 1} trailing"#), Err(Invalid::NotJson(_))));
+        assert!(matches!(
+            id(r#"{"commandId": 1} trailing"#),
+            Err(Invalid::NotJson(_))
+        ));
         assert!(matches!(id(r#"{"commandId": 1"#), Err(Invalid::NotJson(_))));
     }
 

@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol,
-    StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::types::RDKafkaRespErr;
@@ -93,7 +92,10 @@ impl ConsumerContext for WorkerContext {
             .filter(|e| e.topic() == self.topic)
             .map(|e| e.partition())
             .collect();
-        let cooperative = matches!(base_consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let cooperative = matches!(
+            base_consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 if let CommitTarget::File(store) = &self.target {
@@ -235,7 +237,12 @@ pub fn commit<C: ConsumerContext>(
         CommitTarget::File(store) => {
             for &(p, offset) in positions {
                 if let Err(e) = store.store(topic, p, offset) {
-                    tracing::error!(topic, partition = p, offset, "cannot write offset file: {e}");
+                    tracing::error!(
+                        topic,
+                        partition = p,
+                        offset,
+                        "cannot write offset file: {e}"
+                    );
                 }
             }
             Ok(())

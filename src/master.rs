@@ -93,7 +93,10 @@ pub fn run(loaded: Loaded) -> anyhow::Result<()> {
     let mut master = match started {
         Ok(m) => m,
         Err(e) => {
-            report(&ready, &format!("error: {e:#}\n"));
+            report(
+                &ready,
+                &format!("error: {}\n", format!("{e:#}").replace('\n', "; ")),
+            );
             return Err(e);
         }
     };
@@ -107,7 +110,11 @@ fn start(config: Arc<ServerConfig>, warnings: Vec<config::Diagnostic>) -> anyhow
     crate::logging::init(config.log_level, config.log_file.as_deref()).with_context(|| {
         format!(
             "cannot open log file {}",
-            config.log_file.as_deref().unwrap_or(Path::new("")).display()
+            config
+                .log_file
+                .as_deref()
+                .unwrap_or(Path::new(""))
+                .display()
         )
     })?;
     if config.daemonize {
@@ -308,7 +315,10 @@ impl Master {
         while !waiting.is_empty() {
             if Instant::now() >= deadline {
                 for pid in waiting.keys() {
-                    tracing::error!(pid = pid.as_raw(), "worker did not stop in time: killing it");
+                    tracing::error!(
+                        pid = pid.as_raw(),
+                        "worker did not stop in time: killing it"
+                    );
                     let _ = kill(*pid, Signal::SIGKILL);
                 }
             }
@@ -338,7 +348,10 @@ impl Master {
         let all: Vec<usize> = (0..self.slots.len()).collect();
         self.stop_workers(&all);
         if let Err(e) = std::fs::remove_file(&self.config.pid_file) {
-            tracing::warn!("cannot remove pid file {}: {e}", self.config.pid_file.display());
+            tracing::warn!(
+                "cannot remove pid file {}: {e}",
+                self.config.pid_file.display()
+            );
         }
         tracing::info!("master stopped");
     }
@@ -364,9 +377,16 @@ impl Master {
         }
         let new = Arc::new(loaded.config);
         if new.pid_file != self.config.pid_file {
-            tracing::warn!("pid file changes need a restart; keeping {}", self.config.pid_file.display());
+            tracing::warn!(
+                "pid file changes need a restart; keeping {}",
+                self.config.pid_file.display()
+            );
         }
-        let warnings: Vec<String> = loaded.warnings.iter().map(|w| format!("warning: {w}")).collect();
+        let warnings: Vec<String> = loaded
+            .warnings
+            .iter()
+            .map(|w| format!("warning: {w}"))
+            .collect();
         self.write_reload_status(true, &warnings);
         if let Err(e) = crate::logging::set_target(new.log_file.as_deref()) {
             tracing::error!("cannot open the new log file: {e}");
@@ -423,7 +443,12 @@ impl Master {
 
     fn write_reload_status(&self, ok: bool, lines: &[String]) {
         let path = reload_status_path(&self.config.pid_file);
-        let mut text = format!("seq {} pid {}\n{}\n", self.reload_seq, self.pid, if ok { "ok" } else { "error" });
+        let mut text = format!(
+            "seq {} pid {}\n{}\n",
+            self.reload_seq,
+            self.pid,
+            if ok { "ok" } else { "error" }
+        );
         for l in lines {
             text.push_str(l);
             text.push('\n');
@@ -449,7 +474,10 @@ fn describe(status: &WaitStatus) -> String {
     match status {
         WaitStatus::Exited(_, code) => format!("exit code {code}"),
         WaitStatus::Signaled(_, sig, core) => {
-            format!("killed by {sig}{}", if *core { ", core dumped" } else { "" })
+            format!(
+                "killed by {sig}{}",
+                if *core { ", core dumped" } else { "" }
+            )
         }
         other => format!("{other:?}"),
     }
@@ -491,7 +519,10 @@ fn probe_partition_counts(config: &ServerConfig) -> Option<HashMap<String, usize
             let _ = waitpid(child, None);
             let text = text?;
             if let Some(err) = text.strip_prefix('!') {
-                tracing::warn!("cannot read partition counts from the broker: {}", err.trim());
+                tracing::warn!(
+                    "cannot read partition counts from the broker: {}",
+                    err.trim()
+                );
                 return None;
             }
             if !text.ends_with(".\n") {
@@ -566,7 +597,11 @@ fn lock_pid_file(path: &Path) -> anyhow::Result<Flock<File>> {
         Err((mut file, _)) => {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
-            bail!("already running, pid {} (pid file {})", text.trim(), path.display());
+            bail!(
+                "already running, pid {} (pid file {})",
+                text.trim(),
+                path.display()
+            );
         }
     };
     lock.set_len(0)?;
@@ -581,7 +616,9 @@ pub fn running_pid(path: &Path) -> anyhow::Result<Option<i32>> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot open pid file {}", path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot open pid file {}", path.display()))
+        }
     };
     match Flock::lock(file, FlockArg::LockSharedNonblock) {
         // Nobody holds it: stale.
@@ -590,10 +627,13 @@ pub fn running_pid(path: &Path) -> anyhow::Result<Option<i32>> {
             let mut text = String::new();
             file.read_to_string(&mut text)
                 .with_context(|| format!("cannot read pid file {}", path.display()))?;
-            let pid = text
-                .trim()
-                .parse::<i32>()
-                .with_context(|| format!("pid file {} holds {:?}, not a pid", path.display(), text.trim()))?;
+            let pid = text.trim().parse::<i32>().with_context(|| {
+                format!(
+                    "pid file {} holds {:?}, not a pid",
+                    path.display(),
+                    text.trim()
+                )
+            })?;
             Ok(Some(pid))
         }
     }
@@ -610,8 +650,13 @@ fn daemonize(config: &ServerConfig) -> anyhow::Result<OwnedFd> {
     match unsafe { fork() }.context("fork")? {
         ForkResult::Parent { .. } => {
             drop(write);
+            // One line: "ok <pid>" or an error. (Not EOF: the workers
+            // inherit the write end.)
             let mut text = String::new();
-            let _ = File::from(read).read_to_string(&mut text);
+            let _ = std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(File::from(read)),
+                &mut text,
+            );
             match text.strip_prefix("ok ") {
                 Some(pid) => {
                     println!("mkc started, pid {}", pid.trim());
@@ -621,7 +666,11 @@ fn daemonize(config: &ServerConfig) -> anyhow::Result<OwnedFd> {
                     let text = text.trim();
                     eprintln!(
                         "mkc: {}",
-                        if text.is_empty() { "the daemon exited during startup; see the log" } else { text }
+                        if text.is_empty() {
+                            "the daemon exited during startup; see the log"
+                        } else {
+                            text
+                        }
                     );
                     std::process::exit(1)
                 }

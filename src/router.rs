@@ -64,7 +64,11 @@ mod tests {
 
     #[test]
     fn fan_out_in_configuration_order() {
-        let modules = [module("a", &[1, 2]), module("b", &[2, 3]), module("c", &[2])];
+        let modules = [
+            module("a", &[1, 2]),
+            module("b", &[2, 3]),
+            module("c", &[2]),
+        ];
         let r = Router::new(&[], &modules);
         assert_eq!(r.route(CommandId(2)), &[0, 1, 2]);
         assert_eq!(r.route(CommandId(1)), &[0]);

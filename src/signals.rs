@@ -44,10 +44,9 @@ pub struct MasterSignals {
 
 impl MasterSignals {
     pub fn install() -> io::Result<MasterSignals> {
-        let (wake_read, wake_write) = nix::unistd::pipe2(
-            nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC,
-        )
-        .map_err(io::Error::from)?;
+        let (wake_read, wake_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(io::Error::from)?;
         let mut s = MasterSignals {
             stop: Arc::default(),
             reload: Arc::default(),
@@ -68,8 +67,10 @@ impl MasterSignals {
         for (signal, flag) in table {
             s.ids.push(signal_hook::flag::register(signal, flag)?);
             let fd = s.wake_write.try_clone()?;
-            s.ids
-                .push(signal_hook::low_level::pipe::register_raw(signal, fd.as_raw_fd())?);
+            s.ids.push(signal_hook::low_level::pipe::register_raw(
+                signal,
+                fd.as_raw_fd(),
+            )?);
             // The registration refers to the raw fd; keep it open for the
             // life of the process.
             std::mem::forget(fd);

@@ -1,0 +1,967 @@
+//! End-to-end tests of the pipeline: a real broker (start it with
+//! `scripts/kafka.sh start`, or run `make test`), the real `mkc` binary and
+//! HTTP sinks on 127.0.0.1. Each test has its own topic and consumer group.
+//!
+//! What a user would check: which messages reached which module, byte for
+//! byte, with which headers, in which order, how many times and when; what
+//! the log says.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+use rand::{Rng as _, SeedableRng as _};
+
+/// A command id near `u64::MAX` (`u64::MAX - 58`).
+const BIG: &str = "18446744073709551557";
+
+/// Failures collected while checking many requests, reported together.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, problem: String) {
+        self.0.push(problem);
+    }
+
+    /// Fails the test with the first problems (and mkc's log tail).
+    fn check(self, mkc: &Mkc, what: &str) {
+        if self.0.is_empty() {
+            return;
+        }
+        let shown: Vec<&str> = self.0.iter().take(25).map(String::as_str).collect();
+        mkc.fail(&format!(
+            "{what}: {} problem(s); the first ones:\n  {}",
+            self.0.len(),
+            shown.join("\n  ")
+        ));
+    }
+}
+
+/// The offsets of `requests`, per partition, in arrival order.
+fn offsets_by_partition<'a>(
+    requests: impl IntoIterator<Item = &'a Request>,
+) -> BTreeMap<i32, Vec<i64>> {
+    let mut map: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for r in requests {
+        map.entry(r.partition()).or_default().push(r.offset());
+    }
+    map
+}
+
+/// The headers every request for message `p` (command id `command_id`,
+/// commit id `commit_id`) to module `module` must carry on attempt
+/// `attempt`.
+#[allow(clippy::too_many_arguments)]
+fn check_request(
+    problems: &mut Problems,
+    topic: &str,
+    module: &str,
+    r: &Request,
+    p: &Produced,
+    command_id: &str,
+    commit_id: u64,
+    attempt: u32,
+) {
+    let key = p.idempotency_key(topic);
+    let expect = [
+        ("x-mkc-topic", topic.to_string()),
+        ("x-mkc-partition", p.partition.to_string()),
+        ("x-mkc-offset", p.offset.to_string()),
+        ("x-mkc-command-id", command_id.to_string()),
+        ("x-mkc-commit-id", commit_id.to_string()),
+        ("x-mkc-attempt", attempt.to_string()),
+        ("x-mkc-module", module.to_string()),
+        ("idempotency-key", key.clone()),
+    ];
+    for (name, want) in expect {
+        if r.header(name) != Some(want.as_str()) {
+            problems.add(format!(
+                "{key} to {module}: header {name} is {:?}, expected {want:?}",
+                r.header(name)
+            ));
+        }
+    }
+    let content_type = r.header("content-type").unwrap_or_default();
+    if !content_type.starts_with("application/json") {
+        problems.add(format!("{key} to {module}: Content-Type {content_type:?}"));
+    }
+    if r.method != "POST" {
+        problems.add(format!("{key} to {module}: method {}", r.method));
+    }
+    if r.body.as_ref() != p.body() {
+        problems.add(format!(
+            "{key} to {module}: body differs ({} bytes received, {} produced)",
+            r.body.len(),
+            p.body().len()
+        ));
+    }
+}
+
+/// Routing: global allow-list, fan-out to every subscribed module, body
+/// byte for byte, headers, per-partition order, over 20,000 messages in 6
+/// partitions consumed by 2 workers.
+#[test]
+fn routing_fans_out_by_command_id_in_partition_order() {
+    const TOTAL: usize = 20_000;
+    let topic = unique_name("routing");
+    let group = unique_name("routing-group");
+    create_topic(&topic, 6);
+    let sink = Sink::start();
+
+    // 1005 (module b) and 77 (module c) are not in the global list; 4242 is
+    // allowed but nobody subscribes; 9 is neither.
+    let global = ["1001", "1002", "1003", "1004", BIG, "4242", "-42"];
+    let modules: [(&str, &str, &[&str]); 3] = [
+        ("a", "/a", &["1001", "1002", BIG]),
+        (
+            "b",
+            "/b/commit?src=mkc&x=1",
+            &["1002", "1003", "1005", "-42"],
+        ),
+        ("c", "/c", &["1001", "1003", "1004", BIG, "77"]),
+    ];
+    let mut config = MkcConfig::new(&topic, &group)
+        .workers(2)
+        .global_filters(global);
+    for (name, path, filters) in modules {
+        config = config.module(Module::new(name, sink.url(path)).filters(filters.iter()));
+    }
+    let mkc = Mkc::start(&config);
+    mkc.wait_workers(2, Duration::from_secs(30));
+    // Produce only once both workers hold their partitions: a rebalance
+    // while messages are in flight may re-deliver, and this test allows no
+    // duplicate.
+    wait_group_stable(&group, 2, Duration::from_secs(60));
+
+    let ids = [
+        "1001", "1002", "1003", "1004", "1005", BIG, "4242", "-42", "77", "9",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20_000);
+    let mut meta: Vec<(u64, &str)> = Vec::with_capacity(TOTAL);
+    let records: Vec<Record> = (0..TOTAL)
+        .map(|i| {
+            let id = ids[rng.random_range(0..ids.len())];
+            // Digit strings for a third of them (not for the negative id).
+            let cid = if i % 3 == 1 && !id.starts_with('-') {
+                format!("\"{id}\"")
+            } else {
+                id.to_string()
+            };
+            let commit = 1_000_000 + i as u64;
+            meta.push((commit, id));
+            let body = match i % 4 {
+                0 => envelope(commit, &cid, &format!(r#"{{"i": {i}, "note": "plain"}}"#)),
+                1 => format!(
+                    r#"{{"commandId":{cid},"commitId":{commit},"data":{{"i":{i},"text":"h\u00e9llo ✓ é \"q\" \\ /"}}}}"#
+                ),
+                2 => format!(
+                    "{{\n\t\"commitId\": {commit},\n\t\"commandId\": {cid},\n\t\"data\": \
+                     {{\"list\": [1, 2.5, -3e2, null, true], \"nested\": {{\"k\": \"v\"}}}}\n}}\n"
+                ),
+                _ => format!(r#"  {{"commitId": {commit}, "extra": [], "commandId": {cid}, "data": {{}}}}  "#),
+            };
+            let r = Record::new((i % 6) as i32, body);
+            if i.is_multiple_of(2) {
+                r.key(format!("key-{}", i % 13))
+            } else {
+                r
+            }
+        })
+        .collect();
+    let produced = produce(&topic, records);
+
+    // What each module must receive: ids it lists that the global list allows.
+    let allowed: HashSet<&str> = global.into_iter().collect();
+    let mut expected: HashMap<&str, HashSet<(i32, i64)>> = HashMap::new();
+    for (name, _, filters) in modules {
+        let wanted: HashSet<&str> = filters
+            .iter()
+            .copied()
+            .filter(|f| allowed.contains(f))
+            .collect();
+        let set = produced
+            .iter()
+            .zip(&meta)
+            .filter(|(_, (_, id))| wanted.contains(id))
+            .map(|(p, _)| (p.partition, p.offset))
+            .collect();
+        expected.insert(name, set);
+    }
+    let total: usize = expected.values().map(HashSet::len).sum();
+    let by_position: HashMap<(i32, i64), (&Produced, u64, &str)> = produced
+        .iter()
+        .zip(&meta)
+        .map(|(p, (commit, id))| ((p.partition, p.offset), (p, *commit, *id)))
+        .collect();
+
+    if !sink.wait_until(Duration::from_secs(180), |r| r.len() >= total) {
+        let counts: Vec<String> = modules
+            .iter()
+            .map(|(name, path, _)| {
+                let path = path.split('?').next().unwrap_or_default();
+                format!(
+                    "{name}: {} of {}",
+                    sink.requests_to(path).len(),
+                    expected[name].len()
+                )
+            })
+            .collect();
+        mkc.fail(&format!(
+            "routing: {} of {total} requests within 180 s ({})",
+            sink.count(),
+            counts.join(", ")
+        ));
+    }
+    sink.assert_no_more(total, Duration::from_secs(1));
+
+    let requests = sink.requests();
+    let mut problems = Problems::default();
+    for (name, path, _) in modules {
+        let mine: Vec<&Request> = requests.iter().filter(|r| r.path == path).collect();
+        let mut seen = HashSet::new();
+        for r in &mine {
+            let position = (r.partition(), r.offset());
+            let Some((p, commit, id)) = by_position.get(&position) else {
+                problems.add(format!("{name}: a message that was never produced: {r}"));
+                continue;
+            };
+            if !expected[name].contains(&position) {
+                problems.add(format!(
+                    "{name}: got commandId {id}, which it must not: {r}"
+                ));
+            }
+            if !seen.insert(position) {
+                problems.add(format!("{name}: duplicate: {r}"));
+            }
+            check_request(&mut problems, &topic, name, r, p, id, *commit, 1);
+        }
+        let missing: Vec<&(i32, i64)> = expected[name].difference(&seen).collect();
+        if !missing.is_empty() {
+            problems.add(format!(
+                "{name}: {} expected message(s) never arrived, e.g. {:?}",
+                missing.len(),
+                &missing[..missing.len().min(5)]
+            ));
+        }
+        for (partition, offsets) in offsets_by_partition(mine.iter().copied()) {
+            if let Some(w) = offsets.windows(2).find(|w| w[1] <= w[0]) {
+                problems.add(format!(
+                    "{name}: partition {partition} out of order: offset {} after {}",
+                    w[1], w[0]
+                ));
+            }
+        }
+    }
+    let unknown_paths: Vec<&Request> = requests
+        .iter()
+        .filter(|r| !modules.iter().any(|(_, path, _)| r.path == *path))
+        .collect();
+    if let Some(r) = unknown_paths.first() {
+        problems.add(format!(
+            "{} request(s) to unknown paths, e.g. {r}",
+            unknown_paths.len()
+        ));
+    }
+    problems.check(&mkc, "routing");
+    mkc.check(mkc.log_count("worker started") == 2, || {
+        format!(
+            "expected 2 'worker started' lines, found {}",
+            mkc.log_count("worker started")
+        )
+    });
+}
+
+/// Requests of `requests` grouped by offset, each group in arrival order.
+fn attempts_by_offset(requests: &[Request]) -> BTreeMap<i64, Vec<&Request>> {
+    let mut map: BTreeMap<i64, Vec<&Request>> = BTreeMap::new();
+    for r in requests {
+        map.entry(r.offset()).or_default().push(r);
+    }
+    map
+}
+
+/// A module whose endpoint fails each message twice gets it a third time,
+/// `retry_delay` after each failure; a second module on the same ids gets
+/// each message once, untouched by the first one's retries.
+#[test]
+fn retry_until_success_without_resending_to_other_modules() {
+    const RETRY_DELAY_MS: u64 = 300;
+    let topic = unique_name("retry");
+    let group = unique_name("retry-group");
+    create_topic(&topic, 1);
+    let flaky = Sink::with(Behavior::fail_first(2, 500));
+    let steady = Sink::start();
+    let config = MkcConfig::new(&topic, &group)
+        .module(
+            Module::new("flaky", flaky.url("/flaky"))
+                .filter(1001)
+                .retrynum(3)
+                .retry_delay(RETRY_DELAY_MS),
+        )
+        .module(
+            Module::new("steady", steady.url("/steady"))
+                .filter(1001)
+                .retrynum(3)
+                .retry_delay(RETRY_DELAY_MS),
+        );
+    let mkc = Mkc::start(&config);
+    let produced = produce(
+        &topic,
+        (0..3)
+            .map(|i| Record::new(0, envelope(500 + i, "1001", &format!(r#"{{"n": {i}}}"#))))
+            .collect(),
+    );
+
+    flaky.wait_for(9, Duration::from_secs(60));
+    steady.wait_for(3, Duration::from_secs(10));
+    flaky.assert_no_more(9, Duration::from_millis(4 * RETRY_DELAY_MS));
+    steady.assert_no_more(3, Duration::ZERO);
+
+    let mut problems = Problems::default();
+    let flaky_requests = flaky.requests();
+    let by_offset = attempts_by_offset(&flaky_requests);
+    let mut previous_done = None;
+    for (i, p) in produced.iter().enumerate() {
+        let Some(attempts) = by_offset.get(&p.offset) else {
+            problems.add(format!("flaky: offset {} never arrived", p.offset));
+            continue;
+        };
+        let numbers: Vec<u32> = attempts.iter().map(|r| r.attempt()).collect();
+        let statuses: Vec<u16> = attempts.iter().map(|r| r.answered).collect();
+        if numbers != [1, 2, 3] || statuses != [500, 500, 200] {
+            problems.add(format!(
+                "flaky: offset {}: attempts {numbers:?} answered {statuses:?}, expected [1, 2, 3] / [500, 500, 200]",
+                p.offset
+            ));
+            continue;
+        }
+        for (n, r) in attempts.iter().enumerate() {
+            check_request(
+                &mut problems,
+                &topic,
+                "flaky",
+                r,
+                p,
+                "1001",
+                500 + i as u64,
+                n as u32 + 1,
+            );
+        }
+        let gap = |a: &Request, b: &Request| b.at.duration_since(a.at);
+        let delay = Duration::from_millis(RETRY_DELAY_MS);
+        if gap(attempts[0], attempts[1]) < delay || gap(attempts[1], attempts[2]) < delay {
+            problems.add(format!(
+                "flaky: offset {}: attempts {:?} and {:?} apart, retry_delay is {delay:?}",
+                p.offset,
+                gap(attempts[0], attempts[1]),
+                gap(attempts[1], attempts[2])
+            ));
+        }
+        if gap(attempts[0], attempts[2]) < 2 * delay {
+            problems.add(format!(
+                "flaky: offset {}: third attempt too early",
+                p.offset
+            ));
+        }
+        // Ordered delivery: the next message waits for this one.
+        if let Some(done) = previous_done {
+            if attempts[0].at < done {
+                problems.add(format!(
+                    "flaky: offset {} was sent before the previous message was delivered",
+                    p.offset
+                ));
+            }
+        }
+        previous_done = Some(attempts[2].at);
+    }
+    let steady_requests = steady.requests();
+    for (i, p) in produced.iter().enumerate() {
+        let got: Vec<&Request> = steady_requests
+            .iter()
+            .filter(|r| r.offset() == p.offset)
+            .collect();
+        if got.len() != 1 {
+            problems.add(format!(
+                "steady: offset {} arrived {} times",
+                p.offset,
+                got.len()
+            ));
+        } else {
+            check_request(
+                &mut problems,
+                &topic,
+                "steady",
+                got[0],
+                p,
+                "1001",
+                500 + i as u64,
+                1,
+            );
+        }
+    }
+    problems.check(&mkc, "retry");
+}
+
+/// `retrynum 1` and an endpoint that always fails: each message is tried
+/// exactly twice, then given up; the next message of the partition is still
+/// sent, and once the endpoint recovers a new message is delivered at once.
+#[test]
+fn retry_gives_up_after_retrynum_and_moves_on() {
+    const RETRY_DELAY_MS: u64 = 200;
+    let topic = unique_name("giveup");
+    let group = unique_name("giveup-group");
+    create_topic(&topic, 1);
+    let sink = Sink::with(Behavior::status(500));
+    let config = MkcConfig::new(&topic, &group).module(
+        Module::new("down", sink.url("/down"))
+            .filter(1001)
+            .retrynum(1)
+            .retry_delay(RETRY_DELAY_MS),
+    );
+    let mkc = Mkc::start(&config);
+    let produced = produce(
+        &topic,
+        (0..3)
+            .map(|i| Record::new(0, envelope(i, "1001", "{}")))
+            .collect(),
+    );
+    sink.wait_for(6, Duration::from_secs(60));
+    // Several retry delays without a third attempt of anything.
+    sink.assert_no_more(6, Duration::from_millis(8 * RETRY_DELAY_MS));
+
+    let mut problems = Problems::default();
+    let requests = sink.requests();
+    let by_offset = attempts_by_offset(&requests);
+    let mut previous_last = None;
+    for p in &produced {
+        let attempts = by_offset.get(&p.offset).cloned().unwrap_or_default();
+        let numbers: Vec<u32> = attempts.iter().map(|r| r.attempt()).collect();
+        if numbers != [1, 2] {
+            problems.add(format!(
+                "offset {}: attempts {numbers:?}, expected [1, 2]",
+                p.offset
+            ));
+            continue;
+        }
+        if attempts[1].at.duration_since(attempts[0].at) < Duration::from_millis(RETRY_DELAY_MS) {
+            problems.add(format!("offset {}: retried before retry_delay", p.offset));
+        }
+        if let Some(last) = previous_last {
+            if attempts[0].at < last {
+                problems.add(format!(
+                    "offset {}: sent before the previous message was given up",
+                    p.offset
+                ));
+            }
+        }
+        previous_last = Some(attempts[1].at);
+    }
+    problems.check(&mkc, "give up");
+
+    // The endpoint recovers: the partition is not stuck, and nothing that
+    // was given up comes back.
+    sink.set_behavior(Behavior::ok());
+    let next = produce(&topic, vec![Record::new(0, envelope(3, "1001", "{}"))]);
+    sink.wait_for(7, Duration::from_secs(30));
+    sink.assert_no_more(7, Duration::from_millis(1000));
+    let last = sink.requests().pop().expect("7 requests");
+    mkc.check(
+        last.offset() == next[0].offset && last.attempt() == 1 && last.answered == 200,
+        || format!("expected the new message once, got {last}"),
+    );
+}
+
+/// `delay 2000`: no message reaches the module before its Kafka timestamp
+/// plus 2 s; old messages (a backlog) are not held back.
+#[test]
+fn delay_holds_each_message_until_timestamp_plus_delay() {
+    const DELAY_MS: i64 = 2000;
+    let topic = unique_name("delay");
+    let group = unique_name("delay-group");
+    create_topic(&topic, 2);
+    let sink = Sink::start();
+    let config = MkcConfig::new(&topic, &group).module(
+        Module::new("later", sink.url("/later"))
+            .filter(1001)
+            .delay(DELAY_MS as u64),
+    );
+    let mkc = Mkc::start(&config);
+
+    // An old message first: once it arrived, mkc consumes both partitions.
+    produce(
+        &topic,
+        vec![Record::new(1, envelope(0, "1001", "{}")).timestamp(now_ms() - 60_000)],
+    );
+    sink.wait_for(1, Duration::from_secs(60));
+
+    // Fresh messages (timestamp now) on partition 0, old ones on 1.
+    let old_ts = now_ms() - 60_000;
+    let mut records = Vec::new();
+    for i in 1..=5 {
+        records.push(Record::new(0, envelope(i, "1001", r#"{"fresh": true}"#)).timestamp(now_ms()));
+        records.push(
+            Record::new(1, envelope(100 + i, "1001", r#"{"fresh": false}"#)).timestamp(old_ts),
+        );
+    }
+    let produced = produce(&topic, records);
+    let requests = sink.wait_for(11, Duration::from_secs(30));
+    sink.assert_no_more(11, Duration::from_millis(500));
+
+    let mut problems = Problems::default();
+    let mut earliest_fresh = None;
+    let mut latest_old = None;
+    for p in &produced {
+        let Some(r) = requests[1..]
+            .iter()
+            .find(|r| r.partition() == p.partition && r.offset() == p.offset)
+        else {
+            problems.add(format!("{}-{} never arrived", p.partition, p.offset));
+            continue;
+        };
+        let ts = p.timestamp.expect("timestamps were set");
+        let arrived = to_ms(r.received);
+        if p.partition == 0 {
+            // 1 ms for implementations that compute the wait in whole ms.
+            if arrived < ts + DELAY_MS - 1 {
+                problems.add(format!(
+                    "offset {} arrived {} ms after its timestamp, before the {DELAY_MS} ms delay",
+                    p.offset,
+                    arrived - ts
+                ));
+            }
+            if arrived > ts + DELAY_MS + 5_000 {
+                problems.add(format!(
+                    "offset {} arrived {} ms after its timestamp",
+                    p.offset,
+                    arrived - ts
+                ));
+            }
+            earliest_fresh = Some(earliest_fresh.map_or(r.at, |e: std::time::Instant| e.min(r.at)));
+        } else {
+            latest_old = latest_old.max(Some(r.at));
+        }
+    }
+    if let (Some(fresh), Some(old)) = (earliest_fresh, latest_old) {
+        if old > fresh {
+            problems.add("old messages were held back behind the delayed fresh ones".to_string());
+        }
+    }
+    problems.check(&mkc, "delay");
+}
+
+/// Every kind of invalid message, interleaved with valid ones: the valid
+/// ones are delivered, each invalid one is logged once at WARN as an
+/// `invalid message`, and the worker never restarts.
+#[test]
+fn invalid_messages_are_skipped_with_a_warning() {
+    let topic = unique_name("invalid");
+    let group = unique_name("invalid-group");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let config = MkcConfig::new(&topic, &group)
+        .line("max-message-bytes 1048576")
+        .module(Module::new("m", sink.url("/m")).filter(1001));
+    let mkc = Mkc::start(&config);
+    let worker = mkc.wait_workers(1, Duration::from_secs(30));
+
+    let too_big = {
+        // Valid JSON, routable, but above max-message-bytes (and under the
+        // ~5 MiB tansu still serves).
+        let pad = "x".repeat(4_500_000);
+        envelope(13, "1001", &format!(r#"{{"pad": "{pad}"}}"#)).into_bytes()
+    };
+    let invalid: Vec<(&str, Option<Vec<u8>>)> = vec![
+        ("not JSON", Some(b"not json at all".to_vec())),
+        ("empty", Some(Vec::new())),
+        ("null value", None),
+        (
+            "truncated JSON",
+            Some(br#"{"commitId": 3, "commandId": 1001, "data": {"#.to_vec()),
+        ),
+        ("array", Some(b"[1001, 2]".to_vec())),
+        ("string", Some(br#""1001""#.to_vec())),
+        ("number", Some(b"1001".to_vec())),
+        (
+            "no commandId",
+            Some(br#"{"commitId": 7, "data": {}}"#.to_vec()),
+        ),
+        (
+            "null commandId",
+            Some(br#"{"commitId": 8, "commandId": null, "data": {}}"#.to_vec()),
+        ),
+        (
+            "non-numeric commandId",
+            Some(br#"{"commitId": 9, "commandId": "abc", "data": {}}"#.to_vec()),
+        ),
+        (
+            "mixed commandId",
+            Some(br#"{"commitId": 10, "commandId": "12x4", "data": {}}"#.to_vec()),
+        ),
+        (
+            "boolean commandId",
+            Some(br#"{"commitId": 11, "commandId": true, "data": {}}"#.to_vec()),
+        ),
+        (
+            "commandId above u64::MAX",
+            Some(br#"{"commitId": 12, "commandId": 18446744073709551616, "data": {}}"#.to_vec()),
+        ),
+        (
+            "NUL in a string",
+            Some(b"{\"commitId\": 14, \"commandId\": 1001, \"data\": \"a\0b\"}".to_vec()),
+        ),
+        (
+            "NUL after the object",
+            Some(b"{\"commitId\": 15, \"commandId\": 1001, \"data\": {}}\0".to_vec()),
+        ),
+        (
+            "invalid UTF-8",
+            Some(b"{\"commitId\": 16, \"commandId\": 1001, \"data\": \"\xff\xfe\"}".to_vec()),
+        ),
+        ("above max-message-bytes", Some(too_big)),
+    ];
+    let valid = |n: usize| -> Vec<u8> {
+        let cid = if n.is_multiple_of(2) {
+            "1001"
+        } else {
+            "\"1001\""
+        };
+        envelope(9000 + n as u64, cid, &format!(r#"{{"valid": {n}}}"#)).into_bytes()
+    };
+    // V, bad, V, bad, ..., V, plus a valid message just under the limit.
+    let mut records = Vec::new();
+    let mut kinds = Vec::new();
+    for (n, (kind, payload)) in invalid.into_iter().enumerate() {
+        records.push(Record::new(0, valid(n)));
+        kinds.push(None);
+        records.push(match payload {
+            Some(bytes) => Record::new(0, bytes),
+            None => Record::null(0),
+        });
+        kinds.push(Some(kind));
+    }
+    let near_limit = {
+        let head = envelope(8888, "1001", r#"{"pad": ""}"#).len();
+        let pad = "y".repeat(1_000_000 - head);
+        envelope(8888, "1001", &format!(r#"{{"pad": "{pad}"}}"#)).into_bytes()
+    };
+    records.push(Record::new(0, near_limit));
+    kinds.push(None);
+    records.push(Record::new(0, valid(99)));
+    kinds.push(None);
+    // The large record on its own, so that no batch nears tansu's limit.
+    let big_at = records
+        .iter()
+        .position(|r| r.payload.as_ref().is_some_and(|p| p.len() > 4_000_000));
+    let big_at = big_at.expect("the large record is in the list");
+    let mut produced = produce(&topic, records[..big_at].to_vec());
+    produced.extend(produce(&topic, records[big_at..big_at + 1].to_vec()));
+    produced.extend(produce(&topic, records[big_at + 1..].to_vec()));
+
+    let valid_ones: Vec<&Produced> = produced
+        .iter()
+        .zip(&kinds)
+        .filter(|(_, k)| k.is_none())
+        .map(|(p, _)| p)
+        .collect();
+    let invalid_ones: Vec<(&Produced, &str)> = produced
+        .iter()
+        .zip(&kinds)
+        .filter_map(|(p, k)| k.map(|k| (p, k)))
+        .collect();
+
+    if !sink.wait_until(Duration::from_secs(60), |r| r.len() >= valid_ones.len()) {
+        mkc.fail(&format!(
+            "{} of {} valid messages delivered within 60 s",
+            sink.count(),
+            valid_ones.len()
+        ));
+    }
+    sink.assert_no_more(valid_ones.len(), Duration::from_millis(500));
+    let warned = mkc.wait_log_count(
+        "invalid message",
+        invalid_ones.len(),
+        Duration::from_secs(10),
+    );
+
+    let mut problems = Problems::default();
+    let requests = sink.requests();
+    for (r, p) in requests.iter().zip(&valid_ones) {
+        if (r.partition(), r.offset()) != (p.partition, p.offset) {
+            problems.add(format!("expected offset {} next, got {r}", p.offset));
+        } else if r.body.as_ref() != p.body() {
+            problems.add(format!(
+                "offset {}: body differs ({} bytes)",
+                p.offset,
+                r.body.len()
+            ));
+        }
+    }
+    if warned != invalid_ones.len() {
+        problems.add(format!(
+            "{warned} 'invalid message' log lines for {} invalid messages",
+            invalid_ones.len()
+        ));
+    }
+    let warnings = mkc.log_lines("invalid message");
+    for line in &warnings {
+        if !line.contains("WARN") {
+            problems.add(format!("'invalid message' not at WARN: {line}"));
+        }
+    }
+    for (p, kind) in &invalid_ones {
+        // tracing writes fields as `offset=N` (or `"offset":N` in JSON).
+        let mentions = |line: &&String| {
+            [
+                format!("offset={}", p.offset),
+                format!("\"offset\":{}", p.offset),
+            ]
+            .iter()
+            .any(|f| {
+                line.match_indices(f.as_str())
+                    .any(|(at, _)| !line[at + f.len()..].starts_with(|c: char| c.is_ascii_digit()))
+            })
+        };
+        if !warnings.iter().any(|l| mentions(&l)) {
+            problems.add(format!(
+                "no 'invalid message' warning with offset={} ({kind})",
+                p.offset
+            ));
+        }
+    }
+    let started = mkc.log_count("worker started");
+    if started != 1 {
+        problems.add(format!(
+            "{started} 'worker started' lines: the worker restarted"
+        ));
+    }
+    if mkc.worker_pids() != worker {
+        problems.add(format!(
+            "worker pids {:?} became {:?}",
+            worker,
+            mkc.worker_pids()
+        ));
+    }
+    problems.check(&mkc, "invalid messages");
+}
+
+/// How the at-least-once tests crash mkc.
+#[derive(Clone, Copy, Debug)]
+enum Crash {
+    /// SIGKILL one worker; the master restarts it.
+    Worker,
+    /// SIGKILL the master (its workers die with it), then start mkc again.
+    Master,
+}
+
+/// 20,000 messages, a SIGKILL after some thousands were delivered: every
+/// message still reaches the module, with a bounded number of duplicates.
+fn at_least_once(store: OffsetStore, crash: Crash) {
+    const TOTAL: usize = 20_000;
+    const KILL_AFTER: usize = 4_000;
+    const MAX_DUPLICATES: usize = 3_000;
+    let topic = unique_name(&format!("alo-{store}"));
+    let group = unique_name(&format!("alo-{store}-group"));
+    create_topic(&topic, 3);
+    let sink = Sink::start();
+    let config = MkcConfig::new(&topic, &group)
+        .offset_store(store)
+        .sync_interval_ms(100)
+        .module(Module::new("m", sink.url("/m")).filter(1001));
+    let produced = produce(
+        &topic,
+        (0..TOTAL)
+            .map(|i| {
+                Record::new(
+                    (i % 3) as i32,
+                    envelope(i as u64, "1001", &format!(r#"{{"i": {i}}}"#)),
+                )
+            })
+            .collect(),
+    );
+    let mut mkc = Mkc::start(&config);
+
+    if !sink.wait_until(Duration::from_secs(120), |r| r.len() >= KILL_AFTER) {
+        mkc.fail(&format!(
+            "{} of {KILL_AFTER} requests within 120 s",
+            sink.count()
+        ));
+    }
+    match crash {
+        Crash::Worker => {
+            let pid = mkc.kill9_worker();
+            eprintln!("killed worker {pid} after {} requests", sink.count());
+            mkc.wait_log_count("worker started", 2, Duration::from_secs(30));
+        }
+        Crash::Master => {
+            let delivered = sink.count();
+            let orphans = mkc.kill9_master();
+            eprintln!("killed the master after {delivered} requests");
+            mkc.check(orphans.is_empty(), || {
+                format!("workers {orphans:?} outlived the SIGKILLed master by 10 s")
+            });
+            mkc.start_again();
+        }
+    }
+    let distinct_at_kill = sink.distinct_keys();
+    mkc.check(distinct_at_kill < TOTAL, || {
+        format!("all {TOTAL} messages were delivered before the kill: nothing was tested")
+    });
+
+    let keys: HashMap<String, &Produced> = produced
+        .iter()
+        .map(|p| (p.idempotency_key(&topic), p))
+        .collect();
+    let mut distinct = HashSet::new();
+    let mut scanned = 0;
+    let done = sink.wait_until(Duration::from_secs(180), |requests| {
+        for r in &requests[scanned..] {
+            distinct.insert(r.idempotency_key().to_string());
+        }
+        scanned = requests.len();
+        distinct.len() >= TOTAL
+    });
+    if !done {
+        mkc.fail(&format!(
+            "{} of {TOTAL} messages delivered within 180 s after the kill ({} requests)",
+            distinct.len(),
+            sink.count()
+        ));
+    }
+    // Anything still in flight lands now.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let requests = sink.requests();
+    let mut problems = Problems::default();
+    let mut seen = HashSet::new();
+    for r in &requests {
+        match keys.get(r.idempotency_key()) {
+            None => problems.add(format!("a message that was never produced: {r}")),
+            Some(p) => {
+                seen.insert(r.idempotency_key());
+                if r.body.as_ref() != p.body()
+                    || (r.partition(), r.offset()) != (p.partition, p.offset)
+                {
+                    problems.add(format!(
+                        "body or headers do not match what was produced: {r}"
+                    ));
+                }
+            }
+        }
+    }
+    if seen.len() != TOTAL {
+        problems.add(format!("{} of {TOTAL} messages delivered", seen.len()));
+    }
+    let duplicates = requests.len() - seen.len();
+    eprintln!(
+        "at-least-once ({store} offsets, {crash:?} killed): {} requests for {} messages, {duplicates} duplicates",
+        requests.len(),
+        seen.len()
+    );
+    if duplicates > MAX_DUPLICATES {
+        problems.add(format!(
+            "{duplicates} duplicates, more than {MAX_DUPLICATES}"
+        ));
+    }
+    // Per partition, offsets rise except where the restart went back to the
+    // last commit: at most one step back per partition.
+    for (partition, offsets) in offsets_by_partition(&requests) {
+        let back = offsets.windows(2).filter(|w| w[1] <= w[0]).count();
+        if back > 1 {
+            problems.add(format!(
+                "partition {partition}: offsets went back {back} times for one restart"
+            ));
+        }
+    }
+    problems.check(&mkc, "at-least-once");
+}
+
+#[test]
+fn at_least_once_with_broker_offsets_when_a_worker_is_killed() {
+    at_least_once(OffsetStore::Broker, Crash::Worker);
+}
+
+#[test]
+fn at_least_once_with_file_offsets_when_the_master_is_killed() {
+    at_least_once(OffsetStore::File, Crash::Master);
+}
+
+/// File offsets survive a graceful stop exactly: after `-s stop` and a new
+/// start, only the messages produced meanwhile are delivered.
+#[test]
+fn file_offsets_resume_exactly_after_a_graceful_stop() {
+    const BATCH: usize = 1_000;
+    let topic = unique_name("fileoffsets");
+    let group = unique_name("fileoffsets-group");
+    create_topic(&topic, 2);
+    let sink = Sink::start();
+    let config = MkcConfig::new(&topic, &group)
+        .offset_store(OffsetStore::File)
+        .sync_interval_ms(100)
+        .module(Module::new("m", sink.url("/m")).filter(1001));
+    let batch = |from: usize| -> Vec<Record> {
+        (from..from + BATCH)
+            .map(|i| Record::new((i % 2) as i32, envelope(i as u64, "1001", "{}")))
+            .collect()
+    };
+    let first = produce(&topic, batch(0));
+    let mut mkc = Mkc::start(&config);
+    if !sink.wait_until(Duration::from_secs(90), |r| r.len() >= BATCH) {
+        mkc.fail(&format!(
+            "first run: {} of {BATCH} delivered within 90 s",
+            sink.count()
+        ));
+    }
+    mkc.stop_clean();
+    let after_first = sink.count();
+    mkc.check(after_first == BATCH, || {
+        format!("first run: {after_first} requests for {BATCH} messages")
+    });
+    let first_keys: HashSet<String> = first.iter().map(|p| p.idempotency_key(&topic)).collect();
+    mkc.check(
+        sink.requests()
+            .iter()
+            .all(|r| first_keys.contains(r.idempotency_key())),
+        || "first run delivered something unexpected".to_string(),
+    );
+
+    for partition in 0..2 {
+        let file = mkc
+            .offset_store_dir()
+            .join(&group)
+            .join(format!("{topic}-{partition}.offset"));
+        let content = std::fs::read_to_string(&file).unwrap_or_default();
+        mkc.check(file.is_file() && !content.trim().is_empty(), || {
+            format!(
+                "offset file {} missing or empty after a graceful stop",
+                file.display()
+            )
+        });
+        eprintln!("{}: {:?}", file.display(), content.trim());
+    }
+
+    let second = produce(&topic, batch(BATCH));
+    mkc.start_again();
+    if !sink.wait_until(Duration::from_secs(90), |r| r.len() >= after_first + BATCH) {
+        mkc.fail(&format!(
+            "second run: {} of {BATCH} delivered within 90 s",
+            sink.count() - after_first
+        ));
+    }
+    sink.assert_no_more(after_first + BATCH, Duration::from_secs(2));
+    let requests = sink.requests();
+    let second_keys: HashSet<String> = second.iter().map(|p| p.idempotency_key(&topic)).collect();
+    let mut problems = Problems::default();
+    let mut seen = HashSet::new();
+    for r in &requests[after_first..] {
+        if !second_keys.contains(r.idempotency_key()) {
+            problems.add(format!("second run re-delivered an old message: {r}"));
+        } else if !seen.insert(r.idempotency_key()) {
+            problems.add(format!("second run delivered twice: {r}"));
+        }
+    }
+    problems.check(&mkc, "file offsets");
+    mkc.stop_clean();
+}
