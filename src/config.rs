@@ -109,6 +109,18 @@ pub enum OffsetStore {
     File { dir: PathBuf },
 }
 
+/// How a module's messages of one partition may overtake each other
+/// (module key `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// One message at a time per partition, in offset order (the default).
+    Ordered,
+    /// Same key in order, different keys in parallel.
+    Keyed,
+    /// No order; up to `concurrency` requests at once.
+    Unordered,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HttpMethod {
     Post,
@@ -153,6 +165,16 @@ pub struct ModuleConfig {
     pub rcv_timeout: Duration,
     /// `snd_timeout` s: connect timeout (default 5).
     pub snd_timeout: Duration,
+    /// `mode ordered|keyed|unordered` (default ordered).
+    pub mode: DeliveryMode,
+    /// `concurrency N`: requests in flight to this module per worker in
+    /// `keyed` and `unordered` mode (default 64). `ordered` has one per
+    /// partition by definition and ignores it.
+    pub concurrency: u32,
+    /// `order_key PATH`: in `keyed` mode, the key is this JSON field of
+    /// the payload (dotted path, e.g. `data.orderId`) instead of the Kafka
+    /// message key.
+    pub order_key: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +222,12 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// `max-message-bytes` (default 4 MiB): larger payloads are invalid.
     pub max_message_bytes: usize,
+    /// `max-inflight-messages` (default 10000): messages a worker holds
+    /// unfinished before it pauses fetching.
+    pub max_inflight_messages: usize,
+    /// `max-inflight-bytes` (default 64 MiB): payload bytes a worker holds
+    /// unfinished before it pauses fetching.
+    pub max_inflight_bytes: usize,
 }
 
 /// A validated configuration with the warnings found while reading it.
@@ -357,6 +385,10 @@ const DEFAULT_OFFSET_SYNC_MS: u64 = 1000;
 const DEFAULT_POLL_TIMEOUT_MS: u64 = 1000;
 const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
 const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
+const DEFAULT_MAX_INFLIGHT_MESSAGES: u64 = 10_000;
+const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 64 * 1024 * 1024;
+const DEFAULT_CONCURRENCY: u64 = 64;
+const MAX_CONCURRENCY: u64 = 4096;
 const DEFAULT_RETRYNUM: u32 = 3;
 const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 const DEFAULT_RCV_TIMEOUT_S: u64 = 30;
@@ -706,6 +738,8 @@ struct ServerDraft {
     mysql: MysqlDraft,
     shutdown_timeout: Duration,
     max_message_bytes: u64,
+    max_inflight_messages: u64,
+    max_inflight_bytes: u64,
 }
 
 impl ServerDraft {
@@ -734,6 +768,8 @@ impl ServerDraft {
             mysql: MysqlDraft::default(),
             shutdown_timeout: secs(DEFAULT_SHUTDOWN_TIMEOUT_S),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_inflight_messages: DEFAULT_MAX_INFLIGHT_MESSAGES,
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
         }
     }
 
@@ -885,6 +921,19 @@ impl ServerDraft {
                     if let Some(n) = report.uint(d, "", value, 1, limit, "(bytes)") {
                         self.seen.note(key, d, report);
                         self.max_message_bytes = n;
+                    }
+                }
+            }
+            "max-inflight-messages" | "max-inflight-bytes" => {
+                let usage = format!("{key} N");
+                if let Some(value) = report.single(d, &usage) {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_MESSAGE_BYTES_LIMIT * 4, "") {
+                        self.seen.note(key, d, report);
+                        if key == "max-inflight-messages" {
+                            self.max_inflight_messages = n;
+                        } else {
+                            self.max_inflight_bytes = n;
+                        }
                     }
                 }
             }
@@ -1107,6 +1156,9 @@ impl ServerDraft {
             mysql,
             shutdown_timeout: self.shutdown_timeout,
             max_message_bytes: usize::try_from(self.max_message_bytes).unwrap_or(usize::MAX),
+            max_inflight_messages: usize::try_from(self.max_inflight_messages)
+                .unwrap_or(usize::MAX),
+            max_inflight_bytes: usize::try_from(self.max_inflight_bytes).unwrap_or(usize::MAX),
         }
     }
 }
@@ -1227,6 +1279,9 @@ fn read_module_file(
     let mut retry_delay = ms(DEFAULT_RETRY_DELAY_MS);
     let mut rcv_timeout = secs(DEFAULT_RCV_TIMEOUT_S);
     let mut snd_timeout = secs(DEFAULT_SND_TIMEOUT_S);
+    let mut mode = DeliveryMode::Ordered;
+    let mut concurrency: Option<(u64, Location)> = None;
+    let mut order_key: Option<(Vec<String>, Location)> = None;
 
     for d in directives {
         let key = d.key.as_str();
@@ -1324,8 +1379,57 @@ fn read_module_file(
                     }
                 }
             }
+            "mode" => {
+                let Some(value) = report.single(d, "mode ordered|keyed|unordered") else {
+                    continue;
+                };
+                mode = match value.to_ascii_lowercase().as_str() {
+                    "ordered" => DeliveryMode::Ordered,
+                    "keyed" => DeliveryMode::Keyed,
+                    "unordered" => DeliveryMode::Unordered,
+                    _ => {
+                        report.error(
+                            &d.location,
+                            format!("mode: \"{value}\" is not ordered, keyed or unordered"),
+                        );
+                        continue;
+                    }
+                };
+                seen.note(key, d, report);
+            }
+            "concurrency" => {
+                if let Some(value) = report.single(d, "concurrency N") {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_CONCURRENCY, "") {
+                        seen.note(key, d, report);
+                        concurrency = Some((n, d.location.clone()));
+                    }
+                }
+            }
+            "order_key" => {
+                if let Some(value) = report.single(d, "order_key FIELD[.FIELD...]") {
+                    let path: Vec<String> = value.split('.').map(str::to_string).collect();
+                    if path.iter().any(String::is_empty) {
+                        report.error(
+                            &d.location,
+                            format!("order_key: \"{value}\" is not a dotted field path like data.orderId"),
+                        );
+                        continue;
+                    }
+                    seen.note(key, d, report);
+                    order_key = Some((path, d.location.clone()));
+                }
+            }
             _ => report.error(&d.location, format!("unknown key \"{key}\"")),
         }
+    }
+    if let (Some((_, at)), DeliveryMode::Ordered) = (&concurrency, mode) {
+        report.warn(
+            at,
+            "concurrency is ignored in ordered mode (one message at a time per partition)",
+        );
+    }
+    if let (Some((_, at)), false) = (&order_key, mode == DeliveryMode::Keyed) {
+        report.warn(at, "order_key is used only with mode keyed");
     }
 
     let shown = file.display();
@@ -1363,6 +1467,9 @@ fn read_module_file(
         retry_delay,
         rcv_timeout,
         snd_timeout,
+        mode,
+        concurrency: concurrency.map_or(DEFAULT_CONCURRENCY as u32, |(n, _)| n as u32),
+        order_key: order_key.map(|(path, _)| path),
     };
     Some((module, name_at))
 }
@@ -1796,8 +1903,8 @@ max-message-bytes 1024
             errors,
             vec!["/etc/mkc/server.conf:5: unknown key \"colour\""]
         );
-        let errors = rejected(MINIMAL, &[("m.conf", &format!("{MODULE_M}mode fast\n"))]);
-        assert_eq!(errors, vec!["/etc/mkc/m.conf:4: unknown key \"mode\""]);
+        let errors = rejected(MINIMAL, &[("m.conf", &format!("{MODULE_M}priority 1\n"))]);
+        assert_eq!(errors, vec!["/etc/mkc/m.conf:4: unknown key \"priority\""]);
     }
 
     #[test]
@@ -2213,6 +2320,9 @@ max-message-bytes 1024
                 retry_delay: Duration::from_millis(20),
                 rcv_timeout: Duration::from_secs(7),
                 snd_timeout: Duration::from_secs(2),
+                mode: DeliveryMode::Ordered,
+                concurrency: 64,
+                order_key: None,
             }]
         );
     }
@@ -2249,6 +2359,66 @@ max-message-bytes 1024
             warnings(&loaded),
             vec!["/etc/mkc/m.conf:4: retry_num is read as retry_delay"]
         );
+    }
+
+    #[test]
+    fn delivery_mode_defaults_to_ordered() {
+        let m = &module_with("").config.modules[0];
+        assert_eq!(m.mode, DeliveryMode::Ordered);
+        assert_eq!(m.concurrency, 64);
+        assert_eq!(m.order_key, None);
+    }
+
+    #[test]
+    fn delivery_modes_concurrency_and_order_key() {
+        let loaded = module_with("mode Keyed\nconcurrency 8\norder_key data.orderId\n");
+        let m = &loaded.config.modules[0];
+        assert_eq!(m.mode, DeliveryMode::Keyed);
+        assert_eq!(m.concurrency, 8);
+        assert_eq!(
+            m.order_key,
+            Some(vec!["data".to_string(), "orderId".to_string()])
+        );
+        assert!(warnings(&loaded).is_empty());
+        let m = &module_with("mode unordered\n").config.modules[0];
+        assert_eq!(m.mode, DeliveryMode::Unordered);
+    }
+
+    #[test]
+    fn bad_mode_concurrency_and_order_key_are_errors() {
+        let errors = rejected(
+            MINIMAL,
+            &[(
+                "m.conf",
+                &format!("{MODULE_M}mode fast\nconcurrency 0\norder_key data..x\n"),
+            )],
+        );
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].starts_with("/etc/mkc/m.conf:4: mode: \"fast\""));
+        assert!(errors[1].starts_with("/etc/mkc/m.conf:5: concurrency"));
+        assert!(errors[2].starts_with("/etc/mkc/m.conf:6: order_key"));
+    }
+
+    #[test]
+    fn concurrency_and_order_key_outside_their_mode_warn() {
+        let loaded = module_with("concurrency 4\norder_key k\n");
+        assert_eq!(
+            warnings(&loaded),
+            vec![
+                "/etc/mkc/m.conf:4: concurrency is ignored in ordered mode (one message at a time per partition)",
+                "/etc/mkc/m.conf:5: order_key is used only with mode keyed",
+            ]
+        );
+    }
+
+    #[test]
+    fn inflight_bounds() {
+        let c = server_with("").config;
+        assert_eq!(c.max_inflight_messages, 10_000);
+        assert_eq!(c.max_inflight_bytes, 64 * 1024 * 1024);
+        let c = server_with("max-inflight-messages 50\nmax-inflight-bytes 1000\n").config;
+        assert_eq!(c.max_inflight_messages, 50);
+        assert_eq!(c.max_inflight_bytes, 1000);
     }
 
     #[test]
@@ -2543,6 +2713,7 @@ max-message-bytes 1024
         assert_eq!(config.modules.len(), 1);
         assert!(config.modules[0].uri.starts_with("http://127.0.0.1:8080/"));
         let dir = std::fs::canonicalize(manifest_dir().join("conf")).unwrap();
-        assert_eq!(config.log_file, Some(dir.join("logs/mkc.log")));
+        assert_eq!(config.log_file, Some(dir.join("../logs/mkc.log")));
+        assert_eq!(config.pid_file, dir.join("../run/mkc.pid"));
     }
 }

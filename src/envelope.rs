@@ -152,10 +152,7 @@ mod tests {
 
     #[test]
     fn invalid_kinds() {
-        assert_eq!(
-            id("not json"),
-            Err(Invalid::NotJson("expected value at line 1 column 1".into()))
-        );
+        assert!(matches!(id("not json"), Err(Invalid::NotJson(_))));
         assert_eq!(id("[1,2]"), Err(Invalid::NotObject));
         assert_eq!(id("42"), Err(Invalid::NotObject));
         assert_eq!(id(""), Err(Invalid::Empty));
@@ -177,10 +174,7 @@ mod tests {
             id(r#"{"commandId": 1.5}"#),
             Err(Invalid::BadCommandId(_))
         ));
-        assert!(matches!(
-            id(r#"{"commandId": null}"#),
-            Err(Invalid::BadCommandId(_))
-        ));
+        assert_eq!(id(r#"{"commandId": null}"#), Err(Invalid::NoCommandId));
         assert!(matches!(
             id(r#"{"commandId": {"a":1}}"#),
             Err(Invalid::BadCommandId(_))
@@ -204,7 +198,7 @@ mod tests {
     fn bytes_level_rejections() {
         assert_eq!(
             parse(b"{\"commandId\": 1, \"x\": \"a\0b\"}", MAX),
-            Err(Invalid::NulByte(23))
+            Err(Invalid::NulByte(24))
         );
         assert_eq!(
             parse(b"{\"commandId\": 1, \"x\": \"\xff\"}", MAX),

@@ -59,6 +59,9 @@ mod tests {
             retry_delay: Duration::from_secs(1),
             rcv_timeout: Duration::from_secs(30),
             snd_timeout: Duration::from_secs(5),
+            mode: crate::config::DeliveryMode::Ordered,
+            concurrency: 64,
+            order_key: None,
         }
     }
 
