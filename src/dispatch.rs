@@ -24,6 +24,8 @@ pub struct Message {
     pub offset: i64,
     /// Kafka timestamp (ms since the epoch), when the broker gave one.
     pub timestamp_ms: Option<i64>,
+    /// The Kafka message key, kept only when a `keyed` module orders by it.
+    pub key: Option<Bytes>,
     /// The payload, byte for byte; cloning is a reference count.
     pub payload: Bytes,
     pub envelope: Envelope,

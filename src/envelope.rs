@@ -108,6 +108,28 @@ pub fn parse(payload: &[u8], max_bytes: usize) -> Result<Envelope, Invalid> {
     })
 }
 
+/// The value at a dotted `path` (e.g. `["data", "orderId"]`) of a JSON
+/// object payload, as its JSON text (strings without their quotes), for
+/// keyed ordering. `None` when the payload has no such field. Only the
+/// objects on the path are looked at; nothing is built for the rest.
+pub fn field<'a>(payload: &'a [u8], path: &[String]) -> Option<std::borrow::Cow<'a, str>> {
+    use serde_json::value::RawValue;
+    use std::borrow::Cow;
+    let mut raw: &'a RawValue = serde_json::from_slice(payload).ok()?;
+    for segment in path {
+        let object: std::collections::HashMap<Cow<'a, str>, &'a RawValue> =
+            serde_json::from_str(raw.get()).ok()?;
+        raw = object.get(segment.as_str())?;
+    }
+    let text = raw.get();
+    if text.starts_with('"') {
+        // A string key: compare by its value, escapes resolved.
+        serde_json::from_str::<Cow<'a, str>>(text).ok()
+    } else {
+        Some(Cow::Borrowed(text))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +231,19 @@ mod tests {
             parse(big.as_bytes(), 50),
             Err(Invalid::TooLarge { limit: 50, .. })
         ));
+    }
+
+    #[test]
+    fn fields_by_dotted_path() {
+        let p = br#"{"commandId": 1, "data": {"orderId": "A-7", "n": 42, "deep": {"k": [1, 2]}}}"#;
+        let path = |s: &str| s.split('.').map(String::from).collect::<Vec<_>>();
+        assert_eq!(field(p, &path("data.orderId")).as_deref(), Some("A-7"));
+        assert_eq!(field(p, &path("data.n")).as_deref(), Some("42"));
+        assert_eq!(field(p, &path("data.deep.k")).as_deref(), Some("[1, 2]"));
+        assert_eq!(field(p, &path("commandId")).as_deref(), Some("1"));
+        assert_eq!(field(p, &path("data.missing")), None);
+        assert_eq!(field(p, &path("data.n.x")), None);
+        assert_eq!(field(b"not json", &path("a")), None);
     }
 
     #[test]

@@ -177,6 +177,10 @@ pub fn client_config(config: &ServerConfig, topic: &str, index: u32) -> ClientCo
     if let Some(debug) = &config.kafka_debug {
         c.set("debug", debug).set_log_level(RDKafkaLogLevel::Debug);
     }
+    // librdkafka's prefetch queue counts against the worker's memory too:
+    // keep it to a quarter of max-inflight-bytes unless the operator says.
+    let prefetch_kb = (config.max_inflight_bytes / 1024 / 4).clamp(1024, 65536);
+    c.set("queued.max.messages.kbytes", prefetch_kb.to_string());
     for (k, v) in &config.properties {
         c.set(k, v);
     }

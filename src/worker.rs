@@ -10,15 +10,25 @@
 //!                     kafka::commit (group or offset files)
 //! ```
 //!
-//! Each assigned partition has one lane per module: a task that delivers
-//! that module's messages of that partition one at a time, in offset order
-//! (`ordered` mode). Modules progress independently; a message is finished
-//! when its last module reaches a final outcome, and the partition's
-//! commit position is the lowest unfinished offset ([`Tracker`]), so lanes
-//! may finish in any order without risking a loss.
+//! Each assigned partition has one lane per module, fed in offset order.
+//! What a lane does depends on the module's `mode`:
 //!
-//! A partition with too many unfinished messages is paused at the consumer
-//! and resumed when it has drained to half.
+//! - `ordered`: delivers one message at a time, in offset order;
+//! - `keyed`: hashes each message's key (the Kafka key, or the `order_key`
+//!   field) onto `concurrency` sub-lanes that each deliver in order, so the
+//!   same key keeps its order while different keys go in parallel;
+//! - `unordered`: starts each delivery as its own task.
+//!
+//! `keyed` and `unordered` deliveries take a permit from the module's
+//! semaphore (`concurrency` per worker). Partitions and modules progress
+//! independently; a message is finished when its last module reaches a
+//! final outcome, and the partition's commit position is the lowest
+//! unfinished offset ([`Tracker`]), so deliveries may finish in any order
+//! without risking a loss.
+//!
+//! Backpressure: each partition may hold its share of the worker's
+//! `max-inflight-messages` and `max-inflight-bytes` unfinished; past that
+//! its fetching is paused, and resumed once it has drained to half.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -29,11 +39,11 @@ use bytes::Bytes;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ServerConfig;
+use crate::config::{DeliveryMode, ServerConfig};
 use crate::dispatch::{Cancel, Endpoint, Message, Outcome};
 use crate::envelope;
 use crate::kafka::{self, PartitionOwner, WorkerConsumer};
@@ -41,8 +51,6 @@ use crate::offsets::Tracker;
 use crate::router::Router;
 use crate::signals::{WorkerEvent, WorkerSignals};
 
-/// Unfinished messages per partition before its fetching pauses.
-const MAX_IN_FLIGHT_PER_PARTITION: usize = 1000;
 /// How often paused partitions are checked and offsets considered.
 const TICK: Duration = Duration::from_millis(20);
 /// How long an orphaned worker (master gone) takes to stop.
@@ -89,6 +97,8 @@ struct Partition {
     /// Cancelled when the partition is revoked: its lanes drop their work.
     abort: CancellationToken,
     paused: AtomicBool,
+    /// Payload bytes of unfinished messages.
+    bytes: AtomicUsize,
     /// The last position committed (or handed to the revoke commit).
     committed: Mutex<Option<i64>>,
 }
@@ -138,6 +148,9 @@ struct Job {
 impl Job {
     fn module_done(&self) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.partition
+                .bytes
+                .fetch_sub(self.msg.payload.len(), Ordering::AcqRel);
             self.partition.finish(self.msg.offset);
         }
     }
@@ -148,6 +161,12 @@ impl Job {
 struct Pipeline {
     topic: Arc<str>,
     endpoints: Vec<Arc<Endpoint>>,
+    /// Per module: permits for requests in flight (`keyed`, `unordered`).
+    permits: Vec<Arc<Semaphore>>,
+    /// Whether some module orders by the Kafka message key.
+    needs_kafka_key: bool,
+    max_inflight_messages: usize,
+    max_inflight_bytes: usize,
     router: Router,
     max_message_bytes: usize,
     partitions: Mutex<HashMap<i32, Arc<Partition>>>,
@@ -182,6 +201,7 @@ impl Pipeline {
             lanes: senders,
             abort: self.abort.child_token(),
             paused: AtomicBool::new(false),
+            bytes: AtomicUsize::new(0),
             committed: Mutex::new(None),
         });
         for (module, rx) in receivers.into_iter().enumerate() {
@@ -189,6 +209,21 @@ impl Pipeline {
             self.lanes.spawn_on(lane, &self.runtime);
         }
         partition
+    }
+
+    /// A partition's share of the worker's in-flight bounds:
+    /// (messages, bytes).
+    fn window(&self) -> (usize, usize) {
+        let n = self
+            .partitions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            .max(1);
+        (
+            (self.max_inflight_messages / n).max(1),
+            (self.max_inflight_bytes / n).max(1),
+        )
     }
 
     fn snapshot(&self) -> Vec<Arc<Partition>> {
@@ -248,9 +283,22 @@ async fn run_async(
         .iter()
         .map(|m| Endpoint::new(Arc::new(m.clone())).map(Arc::new))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let permits = config
+        .modules
+        .iter()
+        .map(|m| Arc::new(Semaphore::new(m.concurrency as usize)))
+        .collect();
+    let needs_kafka_key = config
+        .modules
+        .iter()
+        .any(|m| m.mode == DeliveryMode::Keyed && m.order_key.is_none());
     let pipeline = Arc::new(Pipeline {
         topic: Arc::from(topic),
         endpoints,
+        permits,
+        needs_kafka_key,
+        max_inflight_messages: config.max_inflight_messages,
+        max_inflight_bytes: config.max_inflight_bytes,
         router: Router::new(&config.filters, &config.modules),
         max_message_bytes: config.max_message_bytes,
         partitions: Mutex::new(HashMap::new()),
@@ -344,18 +392,24 @@ fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessa
         partition.finish(offset);
         return;
     }
+    let key = match (pipeline.needs_kafka_key, m.key()) {
+        (true, Some(k)) => Some(Bytes::copy_from_slice(k)),
+        _ => None,
+    };
     let job = Arc::new(Job {
         msg: Message {
             topic: topic.clone(),
             partition: partition.number,
             offset,
             timestamp_ms: m.timestamp().to_millis(),
+            key,
             payload: Bytes::copy_from_slice(payload),
             envelope,
         },
         remaining: AtomicUsize::new(targets.len()),
         partition: partition.clone(),
     });
+    let bytes = partition.bytes.fetch_add(payload.len(), Ordering::AcqRel) + payload.len();
     for &module in targets {
         if partition.lanes[module].send(job.clone()).is_err() {
             // The lane ended (revoked or stopping): the message stays
@@ -363,40 +417,51 @@ fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessa
             return;
         }
     }
-    if partition.in_flight() >= MAX_IN_FLIGHT_PER_PARTITION
+    let (max_messages, max_bytes) = pipeline.window();
+    if (partition.in_flight() >= max_messages || bytes >= max_bytes)
         && !partition.paused.swap(true, Ordering::AcqRel)
     {
         set_paused(consumer, topic, partition.number, true);
     }
 }
 
-/// One (partition, module) lane: that module's messages of that partition,
-/// one at a time, in offset order.
-async fn lane(
+/// What every delivery task of a lane needs.
+#[derive(Clone)]
+struct LaneCtx {
     pipeline: Arc<Pipeline>,
-    partition: Arc<Partition>,
-    module: usize,
-    mut rx: mpsc::UnboundedReceiver<Arc<Job>>,
-) {
-    let endpoint = pipeline.endpoints[module].clone();
-    let cancel = Cancel {
-        stop: pipeline.stop.clone(),
-        abort: partition.abort.clone(),
-    };
-    loop {
-        let job = tokio::select! {
+    endpoint: Arc<Endpoint>,
+    permits: Arc<Semaphore>,
+    cancel: Cancel,
+}
+
+impl LaneCtx {
+    /// The next job of `rx`, or `None` when the lane must end (stop,
+    /// revoke, or the partition is gone).
+    async fn next(&self, rx: &mut mpsc::UnboundedReceiver<Arc<Job>>) -> Option<Arc<Job>> {
+        tokio::select! {
             biased;
-            _ = cancel.stop.cancelled() => return,
-            _ = cancel.abort.cancelled() => return,
-            job = rx.recv() => match job {
-                Some(job) => job,
-                None => return,
-            },
-        };
+            _ = self.cancel.stop.cancelled() => None,
+            _ = self.cancel.abort.cancelled() => None,
+            job = rx.recv() => job,
+        }
+    }
+
+    async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            biased;
+            _ = self.cancel.stop.cancelled() => None,
+            _ = self.cancel.abort.cancelled() => None,
+            p = self.permits.clone().acquire_owned() => p.ok(),
+        }
+    }
+
+    /// Delivers `job` to this lane's module and records the outcome.
+    /// Returns false when the delivery was aborted (not final).
+    async fn deliver(&self, job: &Job) -> bool {
         let msg = &job.msg;
-        let name = &endpoint.module.name;
-        match endpoint.deliver(msg, &cancel).await {
-            Outcome::Aborted => return,
+        let name = &self.endpoint.module.name;
+        match self.endpoint.deliver(msg, &self.cancel).await {
+            Outcome::Aborted => return false,
             Outcome::Delivered { attempts } if attempts > 1 => {
                 tracing::info!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
                     command_id = %msg.envelope.command_id, module = %name, attempts, "delivered after retry");
@@ -417,6 +482,97 @@ async fn lane(
             }
         }
         job.module_done();
+        true
+    }
+}
+
+/// One (partition, module) lane: that module's messages of that partition,
+/// in offset order, handled as the module's mode says.
+async fn lane(
+    pipeline: Arc<Pipeline>,
+    partition: Arc<Partition>,
+    module: usize,
+    rx: mpsc::UnboundedReceiver<Arc<Job>>,
+) {
+    let ctx = LaneCtx {
+        endpoint: pipeline.endpoints[module].clone(),
+        permits: pipeline.permits[module].clone(),
+        cancel: Cancel {
+            stop: pipeline.stop.clone(),
+            abort: partition.abort.clone(),
+        },
+        pipeline,
+    };
+    match ctx.endpoint.module.mode {
+        DeliveryMode::Ordered => in_order(ctx, rx, false).await,
+        DeliveryMode::Unordered => unordered(ctx, rx).await,
+        DeliveryMode::Keyed => keyed(ctx, rx).await,
+    }
+}
+
+/// One message at a time, in the order received.
+async fn in_order(ctx: LaneCtx, mut rx: mpsc::UnboundedReceiver<Arc<Job>>, with_permits: bool) {
+    while let Some(job) = ctx.next(&mut rx).await {
+        let _permit = if with_permits {
+            match ctx.permit().await {
+                Some(p) => Some(p),
+                None => return,
+            }
+        } else {
+            None
+        };
+        if !ctx.deliver(&job).await {
+            return;
+        }
+    }
+}
+
+/// Every message as its own task, bounded by the module's permits.
+async fn unordered(ctx: LaneCtx, mut rx: mpsc::UnboundedReceiver<Arc<Job>>) {
+    while let Some(job) = ctx.next(&mut rx).await {
+        let Some(permit) = ctx.permit().await else {
+            return;
+        };
+        let task_ctx = ctx.clone();
+        ctx.pipeline.lanes.spawn(async move {
+            task_ctx.deliver(&job).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Same key in order, different keys in parallel: one in-order sub-lane
+/// per hash bucket, `concurrency` buckets.
+async fn keyed(ctx: LaneCtx, mut rx: mpsc::UnboundedReceiver<Arc<Job>>) {
+    let buckets = ctx.endpoint.module.concurrency.max(1) as usize;
+    let mut subs: Vec<Option<mpsc::UnboundedSender<Arc<Job>>>> = vec![None; buckets];
+    while let Some(job) = ctx.next(&mut rx).await {
+        let bucket = match order_key(&ctx.endpoint.module, &job.msg) {
+            Some(hash) => (hash % buckets as u64) as usize,
+            // No key: no order to keep.
+            None => (job.msg.offset as u64 % buckets as u64) as usize,
+        };
+        let sender = subs[bucket].get_or_insert_with(|| {
+            let (tx, sub_rx) = mpsc::unbounded_channel();
+            ctx.pipeline
+                .lanes
+                .spawn(in_order(ctx.clone(), sub_rx, true));
+            tx
+        });
+        if sender.send(job).is_err() {
+            return;
+        }
+    }
+}
+
+/// The hash of a message's ordering key: the `order_key` field when the
+/// module names one, else the Kafka message key.
+fn order_key(module: &crate::config::ModuleConfig, msg: &Message) -> Option<u64> {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let hasher = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    match &module.order_key {
+        Some(path) => envelope::field(&msg.payload, path).map(|k| hasher.hash_one(k.as_bytes())),
+        None => msg.key.as_ref().map(|k| hasher.hash_one(&k[..])),
     }
 }
 
@@ -441,8 +597,12 @@ fn set_paused(consumer: &WorkerConsumer, topic: &str, partition: i32, pause: boo
 
 /// Resumes paused partitions that drained to half their window.
 fn resume_drained(pipeline: &Pipeline, consumer: &WorkerConsumer) {
+    let (max_messages, max_bytes) = pipeline.window();
     for p in pipeline.snapshot() {
-        if p.paused.load(Ordering::Acquire) && p.in_flight() <= MAX_IN_FLIGHT_PER_PARTITION / 2 {
+        if p.paused.load(Ordering::Acquire)
+            && p.in_flight() <= max_messages / 2
+            && p.bytes.load(Ordering::Acquire) <= max_bytes / 2
+        {
             p.paused.store(false, Ordering::Release);
             set_paused(consumer, &pipeline.topic, p.number, false);
         }
