@@ -12,6 +12,8 @@ CARGO   ?= cargo
 PREFIX  ?= /usr/local/mkc
 DESTDIR ?=
 INSTALL ?= install
+# The binary `make install` installs (tests point it at their debug build).
+BIN     ?= target/release/mkc
 # Two test binaries at a time: every end-to-end test runs a broker client,
 # an HTTP sink and mkc's master and workers, on a 2-core machine.
 TEST_THREADS ?= 2
@@ -45,10 +47,10 @@ kafka-stop:
 # `make build && sudo make install` needs no cargo for root. An operator's
 # server.conf is never overwritten: the shipped one lands beside it as
 # server.conf.default.
-install: target/release/mkc
+install: $(BIN)
 	$(INSTALL) -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/conf \
 		$(DESTDIR)$(PREFIX)/logs $(DESTDIR)$(PREFIX)/run
-	$(INSTALL) -m 0755 target/release/mkc $(DESTDIR)$(PREFIX)/bin/mkc
+	$(INSTALL) -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/mkc
 	@if [ -e $(DESTDIR)$(PREFIX)/conf/server.conf ]; then \
 		echo "keeping existing $(DESTDIR)$(PREFIX)/conf/server.conf (new one: server.conf.default)"; \
 		$(INSTALL) -m 0644 conf/server.conf $(DESTDIR)$(PREFIX)/conf/server.conf.default; \
@@ -60,6 +62,7 @@ install: target/release/mkc
 		echo "$(INSTALL) -D -m 0644 $(SYSTEMD_UNIT) $(UNIT_DIR)/mkc.service"; \
 		$(INSTALL) -D -m 0644 $(SYSTEMD_UNIT) $(UNIT_DIR)/mkc.service; \
 	fi
+	$(INSTALL) -D -m 0644 systemd/mkc.logrotate $(DESTDIR)/etc/logrotate.d/mkc
 
 target/release/mkc:
 	$(CARGO) build --release

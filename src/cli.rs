@@ -177,7 +177,7 @@ fn control(conf: &Path, control: Control) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Control::Reload => reload(&pid_path, master),
+        Control::Reload => reload(&pid_path, master, shutdown_timeout),
         Control::Status => {
             status(pid);
             Ok(ExitCode::SUCCESS)
@@ -199,35 +199,60 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-fn reload(pid_path: &Path, master: Pid) -> anyhow::Result<ExitCode> {
+fn reload(pid_path: &Path, master: Pid, shutdown_timeout: Duration) -> anyhow::Result<ExitCode> {
     let status_path = master::reload_status_path(pid_path);
-    let first_line = |text: &str| text.lines().next().unwrap_or("").to_string();
-    let before = std::fs::read_to_string(&status_path)
-        .map(|t| first_line(&t))
-        .unwrap_or_default();
+    let read = || std::fs::read_to_string(&status_path).unwrap_or_default();
+    let before = read().lines().next().unwrap_or("").to_string();
     kill(master, Signal::SIGHUP)?;
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(20) {
+    // Validation answers at once; replacing workers may take each topic's
+    // drain (shutdown_timeout).
+    let limit = shutdown_timeout.saturating_mul(4) + Duration::from_secs(30);
+    let mut accepted = false;
+    while started.elapsed() < limit {
         std::thread::sleep(Duration::from_millis(50));
-        let Ok(text) = std::fs::read_to_string(&status_path) else {
+        let text = read();
+        let mut lines = text.lines();
+        let head = lines.next().unwrap_or("");
+        if head == before || !head.ends_with(&format!("pid {master}")) {
             continue;
-        };
-        if first_line(&text) == before || !first_line(&text).contains(&format!("pid {master}")) {
-            continue;
         }
-        let mut lines = text.lines().skip(1);
-        let ok = lines.next() == Some("ok");
-        for line in lines {
-            eprintln!("mkc: {line}");
+        let state = lines.next().unwrap_or("");
+        let messages: Vec<&str> = lines.collect();
+        match state {
+            "rejected" => {
+                for line in messages {
+                    eprintln!("mkc: error: {line}");
+                }
+                eprintln!("mkc: reload rejected; the running configuration is unchanged");
+                return Ok(ExitCode::FAILURE);
+            }
+            "accepted" if !accepted => {
+                accepted = true;
+                for line in messages {
+                    eprintln!("mkc: {line}");
+                }
+                println!("mkc: configuration accepted; replacing workers topic by topic");
+            }
+            "done" => {
+                if !accepted {
+                    for line in messages {
+                        eprintln!("mkc: {line}");
+                    }
+                }
+                println!(
+                    "mkc: configuration reloaded (pid {master}) in {:.2} s",
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ => {}
         }
-        if ok {
-            println!("mkc: configuration reloaded (pid {master})");
-            return Ok(ExitCode::SUCCESS);
-        }
-        eprintln!("mkc: reload rejected; the running configuration is unchanged");
-        return Ok(ExitCode::FAILURE);
     }
-    anyhow::bail!("no answer from master {master} to the reload within 20 s")
+    anyhow::bail!(
+        "no answer from master {master} to the reload within {:?}",
+        started.elapsed()
+    )
 }
 
 /// Prints the master and its workers as /proc shows them.

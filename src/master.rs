@@ -368,7 +368,7 @@ impl Master {
                     tracing::error!("reload rejected: {e}");
                 }
                 let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-                self.write_reload_status(false, &text);
+                self.write_reload_status(ReloadState::Rejected, &text);
                 return false;
             }
         };
@@ -387,7 +387,7 @@ impl Master {
             .iter()
             .map(|w| format!("warning: {w}"))
             .collect();
-        self.write_reload_status(true, &warnings);
+        self.write_reload_status(ReloadState::Accepted, &warnings);
         if let Err(e) = crate::logging::set_target(new.log_file.as_deref()) {
             tracing::error!("cannot open the new log file: {e}");
         }
@@ -432,6 +432,7 @@ impl Master {
             }
         }
         tracing::info!("configuration reloaded");
+        self.write_reload_status(ReloadState::Done, &warnings);
         false
     }
 
@@ -441,14 +442,16 @@ impl Master {
             .collect()
     }
 
-    fn write_reload_status(&self, ok: bool, lines: &[String]) {
+    /// Tells `mkc -s reload` how the reload went: the file holds
+    /// `seq N pid P`, then the state, then the messages.
+    fn write_reload_status(&self, state: ReloadState, lines: &[String]) {
         let path = reload_status_path(&self.config.pid_file);
-        let mut text = format!(
-            "seq {} pid {}\n{}\n",
-            self.reload_seq,
-            self.pid,
-            if ok { "ok" } else { "error" }
-        );
+        let state = match state {
+            ReloadState::Rejected => "rejected",
+            ReloadState::Accepted => "accepted",
+            ReloadState::Done => "done",
+        };
+        let mut text = format!("seq {} pid {}\n{state}\n", self.reload_seq, self.pid);
         for l in lines {
             text.push_str(l);
             text.push('\n');
@@ -458,6 +461,17 @@ impl Master {
             tracing::error!("cannot write {}: {e}", path.display());
         }
     }
+}
+
+/// Where a reload stands, as `mkc -s reload` reads it.
+#[derive(Debug, Clone, Copy)]
+enum ReloadState {
+    /// Invalid configuration: the running one is kept.
+    Rejected,
+    /// Valid: workers are being replaced.
+    Accepted,
+    /// Every topic runs the new configuration.
+    Done,
 }
 
 fn dedup_topics(slots: &[Slot]) -> Vec<String> {
@@ -494,6 +508,7 @@ fn probe_partition_counts(config: &ServerConfig) -> Option<HashMap<String, usize
         Ok(ForkResult::Child) => {
             drop(read);
             let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+            crate::proctitle::set("mkc: partition probe");
             let mut out = File::from(write);
             let code = match crate::kafka::partition_counts(config, PROBE_TIMEOUT / 2) {
                 Ok(counts) => {

@@ -150,35 +150,25 @@ fn producer_returns_broker_offsets_and_keeps_timestamps() {
 }
 
 #[test]
-fn group_state_follows_a_consumer_group() {
-    let topic = unique_name("selftest-group");
-    let group = unique_name("selftest-group");
-    create_topic(&topic, 2);
-    let make = || -> BaseConsumer {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("group.id", &group)
-            .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "1000")
-            .create()
-            .expect("consumer");
-        c.subscribe(&[&topic]).expect("subscribe");
-        c
-    };
-    let (a, b) = (make(), make());
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        for c in [&a, &b] {
-            let stop = &stop;
-            s.spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = c.poll(Duration::from_millis(100));
-                }
-            });
-        }
-        wait_group_stable(&group, 2, Duration::from_secs(60));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+fn socket_owner_finds_the_sending_process() {
+    let sink = Sink::start();
+    let me = std::process::id() as i32;
+    let client = reqwest::Client::new();
+    let url = sink.url("/who");
+    let status = rt().block_on(async {
+        client
+            .post(&url)
+            .body("{}")
+            .send()
+            .await
+            .map(|r| r.status())
     });
+    assert!(status.expect("POST").is_success());
+    let r = sink.wait_for(1, Duration::from_secs(5)).remove(0);
+    // The pooled connection is still open: it belongs to this process.
+    assert_eq!(socket_owner(r.peer, r.local, &[1, me]), Some(me));
+    assert_eq!(socket_owner(r.peer, r.local, &[1]), None);
+    drop(client);
 }
 
 #[test]
