@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -34,6 +34,28 @@ struct Args {
     /// Send a command to the running master.
     #[arg(short = 's', long = "signal", value_enum, value_name = "COMMAND")]
     signal: Option<Control>,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Run a self-contained demo: an embedded broker, a receiver that
+    /// prints what it gets, and the real mkc between them.
+    Demo {
+        /// Sample commands to produce.
+        #[arg(long, default_value_t = 20)]
+        messages: usize,
+        /// Exit once every expected delivery has arrived (for scripts).
+        #[arg(long)]
+        exit_after_delivery: bool,
+        /// With --exit-after-delivery: give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// The demo's broker process (started by `mkc demo`).
+    #[command(hide = true)]
+    DemoBroker,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -49,7 +71,9 @@ enum Control {
 /// Entry point of the binary.
 pub fn run() -> ExitCode {
     let args = Args::parse();
-    let result = if let Some(control) = args.signal {
+    let result = if let Some(command) = args.command {
+        subcommand(command)
+    } else if let Some(control) = args.signal {
         self::control(&args.conf, control)
     } else if args.test {
         test(&args.conf)
@@ -63,6 +87,24 @@ pub fn run() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn subcommand(command: Sub) -> anyhow::Result<ExitCode> {
+    match command {
+        Sub::Demo {
+            messages,
+            exit_after_delivery,
+            timeout,
+        } => {
+            crate::demo::run(crate::demo::DemoOptions {
+                messages,
+                exit_after_delivery,
+                timeout: Duration::from_secs(timeout),
+            })?;
+        }
+        Sub::DemoBroker => crate::demo::broker()?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_diagnostics(prefix: &str, list: &[Diagnostic]) {

@@ -31,9 +31,11 @@
 //! - [`dispatch`]: HTTP delivery of one message to one module → `Outcome`.
 //! - [`offsets`]: out-of-order-safe offset tracking and the offset file store.
 //! - [`logging`]: tracing setup and log reopen.
+//! - [`demo`]: `mkc demo`, an embedded broker and receiver around the real mkc.
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod dispatch;
 pub mod envelope;
 pub mod kafka;
