@@ -126,6 +126,9 @@ impl ConsumerContext for WorkerContext {
                 if let Err(e) = result {
                     tracing::error!(topic = %self.topic, "assign failed: {e}");
                 }
+                // A partition paused for backpressure before it was revoked
+                // must not come back paused: its new state starts empty.
+                let _ = base_consumer.resume(tpl);
                 let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
                 if !cooperative {
                     assigned.clear();

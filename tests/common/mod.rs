@@ -30,6 +30,7 @@ use std::fmt::{self, Display, Write as _};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -412,6 +413,16 @@ pub fn produce(topic: &str, records: Vec<Record>) -> Vec<Produced> {
 /// the exact form (`1001`, `"1001"`, ...).
 pub fn envelope(commit_id: u64, command_id: &str, data: &str) -> String {
     format!(r#"{{"commitId": {commit_id}, "commandId": {command_id}, "data": {data}}}"#)
+}
+
+/// Held by the tests that push tens of thousands of messages through the
+/// broker, so that no two of them run at once: tansu (sqlite) on two cores
+/// then stalls group heartbeats and commits for seconds, which shows up as
+/// spurious session timeouts and re-deliveries. Lighter tests run beside
+/// them.
+pub fn heavy_test() -> MutexGuard<'static, ()> {
+    static HEAVY: Mutex<()> = Mutex::new(());
+    lock(&HEAVY)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1136,7 +1147,20 @@ impl Mkc {
         let out = self.append("stdout.log");
         let err = self.append("stderr.log");
         self.runs += 1;
-        let child = Command::new(MKC_BIN)
+        let mut cmd = Command::new(MKC_BIN);
+        // If the test binary itself dies (killed by a CI timeout, say), no
+        // Drop runs: the master gets SIGKILL from the kernel instead, and
+        // its workers die with it. The signal follows the spawning
+        // *thread*, which is the test's own thread that holds this value.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the
+        // parent; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("-c")
             .arg(&self.conf)
             .current_dir(self.dir.path())
