@@ -59,6 +59,7 @@ mod tests {
             retry_delay: Duration::from_secs(1),
             rcv_timeout: Duration::from_secs(30),
             snd_timeout: Duration::from_secs(5),
+            dead_letter_topic: None,
         }
     }
 
