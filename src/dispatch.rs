@@ -336,6 +336,62 @@ mod tests {
         assert_eq!(delay_left(Some(99_000), d, at(10_000)), Some(d));
     }
 
+    /// Says "skip" once `after` attempts have failed.
+    struct SkipAfter {
+        after: u32,
+        failed: std::sync::atomic::AtomicU32,
+    }
+
+    impl Observer for SkipAfter {
+        fn attempt_failed(&self, attempt: u32, _: Option<u16>, _: &str) {
+            self.failed
+                .store(attempt, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn skip_requested(&self) -> bool {
+            self.failed.load(std::sync::atomic::Ordering::SeqCst) >= self.after
+        }
+    }
+
+    #[tokio::test]
+    async fn a_skip_ends_the_retries_during_the_retry_wait() {
+        // Nothing listens on port 1: every attempt fails at once.
+        let module = ModuleConfig {
+            name: "m".to_string(),
+            file: "m.conf".into(),
+            uri: "http://127.0.0.1:1/".to_string(),
+            method: HttpMethod::Post,
+            filters: Vec::new(),
+            delay: Duration::ZERO,
+            retrynum: 0,
+            retry_delay: Duration::from_secs(3600),
+            rcv_timeout: Duration::from_secs(5),
+            snd_timeout: Duration::from_secs(5),
+            dead_letter_topic: None,
+        };
+        let endpoint = Endpoint::new(Arc::new(module)).unwrap();
+        let msg = Message {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            payload: Bytes::from_static(b"{}"),
+            envelope: Envelope {
+                command_id: crate::config::CommandId(1),
+                commit_id: None,
+            },
+        };
+        let observer = SkipAfter {
+            after: 1,
+            failed: Default::default(),
+        };
+        let started = std::time::Instant::now();
+        let outcome = endpoint
+            .deliver_observed(&msg, &Cancel::default(), &observer)
+            .await;
+        assert_eq!(outcome, Outcome::Skipped { attempts: 1 });
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
     #[test]
     fn missing_timestamp_counts_from_now() {
         let d = Duration::from_millis(300);

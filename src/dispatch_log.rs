@@ -696,8 +696,9 @@ impl Db {
              CAST(`offset` AS SIGNED), module, commit_id, command_id, content, status, \
              CAST(retry_num AS SIGNED), CAST(gmt_update AS CHAR) FROM mkc_queue_log"
         } else {
-            "SELECT id, topic_name, `partition`, `offset`, module, commit_id, command_id, content, \
-             status, retry_num, gmt_update FROM mkc_queue_log"
+            "SELECT id, topic_name, `partition`, `offset`, module, CAST(commit_id AS TEXT), \
+             CAST(command_id AS TEXT), CAST(content AS BLOB), CAST(status AS TEXT), retry_num, \
+             CAST(gmt_update AS TEXT) FROM mkc_queue_log"
         };
         let mut sql = format!("{columns} WHERE id > ? AND `partition` IS NOT NULL");
         if filter.status.is_some() {
