@@ -60,10 +60,12 @@ impl DeadLetters {
             return Ok(None);
         }
         let mut c = ClientConfig::new();
-        // The operator's librdkafka settings (security, ...) apply here too;
-        // consumer-only ones are ignored by librdkafka with a notice.
+        // The operator's librdkafka settings (security, ...) apply here
+        // too, but for the consumer's own.
         for (k, v) in &config.properties {
-            c.set(k, v);
+            if !is_consumer_property(k) {
+                c.set(k, v);
+            }
         }
         c.set("bootstrap.servers", config.brokers.join(","))
             .set("client.id", client_id)
@@ -147,6 +149,31 @@ impl DeadLetters {
             backoff = (backoff * 2).min(RETRY_MAX);
         }
     }
+}
+
+/// librdkafka properties that only a consumer reads (a producer warns
+/// about each).
+fn is_consumer_property(key: &str) -> bool {
+    const PREFIXES: [&str; 9] = [
+        "group.",
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "auto.offset.reset",
+        "auto.commit.",
+        "enable.auto.",
+        "fetch.",
+        "queued.",
+        "max.poll.interval.ms",
+    ];
+    const KEYS: [&str; 5] = [
+        "partition.assignment.strategy",
+        "isolation.level",
+        "check.crcs",
+        "enable.partition.eof",
+        "consume.callback.max.messages",
+    ];
+    let key = key.to_ascii_lowercase();
+    PREFIXES.iter().any(|p| key.starts_with(p)) || KEYS.contains(&key.as_str())
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {

@@ -75,7 +75,7 @@ fn exhausted_rows_and_dead_letters(backend: Backend) {
         )
         .line(&format!("dead-letter-topic {dead_server}"));
     let (mut mkc, db) = start(backend, config);
-    wait_group_stable(&group, 1, Duration::from_secs(60));
+    mkc.wait_log_contains("partitions assigned", Duration::from_secs(60));
 
     let records: Vec<Record> = (0..10u64)
         .map(|i| {
@@ -215,7 +215,7 @@ fn hostile_invalid_payload(backend: Backend) {
         .module(Module::new("a", sink.url("/a")).filter(1001))
         .line(&format!("dead-letter-topic {dead}"));
     let (mut mkc, db) = start(backend, config);
-    wait_group_stable(&group, 1, Duration::from_secs(60));
+    mkc.wait_log_contains("partitions assigned", Duration::from_secs(60));
 
     let hostile = hostile_bytes();
     let key = b"key \x00\xff".to_vec();
@@ -334,7 +334,7 @@ fn skip_frees_a_stuck_partition(backend: Backend) {
             .retry_delay(300),
     );
     let (mut mkc, db) = start(backend, config);
-    wait_group_stable(&group, 1, Duration::from_secs(60));
+    mkc.wait_log_contains("partitions assigned", Duration::from_secs(60));
     let body = |i: u64| Record::new(0, envelope(i, "1001", "{}"));
     let produced = produce(&topic, (0..3).map(body).collect());
     assert_eq!(produced[0].offset, 0, "a new topic starts at offset 0");
@@ -446,7 +446,7 @@ fn replay_delivers_exhausted_rows_once_more(backend: Backend) {
             .retry_delay(20),
     );
     let (mut mkc, db) = start(backend, config);
-    wait_group_stable(&group, 1, Duration::from_secs(60));
+    mkc.wait_log_contains("partitions assigned", Duration::from_secs(60));
 
     // A valid message carrying SQL, printf conversions, backslashes,
     // quotes and non-ASCII UTF-8, among plain ones.
@@ -597,7 +597,7 @@ fn a_database_outage_slows_nothing_and_rows_are_written_after_it() {
         .line("dispatch-log-queue 100000");
     let mut mkc = Mkc::start(&config);
     let workers = mkc.wait_workers(1, Duration::from_secs(30));
-    wait_group_stable(&group, 1, Duration::from_secs(60));
+    mkc.wait_log_contains("partitions assigned", Duration::from_secs(60));
 
     // 250 messages a second for 40 s; every tenth is for module b.
     let producer = {
