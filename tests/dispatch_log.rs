@@ -596,8 +596,10 @@ fn a_database_outage_slows_nothing_and_rows_are_written_after_it() {
         .line(&format!("dispatch-log {}", db.url_through(&proxy)))
         .line("dispatch-log-queue 100000");
     let mut mkc = Mkc::start(&config);
-    let workers = mkc.wait_workers(1, Duration::from_secs(30));
+    // Once partitions are assigned the worker runs (and the master's
+    // short-lived partition-count probe is gone).
     mkc.wait_log_contains("partitions assigned", Duration::from_secs(60));
+    let workers = mkc.wait_workers(1, Duration::from_secs(30));
 
     // 250 messages a second for 40 s; every tenth is for module b.
     let producer = {
@@ -666,12 +668,21 @@ fn a_database_outage_slows_nothing_and_rows_are_written_after_it() {
         )
     });
 
+    let waited = Instant::now();
     let rows = db.wait_rows(Duration::from_secs(120), |rows| {
         rows.iter()
             .filter(|r| r.module == "b" && r.status == "delivered_after_retry")
             .count()
             == TOTAL / 10
     });
+    eprintln!(
+        "outage: longest gap between deliveries {max_gap:?}; {in_window} requests and {} \
+         first-attempt failures while the database was down; all rows written {:?} after the \
+         deliveries ended ({:?} after the database came back)",
+        failed_in_window.len(),
+        waited.elapsed(),
+        restored_at.elapsed(),
+    );
     for key in &failed_in_window {
         let found = rows.iter().any(|r| {
             format!("{}-{}-{}", r.topic, r.partition, r.offset) == *key
