@@ -455,9 +455,13 @@ impl Db {
                     .synchronous(SqliteSynchronous::Normal)
                     // Several workers and the CLI share the file.
                     .busy_timeout(Duration::from_secs(5));
+                // One connection: SQLite prepares a statement against the
+                // schema its connection last read, so a second connection
+                // could miss the index the first just created (an upsert
+                // would then fail to prepare). Local writes are fast.
                 Db::Sqlite(
                     SqlitePoolOptions::new()
-                        .max_connections(2)
+                        .max_connections(1)
                         .acquire_timeout(ACQUIRE_TIMEOUT)
                         .connect_lazy_with(options),
                 )
