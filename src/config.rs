@@ -763,6 +763,7 @@ struct ServerDraft {
     dispatch_log_success: bool,
     dispatch_log_queue: u64,
     dead_letter_topic: Option<String>,
+    dead_letter_at: Option<Location>,
 }
 
 impl ServerDraft {
@@ -795,6 +796,7 @@ impl ServerDraft {
             dispatch_log_success: false,
             dispatch_log_queue: DEFAULT_DISPATCH_LOG_QUEUE,
             dead_letter_topic: None,
+            dead_letter_at: None,
         }
     }
 
@@ -987,6 +989,7 @@ impl ServerDraft {
                     if let Some(name) = dead_letter_topic(d, value, report) {
                         self.seen.note(key, d, report);
                         self.dead_letter_topic = Some(name);
+                        self.dead_letter_at = Some(d.location.clone());
                     }
                 }
             }
@@ -1207,6 +1210,25 @@ impl ServerDraft {
             read_module,
             report,
         );
+        // A dead-letter topic that is also consumed would feed its letters
+        // back in (an invalid message, forever).
+        let consumed = |name: &str| self.topics.iter().any(|(t, _)| t.name == name);
+        if let (Some(name), Some(at)) = (&self.dead_letter_topic, &self.dead_letter_at) {
+            if consumed(name) {
+                report.error(
+                    at,
+                    format!("dead-letter-topic: {name} is a consumed topic (letters would loop)"),
+                );
+            }
+        }
+        for m in &modules {
+            if let Some(name) = m.dead_letter_topic.as_deref().filter(|n| consumed(n)) {
+                report.error_unplaced(format!(
+                    "{}: dead_letter_topic: {name} is a consumed topic (letters would loop)",
+                    m.file.display()
+                ));
+            }
+        }
 
         ServerConfig {
             path: path.to_path_buf(),
@@ -2564,6 +2586,23 @@ max-message-bytes 1024
                  topic name (letters, digits, '.', '_', '-'; at most 249)",
                 "/etc/mkc/m.conf:4: dead_letter_topic: \"a/b\" is not a valid Kafka topic name \
                  (letters, digits, '.', '_', '-'; at most 249)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_consumed_topic_cannot_be_a_dead_letter_topic() {
+        let errors = rejected(
+            &format!("{MINIMAL}dead-letter-topic orders\n"),
+            &[("m.conf", &format!("{MODULE_M}dead_letter_topic orders\n"))],
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: dead-letter-topic: orders is a consumed topic (letters \
+                 would loop)",
+                "/etc/mkc/m.conf: dead_letter_topic: orders is a consumed topic (letters would \
+                 loop)",
             ]
         );
     }

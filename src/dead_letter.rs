@@ -81,6 +81,29 @@ impl DeadLetters {
         Ok(Some(DeadLetters { producer }))
     }
 
+    /// Logs an error for each of `topics` the broker does not know: mkc
+    /// does not create topics, and letters to a missing one never arrive.
+    /// Blocking (a metadata request): run it off the runtime's threads.
+    pub fn check_topics(&self, topics: &[String], timeout: Duration) {
+        use rdkafka::producer::Producer as _;
+        for topic in topics {
+            match self.producer.client().fetch_metadata(Some(topic), timeout) {
+                Ok(md) => {
+                    let found = md.topics().iter().any(|t| {
+                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                    });
+                    if !found {
+                        tracing::error!(dead_letter_topic = %topic,
+                            "dead-letter topic {topic} does not exist: create it (mkc does not); \
+                             until then letters to it are retried and their offsets not committed");
+                    }
+                }
+                Err(e) => tracing::warn!(dead_letter_topic = %topic,
+                    "cannot check that dead-letter topic {topic} exists: {e}"),
+            }
+        }
+    }
+
     /// Produces `letter` and waits until the broker has it, retrying with
     /// backoff. Returns false only when `cancel` stopped it first.
     pub async fn send(&self, letter: &Letter<'_>, cancel: &Cancel) -> bool {

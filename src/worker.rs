@@ -297,6 +297,20 @@ async fn run_async(
         lanes: TaskTracker::new(),
         runtime: tokio::runtime::Handle::current(),
     });
+    if let Some(dead_letters) = pipeline.dead_letters.clone() {
+        let mut topics: Vec<String> = pipeline
+            .module_dead_letter
+            .iter()
+            .chain([&pipeline.invalid_dead_letter])
+            .flatten()
+            .cloned()
+            .collect();
+        topics.sort();
+        topics.dedup();
+        tokio::task::spawn_blocking(move || {
+            dead_letters.check_topics(&topics, Duration::from_secs(10))
+        });
+    }
     let consumer = kafka::consumer(&config, topic, index, pipeline.clone())?;
     tracing::info!(topic, index, group = %config.group_id, "worker consuming");
 

@@ -773,3 +773,44 @@ fn an_old_mysql_table_is_migrated_in_place() {
     assert_eq!(rows[0].command_id.as_deref(), Some("18446744073709551615"));
     assert_eq!(rows[0].status, "exhausted");
 }
+
+// ─── a missing dead-letter topic ─────────────────────────────────────────
+
+/// Until the dead-letter topic exists, an exhausted message is not
+/// committed (and the log says why); once it exists, the letter arrives
+/// and the offset is committed.
+#[test]
+fn a_missing_dead_letter_topic_holds_the_commit_back() {
+    let topic = unique_name("dlog-nodlq");
+    let group = unique_name("dlog-nodlq-group");
+    let dead = unique_name("dlog-dead-later");
+    create_topic(&topic, 1);
+    let sink = Sink::with(Behavior::status(500));
+    let config = MkcConfig::new(&topic, &group).module(
+        Module::new("a", sink.url("/a"))
+            .filter(1001)
+            .retrynum(1)
+            .retry_delay(20)
+            .line(&format!("dead_letter_topic {dead}")),
+    );
+    let (mut mkc, db) = start(Backend::Sqlite, config);
+    mkc.wait_log_contains("does not exist", Duration::from_secs(60));
+    let produced = produce(&topic, vec![Record::new(0, envelope(1, "1001", "{}"))]);
+    db.wait_rows(Duration::from_secs(60), |rows| {
+        rows.len() == 1 && rows[0].status == "exhausted"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    // Nothing past offset 0 is committed.
+    let committed = committed_offsets(&group, &topic, 1);
+    mkc.check(committed[0].unwrap_or(0) == 0, || {
+        format!("committed {committed:?} before the dead letter was out")
+    });
+    create_topic(&dead, 1);
+    let letters = consume(&dead, 1, 1, Duration::from_secs(90));
+    mkc.check(
+        letters.len() == 1 && letters[0].payload == produced[0].body(),
+        || format!("{} letters", letters.len()),
+    );
+    wait_committed(&mkc, &group, &topic, &[1]);
+    mkc.stop_clean();
+}
