@@ -2,6 +2,7 @@
 //! directories (MySQL/MariaDB is covered by tests/dispatch_log.rs).
 
 use super::*;
+use sqlx::Row as _;
 
 /// Every byte value, quotes, SQL and printf text, NUL, invalid UTF-8 and
 /// GBK: what must come back byte for byte.
