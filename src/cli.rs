@@ -50,10 +50,13 @@ enum Command {
     /// worker retrying it moves on (outcome "skipped") before its next
     /// attempt.
     Skip {
+        /// The message's topic.
         #[arg(long)]
         topic: String,
+        /// The message's partition.
         #[arg(long)]
         partition: i32,
+        /// The message's offset.
         #[arg(long)]
         offset: i64,
         /// Only this module's row (default: every module of the message).
@@ -67,8 +70,10 @@ enum Command {
         /// Rows with this status.
         #[arg(long, default_value = "exhausted", value_parser = parse_status)]
         status: Status,
+        /// Rows of this topic only.
         #[arg(long)]
         topic: Option<String>,
+        /// Rows of this module only.
         #[arg(long)]
         module: Option<String>,
         /// Rows updated since then: YYYY-MM-DD, "YYYY-MM-DD HH:MM[:SS]"
