@@ -1,9 +1,12 @@
-//! The command line: `mkc -c server.conf [-t | -s stop|reload|status]`.
+//! The command line: `mkc -c server.conf [-t | -s stop|reload|status]`,
+//! and the dispatch log commands `mkc -c server.conf skip ...` and
+//! `mkc -c server.conf replay ...`.
 //!
 //! Parses flags, loads the configuration, and either starts the master,
-//! tests the configuration (`-t`, like `nginx -t`) or controls a running
-//! master through its pid file (`-s`). Returns the process exit code;
-//! errors are printed once, with their chain.
+//! tests the configuration (`-t`, like `nginx -t`), controls a running
+//! master through its pid file (`-s`) or works on the dispatch log
+//! ([`crate::replay`]). Returns the process exit code; errors are printed
+//! once, with their chain.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,6 +17,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::config::{self, Diagnostic, Loaded};
+use crate::dispatch::Cancel;
+use crate::dispatch_log::{ReplayFilter, Since, Status};
 use crate::master;
 
 const DEFAULT_CONF: &str = "/usr/local/mkc/conf/server.conf";
@@ -26,7 +31,7 @@ const DEFAULT_CONF: &str = "/usr/local/mkc/conf/server.conf";
 )]
 struct Args {
     /// The server configuration file.
-    #[arg(short = 'c', long = "conf", value_name = "FILE", default_value = DEFAULT_CONF)]
+    #[arg(short = 'c', long = "conf", value_name = "FILE", default_value = DEFAULT_CONF, global = true)]
     conf: PathBuf,
     /// Test the configuration and exit (0: valid, 1: invalid).
     #[arg(short = 't', long = "test")]
@@ -56,6 +61,60 @@ enum Sub {
     /// The demo's broker process (started by `mkc demo`).
     #[command(hide = true)]
     DemoBroker,
+    /// Dispatch log commands.
+    #[command(flatten)]
+    Log(Command),
+}
+
+/// Work on the dispatch log (the `mkc_queue_log` table).
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Unblock a message stuck in retry: set is_skip on its row(s). The
+    /// worker retrying it moves on (outcome "skipped") before its next
+    /// attempt.
+    Skip {
+        /// The message's topic.
+        #[arg(long)]
+        topic: String,
+        /// The message's partition.
+        #[arg(long)]
+        partition: i32,
+        /// The message's offset.
+        #[arg(long)]
+        offset: i64,
+        /// Only this module's row (default: every module of the message).
+        #[arg(long)]
+        module: Option<String>,
+    },
+    /// Re-send logged messages to their module's current uri with the
+    /// module's retry policy, and record the result in their rows
+    /// (status replayed, or exhausted again).
+    Replay {
+        /// Rows with this status.
+        #[arg(long, default_value = "exhausted", value_parser = parse_status)]
+        status: Status,
+        /// Rows of this topic only.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Rows of this module only.
+        #[arg(long)]
+        module: Option<String>,
+        /// Rows updated since then: YYYY-MM-DD, "YYYY-MM-DD HH:MM[:SS]"
+        /// (local time) or an age like 30m, 12h, 7d.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<Since>,
+        /// List the rows only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn parse_status(text: &str) -> Result<Status, String> {
+    text.parse()
+}
+
+fn parse_since(text: &str) -> Result<Since, String> {
+    text.parse()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -72,7 +131,7 @@ enum Control {
 pub fn run() -> ExitCode {
     let args = Args::parse();
     let result = if let Some(command) = args.command {
-        subcommand(command)
+        subcommand(&args.conf, command)
     } else if let Some(control) = args.signal {
         self::control(&args.conf, control)
     } else if args.test {
@@ -89,8 +148,9 @@ pub fn run() -> ExitCode {
     }
 }
 
-fn subcommand(command: Sub) -> anyhow::Result<ExitCode> {
+fn subcommand(conf: &Path, command: Sub) -> anyhow::Result<ExitCode> {
     match command {
+        Sub::Log(command) => return dispatch_log_command(conf, command),
         Sub::Demo {
             messages,
             exit_after_delivery,
@@ -153,6 +213,78 @@ fn start(conf: &Path) -> anyhow::Result<ExitCode> {
         }
         Err(code) => Ok(code),
     }
+}
+
+/// `skip` and `replay`, with a runtime of their own (this process is not
+/// the master and forks nothing).
+fn dispatch_log_command(conf: &Path, command: Command) -> anyhow::Result<ExitCode> {
+    let config = match load(conf) {
+        Ok(loaded) => loaded.config,
+        Err(code) => return Ok(code),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut out = std::io::stdout();
+    runtime.block_on(async {
+        match command {
+            Command::Skip {
+                topic,
+                partition,
+                offset,
+                module,
+            } => {
+                crate::replay::skip(
+                    &config,
+                    &topic,
+                    partition,
+                    offset,
+                    module.as_deref(),
+                    &mut out,
+                )
+                .await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Replay {
+                status,
+                topic,
+                module,
+                since,
+                dry_run,
+            } => {
+                let filter = ReplayFilter {
+                    status: Some(status),
+                    topic,
+                    module,
+                    since,
+                };
+                // Ctrl-C or SIGTERM: finish the attempt on the wire, then stop.
+                let cancel = Cancel::default();
+                let stop = cancel.stop.clone();
+                tokio::spawn(async move {
+                    let term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+                    match term {
+                        Ok(mut term) => tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        },
+                        Err(_) => {
+                            let _ = tokio::signal::ctrl_c().await;
+                        }
+                    }
+                    stop.cancel();
+                });
+                let summary =
+                    crate::replay::replay(&config, &filter, dry_run, &cancel, &mut out).await?;
+                Ok(if summary.failed > 0 || summary.interrupted {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                })
+            }
+        }
+    })
 }
 
 /// The pid file named by the configuration. A configuration that does not

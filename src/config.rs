@@ -143,6 +143,40 @@ pub struct MysqlConfig {
     pub database: String,
 }
 
+/// Where the dispatch log lives (DESIGN.md section 7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DispatchLogTarget {
+    /// An embedded SQLite file (the default: `mkc-dispatch-log.db` next to
+    /// the pid file).
+    Sqlite(PathBuf),
+    /// MySQL/MariaDB from the `mysql` keys.
+    Mysql(MysqlConfig),
+    /// MySQL/MariaDB from a `mysql://` (or `mariadb://`) URL given to
+    /// `dispatch-log`.
+    MysqlUrl(String),
+}
+
+impl fmt::Display for DispatchLogTarget {
+    /// For logs: never shows a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DispatchLogTarget::Sqlite(path) => write!(f, "sqlite {}", path.display()),
+            DispatchLogTarget::Mysql(m) => {
+                write!(f, "mysql {}@{}:{}/{}", m.user, m.host, m.port, m.database)
+            }
+            DispatchLogTarget::MysqlUrl(url) => match Url::parse(url) {
+                Ok(mut url) => {
+                    if url.password().is_some() {
+                        let _ = url.set_password(Some("***"));
+                    }
+                    write!(f, "mysql {url}")
+                }
+                Err(_) => f.write_str("mysql (unparsable URL)"),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModuleConfig {
     /// `name`; unique across modules.
@@ -175,6 +209,9 @@ pub struct ModuleConfig {
     /// the payload (dotted path, e.g. `data.orderId`) instead of the Kafka
     /// message key.
     pub order_key: Option<Vec<String>>,
+    /// `dead_letter_topic NAME`: where exhausted messages of this module
+    /// go (default: server.conf's `dead-letter-topic`, if any).
+    pub dead_letter_topic: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -228,6 +265,18 @@ pub struct ServerConfig {
     /// `max-inflight-bytes` (default 64 MiB): payload bytes a worker holds
     /// unfinished before it pauses fetching.
     pub max_inflight_bytes: usize,
+    /// `dispatch-log PATH|URL`, else the `mysql` keys, else SQLite next to
+    /// the pid file.
+    pub dispatch_log: DispatchLogTarget,
+    /// `dispatch-log-success on|off` (default off): also log messages
+    /// delivered on the first attempt.
+    pub dispatch_log_success: bool,
+    /// `dispatch-log-queue N` (default 10000): records waiting for the
+    /// database before the oldest are dropped.
+    pub dispatch_log_queue: usize,
+    /// `dead-letter-topic NAME`: where invalid messages go, and exhausted
+    /// ones of modules without their own `dead_letter_topic`.
+    pub dead_letter_topic: Option<String>,
 }
 
 /// A validated configuration with the warnings found while reading it.
@@ -393,6 +442,9 @@ const DEFAULT_RETRYNUM: u32 = 3;
 const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 const DEFAULT_RCV_TIMEOUT_S: u64 = 30;
 const DEFAULT_SND_TIMEOUT_S: u64 = 5;
+const DEFAULT_DISPATCH_LOG_FILE: &str = "mkc-dispatch-log.db";
+const DEFAULT_DISPATCH_LOG_QUEUE: u64 = 10_000;
+const MAX_DISPATCH_LOG_QUEUE: u64 = 10_000_000;
 
 /// Upper bounds, so that no later `Instant + duration` can overflow and a
 /// typo cannot fork thousands of processes or allocate gigabytes.
@@ -740,6 +792,12 @@ struct ServerDraft {
     max_message_bytes: u64,
     max_inflight_messages: u64,
     max_inflight_bytes: u64,
+    /// `dispatch-log`, resolved, with where it was set.
+    dispatch_log: Option<(DispatchLogTarget, Location)>,
+    dispatch_log_success: bool,
+    dispatch_log_queue: u64,
+    dead_letter_topic: Option<String>,
+    dead_letter_at: Option<Location>,
 }
 
 impl ServerDraft {
@@ -770,6 +828,11 @@ impl ServerDraft {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_inflight_messages: DEFAULT_MAX_INFLIGHT_MESSAGES,
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
+            dispatch_log: None,
+            dispatch_log_success: false,
+            dispatch_log_queue: DEFAULT_DISPATCH_LOG_QUEUE,
+            dead_letter_topic: None,
+            dead_letter_at: None,
         }
     }
 
@@ -934,6 +997,48 @@ impl ServerDraft {
                         } else {
                             self.max_inflight_bytes = n;
                         }
+                    }
+                }
+            }
+            "dispatch-log" => {
+                if let Some(value) = report.single(d, "dispatch-log PATH|mysql://URL|sqlite://PATH")
+                {
+                    if let Some(target) = dispatch_log_target(d, value, &self.dir, report) {
+                        self.seen.note(key, d, report);
+                        self.dispatch_log = Some((target, d.location.clone()));
+                    }
+                }
+            }
+            "dispatch-log-success" => {
+                let Some(value) = report.single(d, "dispatch-log-success on|off") else {
+                    return;
+                };
+                match parse_switch(value) {
+                    Some(on) => {
+                        self.seen.note(key, d, report);
+                        self.dispatch_log_success = on;
+                    }
+                    None => report.error(
+                        &d.location,
+                        format!("dispatch-log-success: \"{value}\" is not on or off"),
+                    ),
+                }
+            }
+            "dispatch-log-queue" => {
+                if let Some(value) = report.single(d, "dispatch-log-queue RECORDS") {
+                    let max = MAX_DISPATCH_LOG_QUEUE;
+                    if let Some(n) = report.uint(d, "", value, 1, max, "(records)") {
+                        self.seen.note(key, d, report);
+                        self.dispatch_log_queue = n;
+                    }
+                }
+            }
+            "dead-letter-topic" => {
+                if let Some(value) = report.single(d, "dead-letter-topic NAME") {
+                    if let Some(name) = dead_letter_topic(d, value, report) {
+                        self.seen.note(key, d, report);
+                        self.dead_letter_topic = Some(name);
+                        self.dead_letter_at = Some(d.location.clone());
                     }
                 }
             }
@@ -1125,7 +1230,27 @@ impl ServerDraft {
             dir.join(pid_name)
         };
 
+        let mysql_at = self.mysql.first.clone();
         let mysql = finish_mysql(self.mysql, report);
+        let dispatch_log = match (self.dispatch_log, &mysql) {
+            (Some((target, _)), Some(_)) => {
+                if let Some(at) = &mysql_at {
+                    report.warn(
+                        at,
+                        "the mysql lines are not used for the dispatch log: dispatch-log is set",
+                    );
+                }
+                target
+            }
+            (Some((target, _)), None) => target,
+            (None, Some(m)) => DispatchLogTarget::Mysql(m.clone()),
+            (None, None) => DispatchLogTarget::Sqlite(
+                pid_file
+                    .parent()
+                    .unwrap_or(Path::new("/"))
+                    .join(DEFAULT_DISPATCH_LOG_FILE),
+            ),
+        };
         let conf_path = self.conf_path.unwrap_or_else(|| self.dir.clone());
         let modules = load_modules(
             &self.modules,
@@ -1134,6 +1259,25 @@ impl ServerDraft {
             read_module,
             report,
         );
+        // A dead-letter topic that is also consumed would feed its letters
+        // back in (an invalid message, forever).
+        let consumed = |name: &str| self.topics.iter().any(|(t, _)| t.name == name);
+        if let (Some(name), Some(at)) = (&self.dead_letter_topic, &self.dead_letter_at) {
+            if consumed(name) {
+                report.error(
+                    at,
+                    format!("dead-letter-topic: {name} is a consumed topic (letters would loop)"),
+                );
+            }
+        }
+        for m in &modules {
+            if let Some(name) = m.dead_letter_topic.as_deref().filter(|n| consumed(n)) {
+                report.error_unplaced(format!(
+                    "{}: dead_letter_topic: {name} is a consumed topic (letters would loop)",
+                    m.file.display()
+                ));
+            }
+        }
 
         ServerConfig {
             path: path.to_path_buf(),
@@ -1159,7 +1303,77 @@ impl ServerDraft {
             max_inflight_messages: usize::try_from(self.max_inflight_messages)
                 .unwrap_or(usize::MAX),
             max_inflight_bytes: usize::try_from(self.max_inflight_bytes).unwrap_or(usize::MAX),
+            dispatch_log,
+            dispatch_log_success: self.dispatch_log_success,
+            dispatch_log_queue: usize::try_from(self.dispatch_log_queue).unwrap_or(usize::MAX),
+            dead_letter_topic: self.dead_letter_topic,
         }
+    }
+}
+
+/// `dispatch-log`'s value: `mysql://...` / `mariadb://...` (MySQL or
+/// MariaDB), `sqlite://PATH` or a plain PATH (SQLite, relative to `dir`).
+fn dispatch_log_target(
+    d: &Directive,
+    value: &str,
+    dir: &Path,
+    report: &mut Report,
+) -> Option<DispatchLogTarget> {
+    let lower = value.to_ascii_lowercase();
+    if lower.starts_with("mysql://") || lower.starts_with("mariadb://") {
+        return match Url::parse(value) {
+            Ok(url) if url.has_host() && url.path().trim_start_matches('/').is_empty() => {
+                report.error(
+                    &d.location,
+                    "dispatch-log: the URL names no database (mysql://USER:PASSWORD@HOST:PORT/DATABASE)",
+                );
+                None
+            }
+            Ok(url) if url.has_host() => match crate::dispatch_log::mysql_options_from_url(value) {
+                Ok(_) => Some(DispatchLogTarget::MysqlUrl(value.to_string())),
+                Err(err) => {
+                    report.error(&d.location, format!("dispatch-log: {err}"));
+                    None
+                }
+            },
+            Ok(_) => {
+                report.error(&d.location, "dispatch-log: the URL names no host");
+                None
+            }
+            Err(err) => {
+                report.error(&d.location, format!("dispatch-log: not a URL: {err}"));
+                None
+            }
+        };
+    }
+    let path = if lower.starts_with("sqlite://") {
+        &value["sqlite://".len()..]
+    } else if lower.contains("://") {
+        report.error(
+            &d.location,
+            format!("dispatch-log: \"{value}\" is not a mysql://, mariadb:// or sqlite:// URL nor a path"),
+        );
+        return None;
+    } else {
+        value
+    };
+    report.path(d, path, dir).map(DispatchLogTarget::Sqlite)
+}
+
+/// A dead-letter topic name, checked like a `topic` line's.
+fn dead_letter_topic(d: &Directive, value: &str, report: &mut Report) -> Option<String> {
+    if valid_topic_name(value) {
+        Some(value.to_string())
+    } else {
+        report.error(
+            &d.location,
+            format!(
+                "{}: \"{value}\" is not a valid Kafka topic name \
+                 (letters, digits, '.', '_', '-'; at most {MAX_TOPIC_NAME})",
+                d.key
+            ),
+        );
+        None
     }
 }
 
@@ -1282,6 +1496,7 @@ fn read_module_file(
     let mut mode = DeliveryMode::Ordered;
     let mut concurrency: Option<(u64, Location)> = None;
     let mut order_key: Option<(Vec<String>, Location)> = None;
+    let mut dead_letter: Option<String> = None;
 
     for d in directives {
         let key = d.key.as_str();
@@ -1419,6 +1634,14 @@ fn read_module_file(
                     order_key = Some((path, d.location.clone()));
                 }
             }
+            "dead_letter_topic" => {
+                if let Some(value) = report.single(d, "dead_letter_topic NAME") {
+                    if let Some(name) = dead_letter_topic(d, value, report) {
+                        seen.note(key, d, report);
+                        dead_letter = Some(name);
+                    }
+                }
+            }
             _ => report.error(&d.location, format!("unknown key \"{key}\"")),
         }
     }
@@ -1470,6 +1693,7 @@ fn read_module_file(
         mode,
         concurrency: concurrency.map_or(DEFAULT_CONCURRENCY as u32, |(n, _)| n as u32),
         order_key: order_key.map(|(path, _)| path),
+        dead_letter_topic: dead_letter,
     };
     Some((module, name_at))
 }
@@ -2289,6 +2513,208 @@ max-message-bytes 1024
     }
 
     #[test]
+    fn dispatch_log_defaults_to_sqlite_next_to_the_pid_file() {
+        let loaded = server_with("");
+        assert_eq!(
+            loaded.config.dispatch_log,
+            DispatchLogTarget::Sqlite(PathBuf::from("/etc/mkc/mkc-dispatch-log.db"))
+        );
+        let loaded = server_with("pid-path /run/mkc\n");
+        assert_eq!(
+            loaded.config.dispatch_log,
+            DispatchLogTarget::Sqlite(PathBuf::from("/run/mkc/mkc-dispatch-log.db"))
+        );
+        assert!(!loaded.config.dispatch_log_success);
+        assert_eq!(loaded.config.dispatch_log_queue, 10_000);
+    }
+
+    #[test]
+    fn dispatch_log_uses_the_mysql_keys() {
+        let loaded = server_with("mysql host h\nmysql user_name u\nmysql db_name d\n");
+        let DispatchLogTarget::Mysql(m) = &loaded.config.dispatch_log else {
+            panic!("{:?}", loaded.config.dispatch_log);
+        };
+        assert_eq!(
+            (m.host.as_str(), m.port, m.database.as_str()),
+            ("h", 3306, "d")
+        );
+    }
+
+    #[test]
+    fn dispatch_log_paths_and_urls() {
+        for (value, expected) in [
+            (
+                "log/d.db",
+                DispatchLogTarget::Sqlite(PathBuf::from("/etc/mkc/log/d.db")),
+            ),
+            (
+                "/var/lib/mkc/d.db",
+                DispatchLogTarget::Sqlite(PathBuf::from("/var/lib/mkc/d.db")),
+            ),
+            (
+                "sqlite://d.db",
+                DispatchLogTarget::Sqlite(PathBuf::from("/etc/mkc/d.db")),
+            ),
+            (
+                "mysql://mkc:pw@db:3307/queue",
+                DispatchLogTarget::MysqlUrl("mysql://mkc:pw@db:3307/queue".to_string()),
+            ),
+            (
+                "mariadb://root@127.0.0.1/test",
+                DispatchLogTarget::MysqlUrl("mariadb://root@127.0.0.1/test".to_string()),
+            ),
+        ] {
+            let loaded = server_with(&format!("dispatch-log {value}\n"));
+            assert_eq!(loaded.config.dispatch_log, expected, "{value}");
+            assert!(loaded.warnings.is_empty(), "{value}: {:?}", loaded.warnings);
+        }
+    }
+
+    #[test]
+    fn dispatch_log_overrides_the_mysql_keys_with_a_warning() {
+        let loaded =
+            server_with("mysql host h\nmysql user_name u\nmysql db_name d\ndispatch-log x.db\n");
+        assert_eq!(
+            loaded.config.dispatch_log,
+            DispatchLogTarget::Sqlite(PathBuf::from("/etc/mkc/x.db"))
+        );
+        assert_eq!(
+            warnings(&loaded),
+            vec![
+                "/etc/mkc/server.conf:4: the mysql lines are not used for the dispatch log: \
+                 dispatch-log is set"
+            ]
+        );
+    }
+
+    #[test]
+    fn dispatch_log_rejects_what_is_neither_a_path_nor_a_database_url() {
+        let errors = rejected(
+            &format!(
+                "{MINIMAL}dispatch-log ftp://h/x\ndispatch-log mysql://root@h\ndispatch-log \"\"\n"
+            ),
+            &[("m.conf", MODULE_M)],
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: dispatch-log: \"ftp://h/x\" is not a mysql://, \
+                 mariadb:// or sqlite:// URL nor a path",
+                "/etc/mkc/server.conf:5: dispatch-log: the URL names no database \
+                 (mysql://USER:PASSWORD@HOST:PORT/DATABASE)",
+                "/etc/mkc/server.conf:6: dispatch-log: empty path",
+            ]
+        );
+    }
+
+    #[test]
+    fn dispatch_log_target_display_hides_the_password() {
+        let url = DispatchLogTarget::MysqlUrl("mysql://mkc:secret@db:3307/q".to_string());
+        assert_eq!(url.to_string(), "mysql mysql://mkc:***@db:3307/q");
+        let keys = DispatchLogTarget::Mysql(MysqlConfig {
+            host: "db".to_string(),
+            port: 3306,
+            user: "mkc".to_string(),
+            password: "secret".to_string(),
+            database: "q".to_string(),
+        });
+        assert_eq!(keys.to_string(), "mysql mkc@db:3306/q");
+    }
+
+    #[test]
+    fn dispatch_log_success_is_a_switch() {
+        assert!(
+            server_with("dispatch-log-success on\n")
+                .config
+                .dispatch_log_success
+        );
+        assert!(
+            !server_with("dispatch-log-success off\n")
+                .config
+                .dispatch_log_success
+        );
+        let errors = rejected(
+            &format!("{MINIMAL}dispatch-log-success sometimes\n"),
+            &[("m.conf", MODULE_M)],
+        );
+        assert_eq!(
+            errors,
+            vec!["/etc/mkc/server.conf:4: dispatch-log-success: \"sometimes\" is not on or off"]
+        );
+    }
+
+    #[test]
+    fn dispatch_log_queue_is_a_positive_count() {
+        assert_eq!(
+            server_with("dispatch-log-queue 50000\n")
+                .config
+                .dispatch_log_queue,
+            50_000
+        );
+        let errors = rejected(
+            &format!("{MINIMAL}dispatch-log-queue 0\ndispatch-log-queue 99999999999\n"),
+            &[("m.conf", MODULE_M)],
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: dispatch-log-queue: \"0\" is not a positive integer \
+                 (records)",
+                "/etc/mkc/server.conf:5: dispatch-log-queue: 99999999999 is too large (at most \
+                 10000000 (records))",
+            ]
+        );
+    }
+
+    #[test]
+    fn dead_letter_topics_of_server_and_module() {
+        let loaded = accepted(
+            &format!("{MINIMAL}dead-letter-topic mkc-invalid\n"),
+            &[("m.conf", &format!("{MODULE_M}dead_letter_topic m.dead\n"))],
+        );
+        assert_eq!(
+            loaded.config.dead_letter_topic.as_deref(),
+            Some("mkc-invalid")
+        );
+        assert_eq!(
+            loaded.config.modules[0].dead_letter_topic.as_deref(),
+            Some("m.dead")
+        );
+        assert_eq!(server_with("").config.dead_letter_topic, None);
+        assert_eq!(module_with("").config.modules[0].dead_letter_topic, None);
+        let errors = rejected(
+            &format!("{MINIMAL}dead-letter-topic \"bad name\"\n"),
+            &[("m.conf", &format!("{MODULE_M}dead_letter_topic a/b\n"))],
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: dead-letter-topic: \"bad name\" is not a valid Kafka \
+                 topic name (letters, digits, '.', '_', '-'; at most 249)",
+                "/etc/mkc/m.conf:4: dead_letter_topic: \"a/b\" is not a valid Kafka topic name \
+                 (letters, digits, '.', '_', '-'; at most 249)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_consumed_topic_cannot_be_a_dead_letter_topic() {
+        let errors = rejected(
+            &format!("{MINIMAL}dead-letter-topic orders\n"),
+            &[("m.conf", &format!("{MODULE_M}dead_letter_topic orders\n"))],
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "/etc/mkc/server.conf:4: dead-letter-topic: orders is a consumed topic (letters \
+                 would loop)",
+                "/etc/mkc/m.conf: dead_letter_topic: orders is a consumed topic (letters would \
+                 loop)",
+            ]
+        );
+    }
+
+    #[test]
     fn repeated_single_valued_key_warns() {
         let loaded = server_with("groupid a\ngroupid b\n");
         assert_eq!(loaded.config.group_id, "b");
@@ -2323,6 +2749,7 @@ max-message-bytes 1024
                 mode: DeliveryMode::Ordered,
                 concurrency: 64,
                 order_key: None,
+                dead_letter_topic: None,
             }]
         );
     }

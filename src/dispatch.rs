@@ -5,6 +5,11 @@
 //! the partition on. Cancellation comes in two strengths (see [`Cancel`]):
 //! a graceful stop lets the attempt on the wire finish but starts no new
 //! one; an abort (partition revoked, shutdown deadline) drops it at once.
+//!
+//! [`Endpoint::deliver_observed`] also reports failed attempts to an
+//! [`Observer`] (the dispatch log) and asks it, before each retry and
+//! while waiting `retry_delay`, whether an operator said to skip the
+//! message.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -42,10 +47,37 @@ pub enum Outcome {
         last_error: String,
         http_status: Option<u16>,
     },
+    /// An operator said to skip the message (dispatch log `is_skip`)
+    /// after `attempts` failed attempts.
+    Skipped { attempts: u32 },
     /// Stopped before a final outcome (stop or revoke): not final, the
     /// message stays uncommitted and is delivered again later.
     Aborted,
 }
+
+/// What a delivery reports while it retries, and whom it asks whether to
+/// go on. Calls happen on the lane's task: they must be quick.
+pub trait Observer: Send + Sync {
+    /// Attempt number `attempt` failed and another will follow.
+    fn attempt_failed(&self, attempt: u32, http_status: Option<u16>, error: &str);
+    /// Whether an operator asked to skip the message. Asked before every
+    /// retry and every [`SKIP_POLL`] while waiting `retry_delay`.
+    fn skip_requested(&self) -> bool;
+}
+
+/// An [`Observer`] that notes nothing and never skips.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoObserver;
+
+impl Observer for NoObserver {
+    fn attempt_failed(&self, _: u32, _: Option<u16>, _: &str) {}
+    fn skip_requested(&self) -> bool {
+        false
+    }
+}
+
+/// How often a retry wait looks at [`Observer::skip_requested`].
+pub const SKIP_POLL: Duration = Duration::from_millis(100);
 
 /// Why the delivery of a message should stop early.
 #[derive(Debug, Clone, Default)]
@@ -107,6 +139,17 @@ impl Endpoint {
 
     /// Delivers `msg` with the module's delay and retry policy.
     pub async fn deliver(&self, msg: &Message, cancel: &Cancel) -> Outcome {
+        self.deliver_observed(msg, cancel, &NoObserver).await
+    }
+
+    /// [`Endpoint::deliver`], reporting failed attempts to `observer` and
+    /// giving up with [`Outcome::Skipped`] when it says so.
+    pub async fn deliver_observed(
+        &self,
+        msg: &Message,
+        cancel: &Cancel,
+        observer: &dyn Observer,
+    ) -> Outcome {
         let m = &self.module;
         if let Some(wait) = delay_left(msg.timestamp_ms, m.delay, SystemTime::now()) {
             tokio::select! {
@@ -118,6 +161,9 @@ impl Endpoint {
         loop {
             if cancel.stop.is_cancelled() {
                 return Outcome::Aborted;
+            }
+            if attempts > 0 && observer.skip_requested() {
+                return self.skipped(msg, attempts);
             }
             attempts += 1;
             let result = tokio::select! {
@@ -143,11 +189,32 @@ impl Endpoint {
                     http_status: error.status,
                 };
             }
-            tokio::select! {
-                _ = tokio::time::sleep(m.retry_delay) => {}
-                _ = cancel.stop.cancelled() => return Outcome::Aborted,
+            observer.attempt_failed(attempts, error.status, &error.text);
+            // Wait retry_delay, looking for a skip now and then.
+            let until = tokio::time::Instant::now() + m.retry_delay;
+            loop {
+                if observer.skip_requested() {
+                    return self.skipped(msg, attempts);
+                }
+                let now = tokio::time::Instant::now();
+                if now >= until {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until.min(now + SKIP_POLL)) => {}
+                    _ = cancel.stop.cancelled() => return Outcome::Aborted,
+                }
             }
         }
+    }
+
+    fn skipped(&self, msg: &Message, attempts: u32) -> Outcome {
+        tracing::warn!(
+            topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+            command_id = %msg.envelope.command_id, module = %self.module.name,
+            attempts, "skipped by the operator (is_skip)"
+        );
+        Outcome::Skipped { attempts }
     }
 
     /// One HTTP request; `Ok` on any 2xx.
@@ -269,6 +336,66 @@ mod tests {
     fn future_timestamps_wait_at_most_the_delay() {
         let d = Duration::from_millis(2000);
         assert_eq!(delay_left(Some(99_000), d, at(10_000)), Some(d));
+    }
+
+    /// Says "skip" once `after` attempts have failed.
+    struct SkipAfter {
+        after: u32,
+        failed: std::sync::atomic::AtomicU32,
+    }
+
+    impl Observer for SkipAfter {
+        fn attempt_failed(&self, attempt: u32, _: Option<u16>, _: &str) {
+            self.failed
+                .store(attempt, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn skip_requested(&self) -> bool {
+            self.failed.load(std::sync::atomic::Ordering::SeqCst) >= self.after
+        }
+    }
+
+    #[tokio::test]
+    async fn a_skip_ends_the_retries_during_the_retry_wait() {
+        // Nothing listens on port 1: every attempt fails at once.
+        let module = ModuleConfig {
+            name: "m".to_string(),
+            file: "m.conf".into(),
+            uri: "http://127.0.0.1:1/".to_string(),
+            method: HttpMethod::Post,
+            filters: Vec::new(),
+            delay: Duration::ZERO,
+            retrynum: 0,
+            retry_delay: Duration::from_secs(3600),
+            rcv_timeout: Duration::from_secs(5),
+            snd_timeout: Duration::from_secs(5),
+            mode: crate::config::DeliveryMode::Ordered,
+            concurrency: 64,
+            order_key: None,
+            dead_letter_topic: None,
+        };
+        let endpoint = Endpoint::new(Arc::new(module)).unwrap();
+        let msg = Message {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: None,
+            payload: Bytes::from_static(b"{}"),
+            envelope: Envelope {
+                command_id: crate::config::CommandId(1),
+                commit_id: None,
+            },
+        };
+        let observer = SkipAfter {
+            after: 1,
+            failed: Default::default(),
+        };
+        let started = std::time::Instant::now();
+        let outcome = endpoint
+            .deliver_observed(&msg, &Cancel::default(), &observer)
+            .await;
+        assert_eq!(outcome, Outcome::Skipped { attempts: 1 });
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

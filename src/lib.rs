@@ -30,19 +30,27 @@
 //! - [`router`]: commandId → modules.
 //! - [`dispatch`]: HTTP delivery of one message to one module → `Outcome`.
 //! - [`offsets`]: out-of-order-safe offset tracking and the offset file store.
+//! - [`dispatch_log`]: the `mkc_queue_log` table (MySQL/MariaDB or SQLite),
+//!   batched writes off the dispatch path, skip flags.
+//! - [`dead_letter`]: producing exhausted and invalid messages to
+//!   dead-letter topics.
+//! - [`replay`]: the `replay` command: re-sending logged messages.
 //! - [`logging`]: tracing setup and log reopen.
 //! - [`demo`]: `mkc demo`, an embedded broker and receiver around the real mkc.
 
 pub mod cli;
 pub mod config;
+pub mod dead_letter;
 pub mod demo;
 pub mod dispatch;
+pub mod dispatch_log;
 pub mod envelope;
 pub mod kafka;
 pub mod logging;
 pub mod master;
 pub mod offsets;
 pub mod proctitle;
+pub mod replay;
 pub mod router;
 pub mod signals;
 pub mod worker;

@@ -108,13 +108,15 @@ fn open(path: &Path) -> io::Result<File> {
 }
 
 /// The tracing filter for a configured level. `notice` and `info` both
-/// map to INFO; `verbose`/`debug` shows mkc's debug lines only.
+/// map to INFO; `verbose`/`debug` shows mkc's debug lines only. sqlx's
+/// own lines are kept to errors: the dispatch log reports database
+/// trouble itself, once per outage rather than once per connection.
 pub fn filter(level: LogLevel) -> EnvFilter {
     let directive = match level {
         LogLevel::Error => "error",
-        LogLevel::Warning => "warn",
-        LogLevel::Notice | LogLevel::Info => "info",
-        LogLevel::Debug => "info,mkc=debug",
+        LogLevel::Warning => "warn,sqlx=error",
+        LogLevel::Notice | LogLevel::Info => "info,sqlx=error",
+        LogLevel::Debug => "info,mkc=debug,sqlx=error",
     };
     EnvFilter::new(directive)
 }

@@ -62,6 +62,7 @@ mod tests {
             mode: crate::config::DeliveryMode::Ordered,
             concurrency: 64,
             order_key: None,
+            dead_letter_topic: None,
         }
     }
 

@@ -44,7 +44,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DeliveryMode, ServerConfig};
-use crate::dispatch::{Cancel, Endpoint, Message, Outcome};
+use crate::dead_letter::{DeadLetters, Letter};
+use crate::dispatch::{Cancel, Endpoint, Message, Observer, Outcome};
+use crate::dispatch_log::{DispatchLog, Key, LogRecord, Status};
 use crate::envelope;
 use crate::kafka::{self, PartitionOwner, WorkerConsumer};
 use crate::offsets::Tracker;
@@ -57,6 +59,10 @@ const TICK: Duration = Duration::from_millis(20);
 const ORPHAN_STOP: Duration = Duration::from_secs(1);
 /// Bytes of payload shown in debug lines.
 const PAYLOAD_PREVIEW: usize = 200;
+/// A message retrying updates its `retrying` row at most this often.
+const RETRYING_RECORD_EVERY: Duration = Duration::from_secs(1);
+/// How long a stopping worker waits for the dispatch log to be written.
+const DISPATCH_LOG_DRAIN: Duration = Duration::from_secs(5);
 
 /// Runs a worker for `topic` slot `index` until it is told to stop.
 /// Builds its own runtime: call it after the fork, never in the master.
@@ -167,6 +173,15 @@ struct Pipeline {
     needs_kafka_key: bool,
     max_inflight_messages: usize,
     max_inflight_bytes: usize,
+    /// Module names, as the dispatch log keys them.
+    module_names: Vec<Arc<str>>,
+    log: DispatchLog,
+    /// The producer for dead-letter topics, when any is configured.
+    dead_letters: Option<Arc<DeadLetters>>,
+    /// Per module: its dead-letter topic (its own, else the server's).
+    module_dead_letter: Vec<Option<String>>,
+    /// Where invalid messages go (server.conf `dead-letter-topic`).
+    invalid_dead_letter: Option<String>,
     router: Router,
     max_message_bytes: usize,
     partitions: Mutex<HashMap<i32, Arc<Partition>>>,
@@ -292,6 +307,12 @@ async fn run_async(
         .modules
         .iter()
         .any(|m| m.mode == DeliveryMode::Keyed && m.order_key.is_none());
+    let log = DispatchLog::start(
+        &config.dispatch_log,
+        config.dispatch_log_queue,
+        config.dispatch_log_success,
+    );
+    let dead_letters = DeadLetters::new(&config, &format!("mkc-{topic}-{index}-dead-letter"))?;
     let pipeline = Arc::new(Pipeline {
         topic: Arc::from(topic),
         endpoints,
@@ -299,6 +320,23 @@ async fn run_async(
         needs_kafka_key,
         max_inflight_messages: config.max_inflight_messages,
         max_inflight_bytes: config.max_inflight_bytes,
+        module_names: config
+            .modules
+            .iter()
+            .map(|m| Arc::from(m.name.as_str()))
+            .collect(),
+        log,
+        dead_letters: dead_letters.map(Arc::new),
+        module_dead_letter: config
+            .modules
+            .iter()
+            .map(|m| {
+                m.dead_letter_topic
+                    .clone()
+                    .or_else(|| config.dead_letter_topic.clone())
+            })
+            .collect(),
+        invalid_dead_letter: config.dead_letter_topic.clone(),
         router: Router::new(&config.filters, &config.modules),
         max_message_bytes: config.max_message_bytes,
         partitions: Mutex::new(HashMap::new()),
@@ -307,6 +345,20 @@ async fn run_async(
         lanes: TaskTracker::new(),
         runtime: tokio::runtime::Handle::current(),
     });
+    if let Some(dead_letters) = pipeline.dead_letters.clone() {
+        let mut topics: Vec<String> = pipeline
+            .module_dead_letter
+            .iter()
+            .chain([&pipeline.invalid_dead_letter])
+            .flatten()
+            .cloned()
+            .collect();
+        topics.sort();
+        topics.dedup();
+        tokio::task::spawn_blocking(move || {
+            dead_letters.check_topics(&topics, Duration::from_secs(10))
+        });
+    }
     let consumer = kafka::consumer(&config, topic, index, pipeline.clone())?;
     tracing::info!(topic, index, group = %config.group_id, "worker consuming");
 
@@ -376,7 +428,7 @@ fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessa
         Ok(e) => e,
         Err(reason) => {
             tracing::warn!(%topic, partition = partition.number, offset, bytes = payload.len(), "invalid message: {reason}");
-            partition.finish(offset);
+            invalid(pipeline, &partition, m, reason.to_string());
             return;
         }
     };
@@ -425,10 +477,162 @@ fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessa
     }
 }
 
+/// An invalid message: logged, sent to the dead-letter topic if there is
+/// one, and only then finished.
+fn invalid(
+    pipeline: &Arc<Pipeline>,
+    partition: &Arc<Partition>,
+    m: &BorrowedMessage<'_>,
+    reason: String,
+) {
+    let offset = m.offset();
+    let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
+    pipeline.log.record(LogRecord::invalid(
+        pipeline.topic.clone(),
+        partition.number,
+        offset,
+        payload.clone(),
+        &reason,
+    ));
+    let (Some(dead_letters), Some(to)) = (&pipeline.dead_letters, &pipeline.invalid_dead_letter)
+    else {
+        partition.finish(offset);
+        return;
+    };
+    let key = m.key().map(Bytes::copy_from_slice);
+    let (dead_letters, to) = (dead_letters.clone(), to.clone());
+    let (topic, partition) = (pipeline.topic.clone(), partition.clone());
+    let cancel = Cancel {
+        stop: pipeline.stop.clone(),
+        abort: partition.abort.clone(),
+    };
+    let task = async move {
+        let letter = Letter {
+            to: &to,
+            payload,
+            key,
+            topic: &topic,
+            partition: partition.number,
+            offset,
+            module: "",
+            status: Status::Invalid.as_str(),
+            last_error: &reason,
+            command_id: None,
+            commit_id: None,
+            attempts: 0,
+        };
+        if dead_letters.send(&letter, &cancel).await {
+            partition.finish(offset);
+        }
+    };
+    pipeline.lanes.spawn_on(task, &pipeline.runtime);
+}
+
+/// What a lane's delivery tells the dispatch log while it retries, and
+/// where it learns that an operator said to skip the message.
+struct Retrying<'a> {
+    log: &'a DispatchLog,
+    key: Key,
+    msg: &'a Message,
+    /// The last failed attempt: when its row was last written, its HTTP
+    /// status and error.
+    last: Mutex<LastFailure>,
+}
+
+#[derive(Default)]
+struct LastFailure {
+    recorded: Option<Instant>,
+    http_status: Option<u16>,
+    error: Option<String>,
+}
+
+impl<'a> Retrying<'a> {
+    fn new(log: &'a DispatchLog, key: Key, msg: &'a Message) -> Self {
+        Retrying {
+            log,
+            key,
+            msg,
+            last: Mutex::new(LastFailure::default()),
+        }
+    }
+
+    fn record(&self, status: Status, attempts: u32, http_status: Option<u16>, error: Option<&str>) {
+        let msg = self.msg;
+        self.log.record(
+            LogRecord {
+                key: self.key.clone(),
+                commit_id: msg.envelope.commit_id.clone(),
+                command_id: Some(msg.envelope.command_id.to_string()),
+                content: msg.payload.clone(),
+                status,
+                retry_num: attempts.saturating_sub(1),
+                http_status,
+                last_error: None,
+            }
+            .with_error(error),
+        );
+    }
+
+    /// Records the final outcome and stops watching the skip flag.
+    fn finish(&self, outcome: &Outcome) {
+        let last = std::mem::take(&mut *self.last.lock().unwrap_or_else(|p| p.into_inner()));
+        if last.recorded.is_some() {
+            self.log.unwatch(&self.key);
+        }
+        match outcome {
+            Outcome::Delivered { attempts } if *attempts > 1 => self.record(
+                Status::DeliveredAfterRetry,
+                *attempts,
+                None,
+                last.error.as_deref(),
+            ),
+            Outcome::Delivered { attempts } => {
+                if self.log.logs_success() {
+                    self.record(Status::Delivered, *attempts, None, None);
+                }
+            }
+            Outcome::Exhausted {
+                attempts,
+                last_error,
+                http_status,
+            } => self.record(Status::Exhausted, *attempts, *http_status, Some(last_error)),
+            Outcome::Skipped { attempts } => self.record(
+                Status::Skipped,
+                *attempts,
+                last.http_status,
+                last.error.as_deref(),
+            ),
+            Outcome::Aborted => {}
+        }
+    }
+}
+
+impl Observer for Retrying<'_> {
+    fn attempt_failed(&self, attempt: u32, http_status: Option<u16>, error: &str) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.http_status = http_status;
+        last.error = Some(error.to_string());
+        match last.recorded {
+            Some(at) if at.elapsed() < RETRYING_RECORD_EVERY => return,
+            Some(_) => {}
+            None => self.log.watch(&self.key),
+        }
+        last.recorded = Some(Instant::now());
+        drop(last);
+        self.record(Status::Retrying, attempt, http_status, Some(error));
+    }
+
+    fn skip_requested(&self) -> bool {
+        self.log.is_skipped(&self.key)
+    }
+}
+
 /// What every delivery task of a lane needs.
 #[derive(Clone)]
 struct LaneCtx {
     pipeline: Arc<Pipeline>,
+    /// The module's index in the configuration.
+    module: usize,
     endpoint: Arc<Endpoint>,
     permits: Arc<Semaphore>,
     cancel: Cancel,
@@ -460,7 +664,20 @@ impl LaneCtx {
     async fn deliver(&self, job: &Job) -> bool {
         let msg = &job.msg;
         let name = &self.endpoint.module.name;
-        match self.endpoint.deliver(msg, &self.cancel).await {
+        let pipeline = &self.pipeline;
+        let key = Key {
+            topic: msg.topic.clone(),
+            partition: msg.partition,
+            offset: msg.offset,
+            module: pipeline.module_names[self.module].clone(),
+        };
+        let observer = Retrying::new(&pipeline.log, key, msg);
+        let outcome = self
+            .endpoint
+            .deliver_observed(msg, &self.cancel, &observer)
+            .await;
+        observer.finish(&outcome);
+        match outcome {
             Outcome::Aborted => return false,
             Outcome::Delivered { attempts } if attempts > 1 => {
                 tracing::info!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
@@ -470,6 +687,7 @@ impl LaneCtx {
                 tracing::debug!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
                     command_id = %msg.envelope.command_id, module = %name, attempts, "delivered");
             }
+            Outcome::Skipped { .. } => {}
             Outcome::Exhausted {
                 attempts,
                 last_error,
@@ -479,6 +697,30 @@ impl LaneCtx {
                     command_id = %msg.envelope.command_id, commit_id = msg.envelope.commit_id.as_deref().unwrap_or(""),
                     module = %name, attempts, http_status = http_status.unwrap_or(0), last_error = %last_error,
                     "retries exhausted, giving up on this message");
+                if let (Some(dead_letters), Some(to)) = (
+                    &pipeline.dead_letters,
+                    &pipeline.module_dead_letter[self.module],
+                ) {
+                    let letter = Letter {
+                        to,
+                        payload: msg.payload.clone(),
+                        key: None,
+                        topic: &msg.topic,
+                        partition: msg.partition,
+                        offset: msg.offset,
+                        module: name,
+                        status: Status::Exhausted.as_str(),
+                        last_error: &last_error,
+                        command_id: Some(msg.envelope.command_id.to_string()),
+                        commit_id: msg.envelope.commit_id.as_deref(),
+                        attempts,
+                    };
+                    if !dead_letters.send(&letter, &self.cancel).await {
+                        // Stopped before the broker had it: the message
+                        // stays unfinished and is handled again later.
+                        return false;
+                    }
+                }
             }
         }
         job.module_done();
@@ -495,6 +737,7 @@ async fn lane(
     rx: mpsc::UnboundedReceiver<Arc<Job>>,
 ) {
     let ctx = LaneCtx {
+        module,
         endpoint: pipeline.endpoints[module].clone(),
         permits: pipeline.permits[module].clone(),
         cancel: Cancel {
@@ -646,5 +889,6 @@ async fn shutdown(pipeline: &Arc<Pipeline>, consumer: &Arc<WorkerConsumer>, dead
     // Leave the group now, so that the partitions move at once (the revoke
     // callback commits again only if something moved).
     consumer.unsubscribe();
+    pipeline.log.shutdown(DISPATCH_LOG_DRAIN).await;
     tracing::info!(%topic, "worker stopped");
 }

@@ -25,6 +25,8 @@
 // Each test binary includes this module and uses a different part of it.
 #![allow(dead_code)]
 
+pub mod dlog;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Display, Write as _};
 use std::fs::{self, File, OpenOptions};
@@ -564,6 +566,8 @@ struct SinkState {
     behavior: Mutex<Behavior>,
     /// Attempts seen per "path idempotency-key".
     attempts: Mutex<HashMap<String, u32>>,
+    /// `Idempotency-Key`s answered `fail_status` whatever the behavior.
+    always_fail: Mutex<std::collections::HashSet<String>>,
 }
 
 /// An HTTP server on 127.0.0.1 that stands in for the modules: it accepts
@@ -597,6 +601,7 @@ impl Sink {
             arrived: Condvar::new(),
             behavior: Mutex::new(behavior),
             attempts: Mutex::new(HashMap::new()),
+            always_fail: Mutex::new(HashSet::new()),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -640,6 +645,13 @@ impl Sink {
     /// Changes how later requests are answered.
     pub fn set_behavior(&self, behavior: Behavior) {
         *lock(&self.state.behavior) = behavior;
+    }
+
+    /// Answers every request for the message with this `Idempotency-Key`
+    /// (`<topic>-<partition>-<offset>`) with the behavior's `fail_status`,
+    /// from now on: a poison message among good ones.
+    pub fn fail_always(&self, idempotency_key: &str) {
+        lock(&self.state.always_fail).insert(idempotency_key.to_string());
     }
 
     /// Every request so far, in arrival order.
@@ -788,7 +800,11 @@ async fn handle(
         *n += 1;
         *n
     };
-    let status = if attempt <= behavior.fail_first {
+    let poisoned = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|k| lock(&state.always_fail).contains(k));
+    let status = if poisoned || attempt <= behavior.fail_first {
         behavior.fail_status
     } else {
         behavior.status
@@ -1348,6 +1364,27 @@ impl Mkc {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         left
+    }
+
+    /// Runs `mkc -c <server.conf> ARGS...` (a command such as `skip` or
+    /// `replay`) in mkc's directory, for at most `timeout`; returns its
+    /// exit status (`None` on timeout) and its stdout and stderr.
+    pub fn command(&self, args: &[&str], timeout: Duration) -> (Option<ExitStatus>, String) {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = self
+            .dir
+            .path()
+            .join(format!("command-{}", N.fetch_add(1, Ordering::Relaxed)));
+        let _ = fs::create_dir_all(&dir);
+        run_with_timeout(
+            Command::new(MKC_BIN)
+                .arg("-c")
+                .arg(&self.conf)
+                .args(args)
+                .current_dir(self.dir.path()),
+            &dir,
+            timeout,
+        )
     }
 
     /// Runs `mkc -c conf -s stop`, waits for the master to exit (30 s),

@@ -1,0 +1,264 @@
+//! The operator commands on the dispatch log: `skip` (set `is_skip` on a
+//! message stuck in retry) and `replay` (re-send logged messages to their
+//! module's current uri with the module's retry policy, and record the
+//! result in their rows).
+//!
+//! Both run in the `mkc` command's own process with a small tokio runtime
+//! of their own, never in the master. A running mkc needs no signal: its
+//! workers read `is_skip` from the table.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+
+use crate::config::ServerConfig;
+use crate::dispatch::{Cancel, Endpoint, Message, Outcome};
+use crate::dispatch_log::{Db, LoggedRow, ReplayFilter, Status};
+use crate::envelope;
+
+/// How long the commands wait for the database to answer one query.
+const DB_WAIT: Duration = Duration::from_secs(30);
+/// Rows read per page while replaying.
+const PAGE: u32 = 100;
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub matched: usize,
+    pub delivered: usize,
+    pub failed: usize,
+    /// Rows that cannot be replayed (no module, module no longer
+    /// configured, not a routable message).
+    pub unreplayable: usize,
+    /// Stopped by Ctrl-C / SIGTERM before every row was tried.
+    pub interrupted: bool,
+}
+
+async fn connect(config: &ServerConfig) -> anyhow::Result<Db> {
+    let db = Db::lazy(&config.dispatch_log)
+        .with_context(|| format!("dispatch log {}", config.dispatch_log))?;
+    tokio::time::timeout(DB_WAIT, db.migrate())
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {DB_WAIT:?}"))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+        .with_context(|| format!("cannot use the dispatch log {}", config.dispatch_log))?;
+    Ok(db)
+}
+
+async fn wait<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(DB_WAIT, f).await {
+        Ok(r) => r.with_context(|| format!("dispatch log: {what}")),
+        Err(_) => anyhow::bail!("dispatch log: {what}: no answer within {DB_WAIT:?}"),
+    }
+}
+
+/// `mkc skip`: sets `is_skip = 1` on the rows of one message (of one
+/// module, or of every module), printing them. An error when no row
+/// matches.
+pub async fn skip(
+    config: &ServerConfig,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    module: Option<&str>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let db = connect(config).await?;
+    let result = wait(
+        "setting is_skip",
+        db.set_skip(topic, partition, offset, module),
+    )
+    .await;
+    db.close().await;
+    let result = result?;
+    let which = match module {
+        Some(m) => format!("topic {topic} partition {partition} offset {offset} module {m}"),
+        None => format!("topic {topic} partition {partition} offset {offset}"),
+    };
+    if result.rows.is_empty() {
+        anyhow::bail!(
+            "no dispatch log row for {which} (a message has a row once an attempt failed)"
+        );
+    }
+    for (m, status) in &result.rows {
+        writeln!(
+            out,
+            "skip set: topic {topic} partition {partition} offset {offset} module {m} (status {status})"
+        )?;
+    }
+    if !result
+        .rows
+        .iter()
+        .any(|(_, s)| s == Status::Retrying.as_str())
+    {
+        writeln!(
+            out,
+            "note: no matching row is retrying; the flag matters only if the message is retried again"
+        )?;
+    }
+    Ok(())
+}
+
+/// `mkc replay`: re-sends the rows matching `filter` (or with `dry_run`
+/// only lists them). `cancel.stop` ends it between attempts.
+pub async fn replay(
+    config: &ServerConfig,
+    filter: &ReplayFilter,
+    dry_run: bool,
+    cancel: &Cancel,
+    out: &mut impl Write,
+) -> anyhow::Result<Summary> {
+    if filter.status == Some(Status::Invalid) {
+        anyhow::bail!(
+            "invalid messages reach no module and cannot be replayed (their payload is in the \
+             content column and, when a dead-letter-topic is set, in that topic)"
+        );
+    }
+    let db = connect(config).await?;
+    let result = replay_rows(config, &db, filter, dry_run, cancel, out).await;
+    db.close().await;
+    result
+}
+
+async fn replay_rows(
+    config: &ServerConfig,
+    db: &Db,
+    filter: &ReplayFilter,
+    dry_run: bool,
+    cancel: &Cancel,
+    out: &mut impl Write,
+) -> anyhow::Result<Summary> {
+    let mut endpoints: HashMap<&str, Endpoint> = HashMap::new();
+    for m in &config.modules {
+        endpoints.insert(m.name.as_str(), Endpoint::new(Arc::new(m.clone()))?);
+    }
+    let mut summary = Summary::default();
+    let mut after = 0i64;
+    'pages: loop {
+        let rows = wait("reading rows", db.select_for_replay(filter, after, PAGE)).await?;
+        let Some(last) = rows.last() else { break };
+        after = last.id;
+        for row in rows {
+            summary.matched += 1;
+            let shown = format!(
+                "{}/{}/{} module {:?}",
+                row.topic, row.partition, row.offset, row.module
+            );
+            if dry_run {
+                writeln!(
+                    out,
+                    "would replay id {} {shown} status {} retry_num {} updated {} ({} bytes)",
+                    row.id,
+                    row.status,
+                    row.retry_num,
+                    row.gmt_update,
+                    row.content.len()
+                )?;
+                continue;
+            }
+            let Some(endpoint) = endpoints.get(row.module.as_str()) else {
+                summary.unreplayable += 1;
+                writeln!(
+                    out,
+                    "cannot replay {shown}: no module of that name is configured"
+                )?;
+                continue;
+            };
+            let Some(msg) = message(&row) else {
+                summary.unreplayable += 1;
+                writeln!(
+                    out,
+                    "cannot replay {shown}: the payload is not a routable message"
+                )?;
+                continue;
+            };
+            if cancel.stop.is_cancelled() {
+                summary.interrupted = true;
+                break 'pages;
+            }
+            let (status, attempts, http_status, error) = match endpoint.deliver(&msg, cancel).await
+            {
+                Outcome::Delivered { attempts } => (Status::Replayed, attempts, None, None),
+                Outcome::Exhausted {
+                    attempts,
+                    last_error,
+                    http_status,
+                } => (Status::Exhausted, attempts, http_status, Some(last_error)),
+                Outcome::Skipped { .. } | Outcome::Aborted => {
+                    summary.interrupted = true;
+                    break 'pages;
+                }
+            };
+            wait(
+                "recording the replay",
+                db.record_replay(
+                    row.id,
+                    status,
+                    attempts.saturating_sub(1),
+                    http_status,
+                    error.as_deref(),
+                ),
+            )
+            .await?;
+            match status {
+                Status::Replayed => {
+                    summary.delivered += 1;
+                    writeln!(out, "replayed {shown}: delivered (attempts {attempts})")?;
+                }
+                _ => {
+                    summary.failed += 1;
+                    writeln!(
+                        out,
+                        "replayed {shown}: failed again after {attempts} attempt(s): {}",
+                        error.as_deref().unwrap_or("")
+                    )?;
+                }
+            }
+        }
+    }
+    if dry_run {
+        writeln!(
+            out,
+            "replay --dry-run: {} row(s) would be replayed",
+            summary.matched
+        )?;
+    } else {
+        writeln!(
+            out,
+            "replay: {} row(s) matched, {} delivered, {} failed again, {} cannot be replayed{}",
+            summary.matched,
+            summary.delivered,
+            summary.failed,
+            summary.unreplayable,
+            if summary.interrupted {
+                " (interrupted)"
+            } else {
+                ""
+            }
+        )?;
+    }
+    Ok(summary)
+}
+
+/// The logged message as a dispatch [`Message`]; `None` if its payload is
+/// not a routable message (headers need its commandId).
+fn message(row: &LoggedRow) -> Option<Message> {
+    let envelope = envelope::parse(&row.content, usize::MAX).ok()?;
+    Some(Message {
+        topic: Arc::from(row.topic.as_str()),
+        partition: row.partition,
+        offset: row.offset,
+        // Long past: a module's `delay` does not hold a replay back.
+        timestamp_ms: Some(0),
+        key: None,
+        payload: Bytes::from(row.content.clone()),
+        envelope,
+    })
+}
