@@ -1,7 +1,8 @@
 # mkc — build, test and install.
 #
 #   make build       release binary: target/release/mkc
-#   make test        install (once) and start the test broker, then run every test
+#   make demo        build and run `mkc demo` (no Kafka or database needed)
+#   make test        install packages and (once) the test broker, start it, run every test
 #   make install     PREFIX=/usr/local/mkc DESTDIR= : binary, conf, logs, run, systemd unit
 #   make fmt         cargo fmt
 #   make clippy      cargo clippy --all-targets -- -D warnings
@@ -21,18 +22,29 @@ TEST_THREADS ?= 2
 SYSTEMD_UNIT := systemd/mkc.service
 UNIT_DIR     := $(DESTDIR)/lib/systemd/system
 
-.PHONY: all build test install fmt clippy kafka-install kafka-start kafka-stop clean
+.PHONY: all build demo setup setup-test test install fmt clippy kafka-install kafka-start kafka-stop clean
 
 all: build
 
 build:
 	$(CARGO) build --release
 
+# Debian packages (skipped when present): to build, and to run the tests.
+setup:
+	scripts/setup.sh build
+
+setup-test:
+	scripts/setup.sh test
+
+# `mkc demo`: an embedded broker, a printing receiver and the real mkc.
+demo: setup
+	$(CARGO) run --quiet -- demo
+
 # The tests find the broker through MKC_TEST_BROKERS; it follows
 # MKC_KAFKA_PORT, the port scripts/kafka.sh starts the broker on.
-test: kafka-start
+test: setup-test kafka-start
 	MKC_TEST_BROKERS="$${MKC_TEST_BROKERS:-127.0.0.1:$${MKC_KAFKA_PORT:-9092}}" \
-	$(CARGO) test --all-targets -- --test-threads=$(TEST_THREADS)
+	$(CARGO) test --lib --bins --tests -- --test-threads=$(TEST_THREADS)
 
 kafka-install:
 	scripts/kafka.sh install
