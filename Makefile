@@ -38,7 +38,7 @@ setup-test:
 
 # `mkc demo`: an embedded broker, a printing receiver and the real mkc.
 demo: setup
-	$(CARGO) run --quiet -- demo
+	$(CARGO) run --quiet -- demo --exit-after-delivery
 
 # The tests find the broker through MKC_TEST_BROKERS; it follows
 # MKC_KAFKA_PORT, the port scripts/kafka.sh starts the broker on.
