@@ -31,11 +31,17 @@
 //! - [`dispatch`]: HTTP delivery of one message to one module → `Outcome`.
 //! - [`offsets`]: out-of-order-safe offset tracking and the offset file store.
 //! - [`logging`]: tracing setup and log reopen.
+//! - [`state`]: the state directory shared by master, workers, admin, `-s status`.
+//! - [`figures`]: a worker's counters, gauges, stuck list; pause and skip controls.
+//! - [`status`]: aggregation of the state directory; Prometheus and text renderings.
+//! - [`admin`]: the admin process: metrics, health, status API and page.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
 pub mod envelope;
+pub mod figures;
 pub mod kafka;
 pub mod logging;
 pub mod master;
@@ -43,4 +49,6 @@ pub mod offsets;
 pub mod proctitle;
 pub mod router;
 pub mod signals;
+pub mod state;
+pub mod status;
 pub mod worker;

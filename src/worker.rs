@@ -44,8 +44,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DeliveryMode, ServerConfig};
-use crate::dispatch::{Cancel, Endpoint, Message, Outcome};
+use crate::dispatch::{Cancel, Controls, Endpoint, Message, Outcome};
 use crate::envelope;
+use crate::figures::{PartitionSource, PartitionView, Reporter, WorkerFigures};
 use crate::kafka::{self, PartitionOwner, WorkerConsumer};
 use crate::offsets::Tracker;
 use crate::router::Router;
@@ -176,6 +177,8 @@ struct Pipeline {
     abort: CancellationToken,
     lanes: TaskTracker,
     runtime: tokio::runtime::Handle,
+    /// Counters and gauges for the admin process and `-s status`.
+    figures: Arc<WorkerFigures>,
 }
 
 impl Pipeline {
@@ -249,6 +252,24 @@ impl Pipeline {
     }
 }
 
+impl PartitionSource for Pipeline {
+    fn partitions(&self) -> Vec<PartitionView> {
+        self.snapshot()
+            .iter()
+            .map(|p| {
+                let tracker = p.tracker.lock().unwrap_or_else(|e| e.into_inner());
+                PartitionView {
+                    partition: p.number,
+                    committed: *p.committed.lock().unwrap_or_else(|e| e.into_inner()),
+                    oldest_unfinished: tracker.oldest_unfinished(),
+                    in_flight: tracker.in_flight(),
+                    fetch_paused: p.paused.load(Ordering::Acquire),
+                }
+            })
+            .collect()
+    }
+}
+
 impl PartitionOwner for Pipeline {
     fn revoke(&self, numbers: &[i32]) -> Vec<(i32, i64)> {
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
@@ -278,10 +299,18 @@ async fn run_async(
     master: Option<i32>,
 ) -> anyhow::Result<()> {
     let mut signals = WorkerSignals::install()?;
+    let figures = Arc::new(WorkerFigures::new(&config, topic, index));
     let endpoints = config
         .modules
         .iter()
-        .map(|m| Endpoint::new(Arc::new(m.clone())).map(Arc::new))
+        .enumerate()
+        .map(|(i, m)| {
+            let controls = Controls {
+                watch: Some(figures.watch(i)),
+                skips: vec![figures.clone()],
+            };
+            Endpoint::new(Arc::new(m.clone())).map(|e| Arc::new(e.with_controls(controls)))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let permits = config
         .modules
@@ -306,8 +335,10 @@ async fn run_async(
         abort: CancellationToken::new(),
         lanes: TaskTracker::new(),
         runtime: tokio::runtime::Handle::current(),
+        figures: figures.clone(),
     });
     let consumer = kafka::consumer(&config, topic, index, pipeline.clone())?;
+    let reporter = Reporter::start(figures, pipeline.clone(), consumer.clone());
     tracing::info!(topic, index, group = %config.group_id, "worker consuming");
 
     let mut tick = tokio::time::interval(TICK);
@@ -357,6 +388,7 @@ async fn run_async(
         config.shutdown_timeout
     };
     shutdown(&pipeline, &consumer, deadline).await;
+    reporter.finish().await;
     Ok(())
 }
 
@@ -376,6 +408,7 @@ fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessa
         Ok(e) => e,
         Err(reason) => {
             tracing::warn!(%topic, partition = partition.number, offset, bytes = payload.len(), "invalid message: {reason}");
+            pipeline.figures.invalid();
             partition.finish(offset);
             return;
         }
@@ -389,6 +422,7 @@ fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessa
     if targets.is_empty() {
         tracing::debug!(%topic, partition = partition.number, offset, command_id = %envelope.command_id,
             "no module subscribes (or filtered out by the global filters)");
+        pipeline.figures.unrouted();
         partition.finish(offset);
         return;
     }
@@ -432,6 +466,8 @@ struct LaneCtx {
     endpoint: Arc<Endpoint>,
     permits: Arc<Semaphore>,
     cancel: Cancel,
+    /// The module's index (config order).
+    module: usize,
 }
 
 impl LaneCtx {
@@ -460,8 +496,14 @@ impl LaneCtx {
     async fn deliver(&self, job: &Job) -> bool {
         let msg = &job.msg;
         let name = &self.endpoint.module.name;
-        match self.endpoint.deliver(msg, &self.cancel).await {
+        let outcome = self.endpoint.deliver(msg, &self.cancel).await;
+        self.pipeline.figures.outcome(self.module, msg, &outcome);
+        match outcome {
             Outcome::Aborted => return false,
+            Outcome::Skipped { attempts } => {
+                tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+                    command_id = %msg.envelope.command_id, module = %name, attempts, "skipped by the operator");
+            }
             Outcome::Delivered { attempts } if attempts > 1 => {
                 tracing::info!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
                     command_id = %msg.envelope.command_id, module = %name, attempts, "delivered after retry");
@@ -502,6 +544,7 @@ async fn lane(
             abort: partition.abort.clone(),
         },
         pipeline,
+        module,
     };
     match ctx.endpoint.module.mode {
         DeliveryMode::Ordered => in_order(ctx, rx, false).await,
