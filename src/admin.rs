@@ -229,12 +229,12 @@ impl App {
     }
 
     /// Checks the bearer token of an admin action.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Response> {
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), Box<Response>> {
         let Some(token) = self.config.admin_token.as_deref() else {
-            return Err(error(
+            return Err(Box::new(error(
                 StatusCode::FORBIDDEN,
                 "admin actions are disabled: set admin-token in server.conf",
-            ));
+            )));
         };
         let given = headers
             .get(header::AUTHORIZATION)
@@ -244,15 +244,15 @@ impl App {
         if constant_time_eq(given.as_bytes(), token.as_bytes()) {
             Ok(())
         } else {
-            Err(error(
+            Err(Box::new(error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong bearer token",
-            ))
+            )))
         }
     }
 
     /// Changes the control file under the lock; expired skips are pruned.
-    fn update_control(&self, change: impl FnOnce(&mut Control)) -> Result<(), Response> {
+    fn update_control(&self, change: impl FnOnce(&mut Control)) -> Result<(), Box<Response>> {
         let _guard = self.control.lock().unwrap_or_else(|p| p.into_inner());
         let path = state::control_file(&self.dir);
         let mut control: Control = state::read_json(&path).unwrap_or_default();
@@ -263,10 +263,10 @@ impl App {
         change(&mut control);
         state::write_json(&path, &control).map_err(|e| {
             tracing::error!("cannot write {}: {e}", path.display());
-            error(
+            Box::new(error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "cannot write the control file",
-            )
+            ))
         })
     }
 }
@@ -365,7 +365,7 @@ async fn api_skip(
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(r) = app.authorize(&headers) {
-        return r;
+        return *r;
     }
     let skip: SkipBody = match serde_json::from_slice(&body) {
         Ok(s) => s,
@@ -405,7 +405,7 @@ async fn api_skip(
     });
     match result {
         Ok(()) => Json(serde_json::json!({ "ok": true })).into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -415,7 +415,7 @@ async fn api_module(
     headers: HeaderMap,
 ) -> Response {
     if let Err(r) = app.authorize(&headers) {
-        return r;
+        return *r;
     }
     let pause = match action.as_str() {
         "pause" => true,
@@ -436,7 +436,7 @@ async fn api_module(
         Ok(()) => {
             Json(serde_json::json!({ "ok": true, "module": name, "paused": pause })).into_response()
         }
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 

@@ -385,13 +385,15 @@ struct BrokerView {
     committed: HashMap<i32, i64>,
 }
 
+/// (when, per module (delivered, failed), per partition committed).
+type HistoryPoint = (Instant, Vec<(u64, u64)>, HashMap<i32, i64>);
+
 /// What the reporter remembers between snapshots.
 #[derive(Debug, Default)]
 struct Sampler {
     /// Per partition: the oldest unfinished offset and since when it is.
     heads: HashMap<i32, (i64, Instant)>,
-    /// (when, per module (delivered, failed), per partition committed).
-    history: VecDeque<(Instant, Vec<(u64, u64)>, HashMap<i32, i64>)>,
+    history: VecDeque<HistoryPoint>,
 }
 
 /// The running reporter of a worker; [`Reporter::finish`] writes the last
@@ -471,7 +473,7 @@ impl Parts {
             tick.tick().await;
             self.read_control(&mut control_seen);
             n += 1;
-            if n % SNAPSHOT_EVERY != 0 {
+            if !n.is_multiple_of(SNAPSHOT_EVERY) {
                 continue;
             }
             let snapshot = self.snapshot();

@@ -414,7 +414,8 @@ pub fn prometheus(status: &Status) -> String {
     f.head("mkc_ready", "gauge", "1 when /readyz answers ready.");
     f.sample("mkc_ready", &[], f64::from(u8::from(status.ready)));
 
-    let counter_families: [(&str, &str, fn(&CounterFigures) -> u64); 4] = [
+    type Counter = (&'static str, &'static str, fn(&CounterFigures) -> u64);
+    let counter_families: [Counter; 4] = [
         (
             "mkc_messages_delivered_total",
             "Messages delivered (2xx) per topic, module and commandId.",
