@@ -243,6 +243,7 @@ impl Master {
             // The master died before the line above took effect.
             std::process::exit(0);
         }
+        crate::signals::hold_in_child();
         self.signals.forget_in_child();
         // The pid file lock belongs to the master alone.
         // SAFETY: closing our copy of the lock's fd; the master's copy keeps
@@ -266,6 +267,7 @@ impl Master {
                 if nix::unistd::getppid() != self.pid {
                     std::process::exit(0);
                 }
+                crate::signals::hold_in_child();
                 self.signals.forget_in_child();
                 // SAFETY: as in `child`: our copy of the lock's fd only.
                 unsafe { libc::close(self.pid_lock.as_raw_fd()) };

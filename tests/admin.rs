@@ -29,10 +29,20 @@ fn messages(n: usize, partitions: &[i32], id: &str, first: usize) -> Vec<Record>
 
 /// One HTTP request; (status, body). Panics only if nothing answers.
 fn http(method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> (u16, String) {
+    http_within(Duration::from_secs(10), method, url, token, body)
+}
+
+fn http_within(
+    timeout: Duration,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
     rt().block_on(async {
         let client = reqwest::Client::new();
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut request = client.request(method, url).timeout(Duration::from_secs(10));
+        let mut request = client.request(method, url).timeout(timeout);
         if let Some(t) = token {
             request = request.header("authorization", format!("Bearer {t}"));
         }
@@ -313,12 +323,19 @@ fn failing_module_is_stuck_not_ready_and_skip_finishes_it() {
     }
     let (code, _) = http("GET", &format!("{base}/healthz"), None, None);
     assert_eq!(code, 200);
-    let st = wait_status(&mkc, &base, Duration::from_secs(10), "stuck list", |st| {
-        st["stuck"].as_array().is_some_and(|s| {
-            s.iter()
-                .any(|m| m["partition"] == 0 && m["offset"] == 0 && m["module"] == "bad")
-        })
-    });
+    let st = wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(10),
+        "stuck list, lag 5",
+        |st| {
+            partitions(st, &topic).get(&0).and_then(|f| f.2) == Some(5)
+                && st["stuck"].as_array().is_some_and(|s| {
+                    s.iter()
+                        .any(|m| m["partition"] == 0 && m["offset"] == 0 && m["module"] == "bad")
+                })
+        },
+    );
     let stuck = &st["stuck"][0];
     assert!(stuck["attempts"].as_u64().unwrap_or(0) >= 2, "{stuck}");
     assert!(
@@ -580,7 +597,14 @@ impl Browser<'_> {
                          format!("--user-data-dir={}", profile.display())]
             }
         }}});
-        let (code, text) = http("POST", &format!("{}/session", driver.url), None, Some(caps));
+        // Starting chromium on a loaded machine takes a while.
+        let (code, text) = http_within(
+            Duration::from_secs(90),
+            "POST",
+            &format!("{}/session", driver.url),
+            None,
+            Some(caps),
+        );
         assert_eq!(code, 200, "new session: {text}");
         let v: Value = serde_json::from_str(&text).expect("session json");
         let session = v["value"]["sessionId"]
@@ -592,7 +616,7 @@ impl Browser<'_> {
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let url = format!("{}/session/{}{path}", self.driver.url, self.session);
-        let (code, text) = http(method, &url, None, body);
+        let (code, text) = http_within(Duration::from_secs(60), method, &url, None, body);
         assert_eq!(code, 200, "{method} {path}: {text}");
         serde_json::from_str::<Value>(&text).expect("webdriver json")["value"].clone()
     }
