@@ -237,13 +237,15 @@ impl Master {
 
     /// The forked worker: detach from the master's resources, run, exit.
     fn child(&self, topic: &str, index: u32) -> ! {
+        // Stop signals wait for the worker's own handlers (not lost to the
+        // master's, dropped below).
+        crate::signals::hold_in_child();
         // Die with the master, even when it is killed with SIGKILL.
         let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
         if nix::unistd::getppid() != self.pid {
             // The master died before the line above took effect.
             std::process::exit(0);
         }
-        crate::signals::hold_in_child();
         self.signals.forget_in_child();
         // The pid file lock belongs to the master alone.
         // SAFETY: closing our copy of the lock's fd; the master's copy keeps
@@ -263,11 +265,11 @@ impl Master {
         // SAFETY: as in `spawn`: the master is single-threaded.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
+                crate::signals::hold_in_child();
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
                 if nix::unistd::getppid() != self.pid {
                     std::process::exit(0);
                 }
-                crate::signals::hold_in_child();
                 self.signals.forget_in_child();
                 // SAFETY: as in `child`: our copy of the lock's fd only.
                 unsafe { libc::close(self.pid_lock.as_raw_fd()) };
