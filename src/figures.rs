@@ -36,7 +36,9 @@ const CONTROL_TICK: Duration = Duration::from_millis(250);
 const SNAPSHOT_EVERY: u32 = 2;
 /// How often high watermarks are asked for.
 const WATERMARK_EVERY: Duration = Duration::from_secs(1);
-const WATERMARK_TIMEOUT: Duration = Duration::from_secs(2);
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this often a worker sends requests of its own for figures.
+const BROKER_QUERY_EVERY: Duration = Duration::from_secs(10);
 /// The window of the rates.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -506,44 +508,74 @@ impl Parts {
         self.figures.apply_control(&control);
     }
 
-    /// Asks the broker for the high watermarks of the assigned partitions
-    /// (and the group's committed positions where mkc has none yet).
+    /// High watermarks of the assigned partitions: librdkafka's cached
+    /// ones (every fetch response carries the partition's high watermark,
+    /// so this costs no request), asked from the broker only where the
+    /// cache has nothing or fetching is paused, and then at most every
+    /// [`BROKER_QUERY_EVERY`]: requests share the connection with the
+    /// fetches, and a slow broker must not be kept busy by figures. The
+    /// group's committed positions are asked the same way for partitions
+    /// where mkc has committed nothing yet.
     async fn watermarks(self) {
         let mut tick = tokio::time::interval(WATERMARK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_query: Option<Instant> = None;
+        let mut queried = BrokerView::default();
         loop {
             tick.tick().await;
             let assigned = lock(&self.consumer.context().assigned).clone();
             if assigned.is_empty() {
                 continue;
             }
-            let known: HashMap<i32, Option<i64>> = self
-                .source
-                .partitions()
-                .into_iter()
-                .map(|p| (p.partition, p.committed))
-                .collect();
+            let views = self.source.partitions();
+            let topic = self.figures.topic.clone();
+            let mut view = BrokerView::default();
+            let mut ask = Vec::new();
+            for &p in &assigned {
+                let paused = views.iter().any(|v| v.partition == p && v.fetch_paused);
+                match cached_high_watermark(&self.consumer, &topic, p) {
+                    Some(high) if !paused => {
+                        view.high.insert(p, high);
+                    }
+                    _ => ask.push(p),
+                }
+            }
             let unknown: Vec<i32> = assigned
                 .iter()
                 .copied()
-                .filter(|p| known.get(p).copied().flatten().is_none())
+                .filter(|p| {
+                    !views
+                        .iter()
+                        .any(|v| v.partition == *p && v.committed.is_some())
+                })
                 .collect();
-            let consumer = self.consumer.clone();
-            let topic = self.figures.topic.clone();
-            let view = tokio::task::spawn_blocking(move || {
-                let mut view = BrokerView::default();
-                for &p in &assigned {
-                    if let Ok((_, high)) = consumer.fetch_watermarks(&topic, p, WATERMARK_TIMEOUT) {
-                        view.high.insert(p, high);
+            let due = last_query.is_none_or(|t| t.elapsed() >= BROKER_QUERY_EVERY);
+            if due && (!ask.is_empty() || !unknown.is_empty()) {
+                last_query = Some(Instant::now());
+                let consumer = self.consumer.clone();
+                let topic = topic.clone();
+                let asked = tokio::task::spawn_blocking(move || {
+                    let mut asked = BrokerView::default();
+                    for &p in &ask {
+                        if let Ok((_, high)) =
+                            consumer.fetch_watermarks(&topic, p, WATERMARK_TIMEOUT)
+                        {
+                            asked.high.insert(p, high);
+                        }
                     }
+                    asked.committed = stored_positions(&consumer, &topic, &unknown);
+                    asked
+                })
+                .await;
+                if let Ok(asked) = asked {
+                    queried = asked;
                 }
-                view.committed = stored_positions(&consumer, &topic, &unknown);
-                view
-            })
-            .await;
-            if let Ok(view) = view {
-                *lock(&self.broker) = view;
             }
+            for (p, high) in &queried.high {
+                view.high.entry(*p).or_insert(*high);
+            }
+            view.committed = queried.committed.clone();
+            *lock(&self.broker) = view;
         }
     }
 
@@ -692,6 +724,27 @@ fn head_since(
         *entry = (offset, now);
     }
     entry.1
+}
+
+/// librdkafka's cached high watermark of a partition, as the last fetch
+/// response carried it: no request, no wait. `None` before the first.
+fn cached_high_watermark(consumer: &WorkerConsumer, topic: &str, partition: i32) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; `topic`
+    // is NUL-terminated and outlives the call; `low` and `high` are valid
+    // out-pointers. The call only reads librdkafka's cached, locked state.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
 }
 
 /// The committed positions of `partitions` as the group (or the offset
