@@ -353,7 +353,15 @@ fn control(conf: &Path, control: Control) -> anyhow::Result<ExitCode> {
         }
         Control::Reload => reload(&pid_path, master, shutdown_timeout),
         Control::Status => {
-            status(pid);
+            // The figures of the state directory; the process list when the
+            // configuration no longer loads.
+            match config::load(conf) {
+                Ok(loaded) => print!(
+                    "{}",
+                    crate::status::text(&crate::status::gather(&loaded.config))
+                ),
+                Err(_) => status(pid),
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -277,6 +277,15 @@ pub struct ServerConfig {
     /// `dead-letter-topic NAME`: where invalid messages go, and exhausted
     /// ones of modules without their own `dead_letter_topic`.
     pub dead_letter_topic: Option<String>,
+    /// `admin-listen ADDR:PORT|off` (default 127.0.0.1:8120): where the
+    /// admin process serves metrics, health and the status page.
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// `admin-token TOKEN`: bearer token for the admin actions (skip,
+    /// pause, resume); `None` = read-only.
+    pub admin_token: Option<String>,
+    /// `stuck-threshold SECONDS` (default 300): a partition whose oldest
+    /// unfinished message has held its commit position longer is stuck.
+    pub stuck_threshold: Duration,
 }
 
 /// A validated configuration with the warnings found while reading it.
@@ -437,6 +446,10 @@ const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
 const DEFAULT_MAX_INFLIGHT_MESSAGES: u64 = 10_000;
 const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 64 * 1024 * 1024;
 const DEFAULT_CONCURRENCY: u64 = 64;
+const DEFAULT_ADMIN_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8120),
+);
+const DEFAULT_STUCK_THRESHOLD_S: u64 = 300;
 const MAX_CONCURRENCY: u64 = 4096;
 const DEFAULT_RETRYNUM: u32 = 3;
 const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
@@ -798,6 +811,11 @@ struct ServerDraft {
     dispatch_log_queue: u64,
     dead_letter_topic: Option<String>,
     dead_letter_at: Option<Location>,
+    admin_listen: Option<std::net::SocketAddr>,
+    /// Where `admin-listen` was set, for the open-to-the-network warning.
+    admin_listen_at: Option<Location>,
+    admin_token: Option<String>,
+    stuck_threshold: Duration,
 }
 
 impl ServerDraft {
@@ -833,6 +851,10 @@ impl ServerDraft {
             dispatch_log_queue: DEFAULT_DISPATCH_LOG_QUEUE,
             dead_letter_topic: None,
             dead_letter_at: None,
+            admin_listen: Some(DEFAULT_ADMIN_LISTEN),
+            admin_listen_at: None,
+            admin_token: None,
+            stuck_threshold: secs(DEFAULT_STUCK_THRESHOLD_S),
         }
     }
 
@@ -1042,6 +1064,7 @@ impl ServerDraft {
                     }
                 }
             }
+            "admin-listen" | "admin-token" | "stuck-threshold" => self.admin(d, report),
             "zookeeper" | "zookeeper-debug" => report.warn(
                 &d.location,
                 format!("{key} is ignored: mkc talks to the Kafka brokers directly"),
@@ -1140,6 +1163,56 @@ impl ServerDraft {
         self.topics.push((topic, d.location.clone()));
     }
 
+    /// `admin-listen`, `admin-token`, `stuck-threshold` (docs/admin.md).
+    fn admin(&mut self, d: &Directive, report: &mut Report) {
+        let key = d.key.as_str();
+        match key {
+            "admin-listen" => {
+                let Some(value) = report.single(d, "admin-listen ADDR:PORT|off") else {
+                    return;
+                };
+                if value.eq_ignore_ascii_case("off") {
+                    self.seen.note(key, d, report);
+                    self.admin_listen = None;
+                    return;
+                }
+                match value.parse::<std::net::SocketAddr>() {
+                    Ok(addr) => {
+                        self.seen.note(key, d, report);
+                        self.admin_listen = Some(addr);
+                        self.admin_listen_at = Some(d.location.clone());
+                    }
+                    Err(_) => report.error(
+                        &d.location,
+                        format!("admin-listen: \"{value}\" is not IP:PORT or off"),
+                    ),
+                }
+            }
+            "admin-token" => {
+                let Some(value) = report.single(d, "admin-token TOKEN") else {
+                    return;
+                };
+                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_graphic()) {
+                    report.error(
+                        &d.location,
+                        "admin-token: must be non-empty printable ASCII without spaces",
+                    );
+                } else {
+                    self.seen.note(key, d, report);
+                    self.admin_token = Some(value.to_string());
+                }
+            }
+            _ => {
+                if let Some(value) = report.single(d, "stuck-threshold SECONDS") {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_SECS, "(seconds)") {
+                        self.seen.note(key, d, report);
+                        self.stuck_threshold = secs(n);
+                    }
+                }
+            }
+        }
+    }
+
     fn mysql(&mut self, d: &Directive, report: &mut Report) {
         let usage = "mysql host|port|user_name|password|db_name VALUE";
         let Some(args) = report.args(d, 2, 2, usage) else {
@@ -1231,6 +1304,18 @@ impl ServerDraft {
         };
 
         let mysql_at = self.mysql.first.clone();
+        if let (Some(addr), Some(at)) = (self.admin_listen, &self.admin_listen_at) {
+            if !addr.ip().is_loopback() && self.admin_token.is_none() {
+                report.warn(
+                    at,
+                    format!(
+                        "admin-listen {addr} is not a loopback address: metrics and the \
+                         status page are readable from the network (read-only: no \
+                         admin-token is set)"
+                    ),
+                );
+            }
+        }
         let mysql = finish_mysql(self.mysql, report);
         let dispatch_log = match (self.dispatch_log, &mysql) {
             (Some((target, _)), Some(_)) => {
@@ -1307,6 +1392,9 @@ impl ServerDraft {
             dispatch_log_success: self.dispatch_log_success,
             dispatch_log_queue: usize::try_from(self.dispatch_log_queue).unwrap_or(usize::MAX),
             dead_letter_topic: self.dead_letter_topic,
+            admin_listen: self.admin_listen,
+            admin_token: self.admin_token,
+            stuck_threshold: self.stuck_threshold,
         }
     }
 }
@@ -3142,5 +3230,47 @@ max-message-bytes 1024
         let dir = std::fs::canonicalize(manifest_dir().join("conf")).unwrap();
         assert_eq!(config.log_file, Some(dir.join("../logs/mkc.log")));
         assert_eq!(config.pid_file, dir.join("../run/mkc.pid"));
+    }
+
+    #[test]
+    fn admin_keys() {
+        let config = server_with("").config;
+        assert_eq!(config.admin_listen, Some("127.0.0.1:8120".parse().unwrap()));
+        assert_eq!(config.admin_token, None);
+        assert_eq!(config.stuck_threshold, Duration::from_secs(300));
+
+        let loaded =
+            server_with("admin-listen 127.0.0.1:0\nadmin-token s3cret\nstuck-threshold 5\n");
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(
+            loaded.config.admin_listen,
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(loaded.config.admin_token.as_deref(), Some("s3cret"));
+        assert_eq!(loaded.config.stuck_threshold, Duration::from_secs(5));
+
+        assert_eq!(server_with("admin-listen OFF\n").config.admin_listen, None);
+
+        let open = server_with("admin-listen 0.0.0.0:9000\n");
+        assert_eq!(
+            warnings(&open),
+            vec![
+                "/etc/mkc/server.conf:4: admin-listen 0.0.0.0:9000 is not a loopback address: \
+                 metrics and the status page are readable from the network (read-only: no \
+                 admin-token is set)"
+            ]
+        );
+        assert!(warnings(&server_with("admin-listen [::]:9000\nadmin-token t\n")).is_empty());
+
+        let errors = rejected(
+            &format!(
+                "{MINIMAL}admin-listen localhost:80\nadmin-token \"a b\"\nstuck-threshold 0\n"
+            ),
+            &[("m.conf", MODULE_M)],
+        );
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].contains(":4: admin-listen: \"localhost:80\" is not IP:PORT or off"));
+        assert!(errors[1].contains(":5: admin-token: must be non-empty printable ASCII"));
+        assert!(errors[2].contains(":6:"), "{}", errors[2]);
     }
 }

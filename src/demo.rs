@@ -160,6 +160,23 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     wait_for_log(&log, "partitions assigned", Duration::from_secs(30))
         .context("mkc did not start consuming; see its log")?;
     println!("mkc demo: mkc is consuming (log: {})", log.display());
+    let admin = crate::state::admin_file(&crate::state::state_dir(&dir.path().join("mkc.pid")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let listen = std::fs::read(&admin)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::state::AdminState>(&b).ok())
+            .map(|a| a.listen);
+        if let Some(listen) = listen {
+            println!("mkc demo: status page http://{listen}/ (metrics at /metrics)");
+            println!(
+                "mkc demo: dispatch log (SQLite) {}",
+                dir.path().join("mkc-dispatch-log.db").display()
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // 4. The sample stream, with one invalid message in the middle.
     let expected = runtime.block_on(produce(&address, opts.messages))?;
@@ -295,6 +312,7 @@ fn write_config(dir: &Path, brokers: &str, port: u16) -> anyhow::Result<PathBuf>
          log-level info\n\
          log-file mkc.log\n\
          pid-path .\n\
+         admin-listen 127.0.0.1:0\n\
          shutdown_timeout 5\n\
          topic {TOPIC} 2\n\
          filters 1001\nfilters 1002\nfilters 1003\n\

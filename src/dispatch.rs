@@ -12,7 +12,7 @@
 //! message.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
@@ -47,8 +47,8 @@ pub enum Outcome {
         last_error: String,
         http_status: Option<u16>,
     },
-    /// An operator said to skip the message (dispatch log `is_skip`)
-    /// after `attempts` failed attempts.
+    /// An operator asked to skip it (admin API or dispatch log), after
+    /// `attempts` attempts: final, committed.
     Skipped { attempts: u32 },
     /// Stopped before a final outcome (stop or revoke): not final, the
     /// message stays uncommitted and is delivered again later.
@@ -61,7 +61,7 @@ pub trait Observer: Send + Sync {
     /// Attempt number `attempt` failed and another will follow.
     fn attempt_failed(&self, attempt: u32, http_status: Option<u16>, error: &str);
     /// Whether an operator asked to skip the message. Asked before every
-    /// retry and every [`SKIP_POLL`] while waiting `retry_delay`.
+    /// retry and every [`CONTROL_POLL`] while waiting `retry_delay`.
     fn skip_requested(&self) -> bool;
 }
 
@@ -76,8 +76,55 @@ impl Observer for NoObserver {
     }
 }
 
-/// How often a retry wait looks at [`Observer::skip_requested`].
-pub const SKIP_POLL: Duration = Duration::from_millis(100);
+/// A source of operator skip requests (the admin's control file, the
+/// dispatch log's `is_skip` flag). Asked before every attempt and at least
+/// every [`CONTROL_POLL`] while a delivery waits; must be cheap (no I/O).
+pub trait SkipCheck: Send + Sync + 'static {
+    fn skip(&self, msg: &Message, module: &str) -> bool;
+}
+
+/// What a delivery reports to the worker's figures and the operator's
+/// pause switch it obeys (see `crate::figures`).
+pub trait DeliveryWatch: Send + Sync + 'static {
+    /// The delivery of `msg` started (it is in flight until `finished`).
+    fn started(&self, msg: &Message);
+    /// One attempt ended; `error` is `None` on success.
+    fn attempted(&self, msg: &Message, attempt: u32, elapsed: Duration, error: Option<&str>);
+    /// The delivery ended, whatever the outcome (also when dropped).
+    fn finished(&self, msg: &Message);
+    /// Whether the operator paused this module: no attempt starts meanwhile.
+    fn paused(&self) -> bool;
+}
+
+/// Observers and operator controls of an endpoint; none by default.
+#[derive(Clone, Default)]
+pub struct Controls {
+    pub watch: Option<Arc<dyn DeliveryWatch>>,
+    pub skips: Vec<Arc<dyn SkipCheck>>,
+}
+
+impl std::fmt::Debug for Controls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controls")
+            .field("watch", &self.watch.is_some())
+            .field("skips", &self.skips.len())
+            .finish()
+    }
+}
+
+/// How often a waiting delivery looks at the pause and skip controls.
+pub const CONTROL_POLL: Duration = Duration::from_millis(250);
+
+/// Calls [`DeliveryWatch::finished`] however the delivery ends.
+struct Watching<'a>(Option<(&'a dyn DeliveryWatch, &'a Message)>);
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        if let Some((watch, msg)) = self.0 {
+            watch.finished(msg);
+        }
+    }
+}
 
 /// Why the delivery of a message should stop early.
 #[derive(Debug, Clone, Default)]
@@ -102,6 +149,7 @@ pub struct Endpoint {
     client: reqwest::Client,
     url: reqwest::Url,
     module_header: HeaderValue,
+    controls: Controls,
 }
 
 static X_MKC_TOPIC: HeaderName = HeaderName::from_static("x-mkc-topic");
@@ -134,7 +182,72 @@ impl Endpoint {
             client,
             url,
             module_header,
+            controls: Controls::default(),
         })
+    }
+
+    /// The same endpoint, observed and controlled by `controls`.
+    pub fn with_controls(mut self, controls: Controls) -> Endpoint {
+        self.controls = controls;
+        self
+    }
+
+    /// Whether an operator asked to skip `msg`: through the admin controls
+    /// or, once an attempt failed, through the dispatch log (`observer`).
+    fn skip_requested(&self, msg: &Message, attempts: u32, observer: &dyn Observer) -> bool {
+        let name = &self.module.name;
+        self.controls.skips.iter().any(|s| s.skip(msg, name))
+            || (attempts > 0 && observer.skip_requested())
+    }
+
+    /// Before an attempt: waits while the module is paused. `Some` when
+    /// the delivery ends here (skipped, or stopped while paused).
+    async fn gate(
+        &self,
+        msg: &Message,
+        cancel: &Cancel,
+        attempts: u32,
+        observer: &dyn Observer,
+    ) -> Option<Outcome> {
+        loop {
+            if self.skip_requested(msg, attempts, observer) {
+                return Some(self.skipped(msg, attempts));
+            }
+            if !self.controls.watch.as_ref().is_some_and(|w| w.paused()) {
+                return None;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(CONTROL_POLL) => {}
+                _ = cancel.stop.cancelled() => return Some(Outcome::Aborted),
+                _ = cancel.abort.cancelled() => return Some(Outcome::Aborted),
+            }
+        }
+    }
+
+    /// Sleeps `wait` (retry delay), looking for a skip request meanwhile.
+    async fn wait_retry(
+        &self,
+        wait: Duration,
+        msg: &Message,
+        cancel: &Cancel,
+        attempts: u32,
+        observer: &dyn Observer,
+    ) -> Option<Outcome> {
+        let until = Instant::now() + wait;
+        loop {
+            if self.skip_requested(msg, attempts, observer) {
+                return Some(self.skipped(msg, attempts));
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let step = left.min(CONTROL_POLL);
+            tokio::select! {
+                _ = tokio::time::sleep(step) => {}
+                _ = cancel.stop.cancelled() => return Some(Outcome::Aborted),
+            }
+        }
     }
 
     /// Delivers `msg` with the module's delay and retry policy.
@@ -151,6 +264,11 @@ impl Endpoint {
         observer: &dyn Observer,
     ) -> Outcome {
         let m = &self.module;
+        let watch = self.controls.watch.as_deref();
+        if let Some(w) = watch {
+            w.started(msg);
+        }
+        let _watching = Watching(watch.map(|w| (w, msg)));
         if let Some(wait) = delay_left(msg.timestamp_ms, m.delay, SystemTime::now()) {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -162,14 +280,19 @@ impl Endpoint {
             if cancel.stop.is_cancelled() {
                 return Outcome::Aborted;
             }
-            if attempts > 0 && observer.skip_requested() {
-                return self.skipped(msg, attempts);
+            if let Some(outcome) = self.gate(msg, cancel, attempts, observer).await {
+                return outcome;
             }
             attempts += 1;
+            let started = Instant::now();
             let result = tokio::select! {
                 r = self.attempt(msg, attempts) => r,
                 _ = cancel.abort.cancelled() => return Outcome::Aborted,
             };
+            if let Some(w) = watch {
+                let error = result.as_ref().err().map(|e| e.text.as_str());
+                w.attempted(msg, attempts, started.elapsed(), error);
+            }
             let error = match result {
                 Ok(()) => return Outcome::Delivered { attempts },
                 Err(e) => e,
@@ -190,20 +313,11 @@ impl Endpoint {
                 };
             }
             observer.attempt_failed(attempts, error.status, &error.text);
-            // Wait retry_delay, looking for a skip now and then.
-            let until = tokio::time::Instant::now() + m.retry_delay;
-            loop {
-                if observer.skip_requested() {
-                    return self.skipped(msg, attempts);
-                }
-                let now = tokio::time::Instant::now();
-                if now >= until {
-                    break;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until.min(now + SKIP_POLL)) => {}
-                    _ = cancel.stop.cancelled() => return Outcome::Aborted,
-                }
+            if let Some(outcome) = self
+                .wait_retry(m.retry_delay, msg, cancel, attempts, observer)
+                .await
+            {
+                return outcome;
             }
         }
     }
@@ -212,7 +326,7 @@ impl Endpoint {
         tracing::warn!(
             topic = %msg.topic, partition = msg.partition, offset = msg.offset,
             command_id = %msg.envelope.command_id, module = %self.module.name,
-            attempts, "skipped by the operator (is_skip)"
+            attempts, "skipped by the operator"
         );
         Outcome::Skipped { attempts }
     }

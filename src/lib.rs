@@ -37,7 +37,12 @@
 //! - [`replay`]: the `replay` command: re-sending logged messages.
 //! - [`logging`]: tracing setup and log reopen.
 //! - [`demo`]: `mkc demo`, an embedded broker and receiver around the real mkc.
+//! - [`state`]: the state directory shared by master, workers, admin, `-s status`.
+//! - [`figures`]: a worker's counters, gauges, stuck list; pause and skip controls.
+//! - [`status`]: aggregation of the state directory; Prometheus and text renderings.
+//! - [`admin`]: the admin process: metrics, health, status API and page.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod dead_letter;
@@ -45,6 +50,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod dispatch_log;
 pub mod envelope;
+pub mod figures;
 pub mod kafka;
 pub mod logging;
 pub mod master;
@@ -53,4 +59,6 @@ pub mod proctitle;
 pub mod replay;
 pub mod router;
 pub mod signals;
+pub mod state;
+pub mod status;
 pub mod worker;

@@ -58,6 +58,19 @@ struct Master {
     pid_lock: Flock<File>,
     pid: Pid,
     reload_seq: u64,
+    /// master.json in the state directory (`None` if it cannot be written).
+    state: Option<crate::state::MasterPublisher>,
+    /// The admin process (`admin-listen`), supervised like a worker.
+    admin: AdminSlot,
+}
+
+/// The admin process's slot: restarted with the workers' backoff.
+#[derive(Debug)]
+struct AdminSlot {
+    pid: Option<Pid>,
+    started: Instant,
+    failures: u32,
+    restart_at: Option<Instant>,
 }
 
 /// Path of the file where the master reports the result of a reload.
@@ -131,6 +144,9 @@ fn start(config: Arc<ServerConfig>, warnings: Vec<config::Diagnostic>) -> anyhow
     let pid = nix::unistd::getpid();
     crate::proctitle::set(&format!("mkc: master process -c {}", config.path.display()));
     let signals = MasterSignals::install().context("cannot install signal handlers")?;
+    let state = crate::state::MasterPublisher::new(&config.pid_file, pid.as_raw())
+        .map_err(|e| tracing::warn!("cannot prepare the state directory: {e}"))
+        .ok();
     let mut master = Master {
         conf_path: config.path.clone(),
         config,
@@ -139,6 +155,13 @@ fn start(config: Arc<ServerConfig>, warnings: Vec<config::Diagnostic>) -> anyhow
         pid_lock,
         pid,
         reload_seq: 0,
+        state,
+        admin: AdminSlot {
+            pid: None,
+            started: Instant::now(),
+            failures: 0,
+            restart_at: None,
+        },
     };
     tracing::info!(pid = pid.as_raw(), conf = %master.conf_path.display(), "master started");
     let slots = master.plan_slots(&master.config.clone());
@@ -147,6 +170,8 @@ fn start(config: Arc<ServerConfig>, warnings: Vec<config::Diagnostic>) -> anyhow
         let i = master.slots.len() - 1;
         master.spawn(i);
     }
+    master.spawn_admin();
+    master.publish_state();
     Ok(master)
 }
 
@@ -212,6 +237,9 @@ impl Master {
 
     /// The forked worker: detach from the master's resources, run, exit.
     fn child(&self, topic: &str, index: u32) -> ! {
+        // Stop signals wait for the worker's own handlers (not lost to the
+        // master's, dropped below).
+        crate::signals::hold_in_child();
         // Die with the master, even when it is killed with SIGKILL.
         let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
         if nix::unistd::getppid() != self.pid {
@@ -226,6 +254,84 @@ impl Master {
         crate::proctitle::set(&format!("mkc: worker process [{topic}] #{index}"));
         let code = crate::worker::run(self.config.clone(), topic, index, Some(self.pid.as_raw()));
         std::process::exit(code)
+    }
+
+    /// Forks the admin process (when `admin-listen` is not off).
+    fn spawn_admin(&mut self) {
+        self.admin.restart_at = None;
+        if self.config.admin_listen.is_none() {
+            return;
+        }
+        // SAFETY: as in `spawn`: the master is single-threaded.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                crate::signals::hold_in_child();
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
+                if nix::unistd::getppid() != self.pid {
+                    std::process::exit(0);
+                }
+                self.signals.forget_in_child();
+                // SAFETY: as in `child`: our copy of the lock's fd only.
+                unsafe { libc::close(self.pid_lock.as_raw_fd()) };
+                crate::proctitle::set("mkc: admin process");
+                std::process::exit(crate::admin::run(self.config.clone(), self.pid.as_raw()))
+            }
+            Ok(ForkResult::Parent { child }) => {
+                self.admin.pid = Some(child);
+                self.admin.started = Instant::now();
+                tracing::info!(pid = child.as_raw(), "admin process started");
+            }
+            Err(e) => {
+                tracing::error!("cannot fork the admin process: {e}");
+                self.schedule_admin_restart();
+            }
+        }
+    }
+
+    fn schedule_admin_restart(&mut self) {
+        let admin = &mut self.admin;
+        if admin.started.elapsed() >= HEALTHY_AFTER {
+            admin.failures = 0;
+        }
+        let delay = RESTART_MIN
+            .saturating_mul(1 << admin.failures.min(5))
+            .min(RESTART_MAX);
+        admin.failures += 1;
+        admin.pid = None;
+        admin.restart_at = Some(Instant::now() + delay);
+        tracing::warn!("restarting the admin process in {delay:?}");
+    }
+
+    /// Stops the admin process (SIGTERM, then SIGKILL after 3 s).
+    fn stop_admin(&mut self) {
+        let Some(pid) = self.admin.pid.take() else {
+            return;
+        };
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while matches!(
+            waitpid(pid, Some(WaitPidFlag::WNOHANG)),
+            Ok(WaitStatus::StillAlive)
+        ) {
+            if Instant::now() >= deadline {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Rewrites master.json if a slot changed.
+    fn publish_state(&mut self) {
+        let admin = self.admin.pid.map(|p| p.as_raw());
+        if let Some(state) = self.state.as_mut() {
+            let slots = self
+                .slots
+                .iter()
+                .map(|s| (s.topic.as_str(), s.index, s.pid.map(|p| p.as_raw())));
+            state.publish(slots, admin);
+        }
     }
 
     fn schedule_restart(&mut self, i: usize) {
@@ -266,6 +372,10 @@ impl Master {
                     self.spawn(i);
                 }
             }
+            if self.admin.restart_at.is_some_and(|t| t <= now) {
+                self.spawn_admin();
+            }
+            self.publish_state();
         }
         self.stop_all();
         Ok(())
@@ -279,9 +389,20 @@ impl Master {
                 Ok(status) => {
                     let Some(pid) = status.pid() else { return };
                     let Some(i) = self.slots.iter().position(|s| s.pid == Some(pid)) else {
+                        if self.admin.pid == Some(pid) {
+                            tracing::warn!(
+                                pid = pid.as_raw(),
+                                "admin process exited unexpectedly ({})",
+                                describe(&status)
+                            );
+                            self.schedule_admin_restart();
+                        }
                         continue;
                     };
                     let slot = &self.slots[i];
+                    if let Some(state) = self.state.as_mut() {
+                        state.worker_exited(&slot.topic, slot.index);
+                    }
                     tracing::warn!(
                         pid = pid.as_raw(), topic = %slot.topic, index = slot.index,
                         "worker exited unexpectedly ({}) after {:?}",
@@ -294,7 +415,12 @@ impl Master {
     }
 
     fn signal_workers(&self, signal: Signal) {
-        for pid in self.slots.iter().filter_map(|s| s.pid) {
+        for pid in self
+            .slots
+            .iter()
+            .filter_map(|s| s.pid)
+            .chain(self.admin.pid)
+        {
             let _ = kill(pid, signal);
         }
     }
@@ -347,6 +473,10 @@ impl Master {
         tracing::info!("stopping: asking every worker to finish");
         let all: Vec<usize> = (0..self.slots.len()).collect();
         self.stop_workers(&all);
+        self.stop_admin();
+        if let Some(state) = &self.state {
+            let _ = std::fs::remove_file(crate::state::master_file(state.dir()));
+        }
         if let Err(e) = std::fs::remove_file(&self.config.pid_file) {
             tracing::warn!(
                 "cannot remove pid file {}: {e}",
@@ -431,6 +561,11 @@ impl Master {
                 self.spawn(i);
             }
         }
+        // The admin process serves the new configuration (topics, modules,
+        // admin-listen, admin-token).
+        self.stop_admin();
+        self.spawn_admin();
+        self.publish_state();
         tracing::info!("configuration reloaded");
         self.write_reload_status(ReloadState::Done, &warnings);
         false

@@ -132,8 +132,38 @@ pub struct WorkerSignals {
     _hup: tokio::signal::unix::Signal,
 }
 
+/// The signals a child process must not lose between its fork and
+/// [`WorkerSignals::install`].
+fn stop_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::Signal;
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGQUIT,
+        Signal::SIGINT,
+        Signal::SIGUSR1,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// In a freshly forked child, before the master's handlers are dropped:
+/// keeps stop signals pending (instead of lost to a handler with no
+/// action) until [`WorkerSignals::install`] is ready for them.
+pub fn hold_in_child() {
+    let _ = stop_signals().thread_block();
+}
+
 impl WorkerSignals {
     pub fn install() -> io::Result<WorkerSignals> {
+        let signals = WorkerSignals::register()?;
+        // Signals that arrived since the fork are delivered now.
+        let _ = stop_signals().thread_unblock();
+        Ok(signals)
+    }
+
+    fn register() -> io::Result<WorkerSignals> {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(WorkerSignals {
             term: signal(SignalKind::terminate())?,

@@ -45,9 +45,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{DeliveryMode, ServerConfig};
 use crate::dead_letter::{DeadLetters, Letter};
-use crate::dispatch::{Cancel, Endpoint, Message, Observer, Outcome};
+use crate::dispatch::{Cancel, Controls, Endpoint, Message, Observer, Outcome};
 use crate::dispatch_log::{DispatchLog, Key, LogRecord, Status};
 use crate::envelope;
+use crate::figures::{PartitionSource, PartitionView, Reporter, WorkerFigures};
 use crate::kafka::{self, PartitionOwner, WorkerConsumer};
 use crate::offsets::Tracker;
 use crate::router::Router;
@@ -191,6 +192,8 @@ struct Pipeline {
     abort: CancellationToken,
     lanes: TaskTracker,
     runtime: tokio::runtime::Handle,
+    /// Counters and gauges for the admin process and `-s status`.
+    figures: Arc<WorkerFigures>,
 }
 
 impl Pipeline {
@@ -264,6 +267,24 @@ impl Pipeline {
     }
 }
 
+impl PartitionSource for Pipeline {
+    fn partitions(&self) -> Vec<PartitionView> {
+        self.snapshot()
+            .iter()
+            .map(|p| {
+                let tracker = p.tracker.lock().unwrap_or_else(|e| e.into_inner());
+                PartitionView {
+                    partition: p.number,
+                    committed: *p.committed.lock().unwrap_or_else(|e| e.into_inner()),
+                    oldest_unfinished: tracker.oldest_unfinished(),
+                    in_flight: tracker.in_flight(),
+                    fetch_paused: p.paused.load(Ordering::Acquire),
+                }
+            })
+            .collect()
+    }
+}
+
 impl PartitionOwner for Pipeline {
     fn revoke(&self, numbers: &[i32]) -> Vec<(i32, i64)> {
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
@@ -293,10 +314,18 @@ async fn run_async(
     master: Option<i32>,
 ) -> anyhow::Result<()> {
     let mut signals = WorkerSignals::install()?;
+    let figures = Arc::new(WorkerFigures::new(&config, topic, index));
     let endpoints = config
         .modules
         .iter()
-        .map(|m| Endpoint::new(Arc::new(m.clone())).map(Arc::new))
+        .enumerate()
+        .map(|(i, m)| {
+            let controls = Controls {
+                watch: Some(figures.watch(i)),
+                skips: vec![figures.clone()],
+            };
+            Endpoint::new(Arc::new(m.clone())).map(|e| Arc::new(e.with_controls(controls)))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let permits = config
         .modules
@@ -344,6 +373,7 @@ async fn run_async(
         abort: CancellationToken::new(),
         lanes: TaskTracker::new(),
         runtime: tokio::runtime::Handle::current(),
+        figures: figures.clone(),
     });
     if let Some(dead_letters) = pipeline.dead_letters.clone() {
         let mut topics: Vec<String> = pipeline
@@ -360,6 +390,7 @@ async fn run_async(
         });
     }
     let consumer = kafka::consumer(&config, topic, index, pipeline.clone())?;
+    let reporter = Reporter::start(figures, pipeline.clone(), consumer.clone());
     tracing::info!(topic, index, group = %config.group_id, "worker consuming");
 
     let mut tick = tokio::time::interval(TICK);
@@ -381,6 +412,9 @@ async fn run_async(
             },
             _ = tick.tick() => {
                 resume_drained(&pipeline, &consumer);
+                let figures = &pipeline.figures;
+                figures.dispatch_log_queued.store(pipeline.log.queue_depth() as u64, Ordering::Relaxed);
+                figures.dispatch_log_dropped.store(pipeline.log.dropped(), Ordering::Relaxed);
                 if last_commit.elapsed() >= config.offset_sync_interval {
                     commit(&pipeline, &consumer, CommitMode::Async);
                     last_commit = Instant::now();
@@ -409,6 +443,7 @@ async fn run_async(
         config.shutdown_timeout
     };
     shutdown(&pipeline, &consumer, deadline).await;
+    reporter.finish().await;
     Ok(())
 }
 
@@ -428,6 +463,7 @@ fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessa
         Ok(e) => e,
         Err(reason) => {
             tracing::warn!(%topic, partition = partition.number, offset, bytes = payload.len(), "invalid message: {reason}");
+            pipeline.figures.invalid();
             invalid(pipeline, &partition, m, reason.to_string());
             return;
         }
@@ -441,6 +477,7 @@ fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessa
     if targets.is_empty() {
         tracing::debug!(%topic, partition = partition.number, offset, command_id = %envelope.command_id,
             "no module subscribes (or filtered out by the global filters)");
+        pipeline.figures.unrouted();
         partition.finish(offset);
         return;
     }
@@ -677,6 +714,7 @@ impl LaneCtx {
             .deliver_observed(msg, &self.cancel, &observer)
             .await;
         observer.finish(&outcome);
+        pipeline.figures.outcome(self.module, msg, &outcome);
         match outcome {
             Outcome::Aborted => return false,
             Outcome::Delivered { attempts } if attempts > 1 => {

@@ -116,6 +116,10 @@ fn demo_delivers_every_sample_to_the_right_module_and_cleans_up() {
     );
     assert!(stdout.contains(&format!("all {expected} deliveries arrived")));
     assert!(
+        stdout.contains("mkc demo: status page http://127.0.0.1:"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("mkc demo: mkc stopped (exit status: 0)"),
         "{stdout}"
     );

@@ -965,6 +965,10 @@ pub struct MkcConfig {
     pub properties: Vec<(String, String)>,
     /// Raw lines appended as they are (e.g. `max-message-bytes 1048576`).
     pub extra: Vec<String>,
+    /// `admin-listen`: a free port on loopback by default (never the fixed
+    /// default port, which parallel tests would fight over); `off` turns
+    /// the admin process off.
+    pub admin_listen: String,
 }
 
 impl MkcConfig {
@@ -981,7 +985,13 @@ impl MkcConfig {
             modules: Vec::new(),
             properties: Vec::new(),
             extra: Vec::new(),
+            admin_listen: "127.0.0.1:0".to_string(),
         }
+    }
+
+    pub fn admin_listen(mut self, value: &str) -> MkcConfig {
+        self.admin_listen = value.to_string();
+        self
     }
 
     pub fn workers(mut self, n: u32) -> MkcConfig {
@@ -1056,6 +1066,7 @@ impl MkcConfig {
         let _ = writeln!(s, "log-level debug");
         let _ = writeln!(s, "log-file {}", dir.join("mkc.log").display());
         let _ = writeln!(s, "pid-path {}", dir.display());
+        let _ = writeln!(s, "admin-listen {}", self.admin_listen);
         let _ = writeln!(s, "topic {} {}", self.topic, self.workers);
         for id in &self.global_filters {
             let _ = writeln!(s, "filters {id}");
@@ -1242,6 +1253,27 @@ impl Mkc {
             Some(pid) => children_of(pid),
             None => Vec::new(),
         }
+    }
+
+    /// The admin process's base URL (`http://127.0.0.1:PORT`), from the
+    /// `admin.json` it writes into the state directory; waits up to
+    /// `timeout` for it.
+    pub fn admin_url(&self, timeout: Duration) -> String {
+        let path = self.dir.path().join("mkc-state").join("admin.json");
+        let mut listen = None;
+        if !wait_until(timeout, || {
+            listen = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| Some(v.get("listen")?.as_str()?.to_string()));
+            listen.is_some()
+        }) {
+            self.fail(&format!(
+                "the admin process did not write {} within {timeout:?}",
+                path.display()
+            ));
+        }
+        format!("http://{}", listen.unwrap_or_default())
     }
 
     /// Waits until the master has `n` workers and returns their pids.

@@ -1,0 +1,784 @@
+//! A worker's figures and the operator controls it obeys.
+//!
+//! [`WorkerFigures`] holds the worker's counters and gauges in memory:
+//! atomics and small maps updated where outcomes happen (no allocation per
+//! message once a (module, commandId) pair was seen, no I/O). A
+//! [`Reporter`] task turns them into a [`WorkerSnapshot`] every 500 ms and
+//! writes it to the state directory (see [`crate::state`]); it also asks
+//! the broker for high watermarks (for lag) and reads the control file
+//! (paused modules, skip requests) every 250 ms.
+//!
+//! The dispatch side sees the figures through [`ModuleWatch`] (a
+//! [`DeliveryWatch`]: in-flight, latency, failed attempts, the stuck list,
+//! the pause switch) and, as a [`SkipCheck`], [`WorkerFigures`] itself
+//! (the control file's skip requests).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::{CommandId, ServerConfig};
+use crate::dispatch::{DeliveryWatch, Message, Outcome, SkipCheck};
+use crate::kafka::{CommitTarget, WorkerConsumer};
+use crate::state::{
+    self, CounterFigures, DispatchLogFigures, LastError, ModuleFigures, PartitionFigures,
+    StuckMessage, WorkerSnapshot, LATENCY_BUCKETS, STUCK_LIST_MAX,
+};
+
+/// How often the control file is looked at.
+const CONTROL_TICK: Duration = Duration::from_millis(250);
+/// How often a snapshot is written (a multiple of `CONTROL_TICK`).
+const SNAPSHOT_EVERY: u32 = 2;
+/// How often high watermarks are asked for.
+const WATERMARK_EVERY: Duration = Duration::from_secs(1);
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this often a worker sends requests of its own for figures.
+const BROKER_QUERY_EVERY: Duration = Duration::from_secs(10);
+/// The window of the rates.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    delivered: u64,
+    failed_attempts: u64,
+    exhausted: u64,
+    skipped: u64,
+}
+
+#[derive(Debug)]
+struct ModuleLive {
+    name: String,
+    in_flight: AtomicI64,
+    /// Per bucket of `LATENCY_BUCKETS`, then `+Inf`.
+    buckets: Vec<AtomicU64>,
+    sum_us: AtomicU64,
+    last_error: Mutex<Option<LastError>>,
+    /// Set by the control file.
+    paused: AtomicBool,
+}
+
+#[derive(Debug, Clone)]
+struct StuckLive {
+    command_id: CommandId,
+    attempts: u32,
+    first_failure_ms: i64,
+    last_error: String,
+}
+
+/// One worker's counters and gauges.
+#[derive(Debug)]
+pub struct WorkerFigures {
+    topic: String,
+    index: u32,
+    started_ms: i64,
+    path: PathBuf,
+    control_path: PathBuf,
+    modules: Vec<ModuleLive>,
+    counters: Mutex<HashMap<(usize, CommandId), Counts>>,
+    /// Counters of an earlier run for modules no longer configured: kept so
+    /// that totals never go down.
+    carried: Vec<CounterFigures>,
+    invalid: AtomicU64,
+    unrouted: AtomicU64,
+    /// (partition, offset, module) of deliveries that failed an attempt.
+    stuck: Mutex<HashMap<(i32, i64, usize), StuckLive>>,
+    stuck_len: AtomicUsize,
+    /// Skip requests of the control file for this topic.
+    skips: RwLock<HashMap<(i32, i64), Vec<String>>>,
+    any_skip: AtomicBool,
+    /// The dispatch log's writer queue: set by the dispatch log.
+    pub dispatch_log_queued: AtomicU64,
+    pub dispatch_log_dropped: AtomicU64,
+}
+
+impl WorkerFigures {
+    /// Figures for worker `index` of `topic`, continuing from the slot's
+    /// last snapshot if a previous worker of the slot left one.
+    pub fn new(config: &ServerConfig, topic: &str, index: u32) -> WorkerFigures {
+        let dir = state::state_dir(&config.pid_file);
+        let path = state::worker_file(&dir, topic, index);
+        let previous: WorkerSnapshot = state::read_json(&path).unwrap_or_default();
+        let modules: Vec<ModuleLive> = config
+            .modules
+            .iter()
+            .map(|m| {
+                let old = previous.modules.iter().find(|o| o.name == m.name);
+                let buckets = (0..=LATENCY_BUCKETS.len())
+                    .map(|i| {
+                        AtomicU64::new(
+                            old.and_then(|o| o.latency_buckets.get(i).copied())
+                                .unwrap_or(0),
+                        )
+                    })
+                    .collect();
+                let sum_us = old.map_or(0.0, |o| o.latency_sum_s * 1e6) as u64;
+                ModuleLive {
+                    name: m.name.clone(),
+                    in_flight: AtomicI64::new(0),
+                    buckets,
+                    sum_us: AtomicU64::new(sum_us),
+                    last_error: Mutex::new(old.and_then(|o| o.last_error.clone())),
+                    paused: AtomicBool::new(false),
+                }
+            })
+            .collect();
+        let mut counters = HashMap::new();
+        let mut carried = Vec::new();
+        for c in previous.counters {
+            let module = modules.iter().position(|m| m.name == c.module);
+            match (module, CommandId::parse(&c.command_id)) {
+                (Some(m), Some(id)) => {
+                    counters.insert(
+                        (m, id),
+                        Counts {
+                            delivered: c.delivered,
+                            failed_attempts: c.failed_attempts,
+                            exhausted: c.exhausted,
+                            skipped: c.skipped,
+                        },
+                    );
+                }
+                _ => carried.push(c),
+            }
+        }
+        WorkerFigures {
+            topic: topic.to_string(),
+            index,
+            started_ms: state::now_ms(),
+            path,
+            control_path: state::control_file(&dir),
+            modules,
+            counters: Mutex::new(counters),
+            carried,
+            invalid: AtomicU64::new(previous.invalid),
+            unrouted: AtomicU64::new(previous.unrouted),
+            stuck: Mutex::new(HashMap::new()),
+            stuck_len: AtomicUsize::new(0),
+            skips: RwLock::new(HashMap::new()),
+            any_skip: AtomicBool::new(false),
+            dispatch_log_queued: AtomicU64::new(0),
+            dispatch_log_dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// The watch for the endpoint of module `module` (config order).
+    pub fn watch(self: &Arc<Self>, module: usize) -> Arc<ModuleWatch> {
+        Arc::new(ModuleWatch {
+            figures: self.clone(),
+            module,
+        })
+    }
+
+    /// A message that is not a routable JSON command.
+    pub fn invalid(&self) {
+        self.invalid.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A message no module subscribes to.
+    pub fn unrouted(&self) {
+        self.unrouted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The final outcome of `msg` for module `module`.
+    pub fn outcome(&self, module: usize, msg: &Message, outcome: &Outcome) {
+        let mut counters = lock(&self.counters);
+        let c = counters
+            .entry((module, msg.envelope.command_id))
+            .or_default();
+        match outcome {
+            Outcome::Delivered { .. } => c.delivered += 1,
+            Outcome::Exhausted { .. } => c.exhausted += 1,
+            Outcome::Skipped { .. } => c.skipped += 1,
+            Outcome::Aborted => {}
+        }
+    }
+
+    /// Reads the control file if it changed: paused modules, skips.
+    fn apply_control(&self, control: &state::Control) {
+        for m in &self.modules {
+            let paused = control.paused.iter().any(|p| p == &m.name);
+            if m.paused.swap(paused, Ordering::AcqRel) != paused {
+                if paused {
+                    tracing::warn!(topic = %self.topic, module = %m.name, "module paused by the operator");
+                } else {
+                    tracing::info!(topic = %self.topic, module = %m.name, "module resumed by the operator");
+                }
+            }
+        }
+        let mut skips: HashMap<(i32, i64), Vec<String>> = HashMap::new();
+        for s in control.skips.iter().filter(|s| s.topic == self.topic) {
+            skips
+                .entry((s.partition, s.offset))
+                .or_default()
+                .push(s.module.clone());
+        }
+        self.any_skip.store(!skips.is_empty(), Ordering::Release);
+        *self.skips.write().unwrap_or_else(|p| p.into_inner()) = skips;
+    }
+
+    fn stuck_list(&self) -> (Vec<StuckMessage>, usize) {
+        let stuck = lock(&self.stuck);
+        let mut list: Vec<StuckMessage> = stuck
+            .iter()
+            .map(|(&(partition, offset, module), s)| StuckMessage {
+                topic: self.topic.clone(),
+                partition,
+                offset,
+                module: self.modules[module].name.clone(),
+                command_id: s.command_id.to_string(),
+                attempts: s.attempts,
+                first_failure_ms: s.first_failure_ms,
+                last_error: s.last_error.clone(),
+            })
+            .collect();
+        let total = list.len();
+        list.sort_by_key(|s| (s.first_failure_ms, s.partition, s.offset));
+        list.truncate(STUCK_LIST_MAX);
+        (list, total)
+    }
+
+    fn counter_list(&self) -> Vec<CounterFigures> {
+        let counters = lock(&self.counters);
+        let mut list: Vec<CounterFigures> = counters
+            .iter()
+            .map(|(&(module, id), c)| CounterFigures {
+                module: self.modules[module].name.clone(),
+                command_id: id.to_string(),
+                delivered: c.delivered,
+                failed_attempts: c.failed_attempts,
+                exhausted: c.exhausted,
+                skipped: c.skipped,
+            })
+            .collect();
+        drop(counters);
+        list.extend(self.carried.iter().cloned());
+        list.sort_by(|a, b| (&a.module, &a.command_id).cmp(&(&b.module, &b.command_id)));
+        list
+    }
+
+    /// (delivered, failed attempts) per module, for the rates.
+    fn module_totals(&self) -> Vec<(u64, u64)> {
+        let mut totals = vec![(0, 0); self.modules.len()];
+        for (&(module, _), c) in lock(&self.counters).iter() {
+            totals[module].0 += c.delivered;
+            totals[module].1 += c.failed_attempts;
+        }
+        totals
+    }
+}
+
+impl SkipCheck for WorkerFigures {
+    fn skip(&self, msg: &Message, module: &str) -> bool {
+        if !self.any_skip.load(Ordering::Acquire) {
+            return false;
+        }
+        let skips = self.skips.read().unwrap_or_else(|p| p.into_inner());
+        skips
+            .get(&(msg.partition, msg.offset))
+            .is_some_and(|modules| modules.iter().any(|m| m == module))
+    }
+}
+
+/// The figures of one module's endpoint.
+#[derive(Debug)]
+pub struct ModuleWatch {
+    figures: Arc<WorkerFigures>,
+    module: usize,
+}
+
+impl DeliveryWatch for ModuleWatch {
+    fn started(&self, _msg: &Message) {
+        self.figures.modules[self.module]
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn attempted(&self, msg: &Message, attempt: u32, elapsed: Duration, error: Option<&str>) {
+        let m = &self.figures.modules[self.module];
+        let secs = elapsed.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&upper| secs <= upper)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        if let Some(b) = m.buckets.get(bucket) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        m.sum_us.fetch_add(micros, Ordering::Relaxed);
+        let Some(error) = error else {
+            return;
+        };
+        let now = state::now_ms();
+        lock(&self.figures.counters)
+            .entry((self.module, msg.envelope.command_id))
+            .or_default()
+            .failed_attempts += 1;
+        *lock(&m.last_error) = Some(LastError {
+            text: error.to_string(),
+            at_ms: now,
+        });
+        let mut stuck = lock(&self.figures.stuck);
+        let entry = stuck
+            .entry((msg.partition, msg.offset, self.module))
+            .or_insert_with(|| StuckLive {
+                command_id: msg.envelope.command_id,
+                attempts: 0,
+                first_failure_ms: now,
+                last_error: String::new(),
+            });
+        entry.attempts = attempt;
+        entry.last_error.clear();
+        entry.last_error.push_str(error);
+        self.figures.stuck_len.store(stuck.len(), Ordering::Release);
+    }
+
+    fn finished(&self, msg: &Message) {
+        self.figures.modules[self.module]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+        if self.figures.stuck_len.load(Ordering::Acquire) > 0 {
+            let mut stuck = lock(&self.figures.stuck);
+            stuck.remove(&(msg.partition, msg.offset, self.module));
+            self.figures.stuck_len.store(stuck.len(), Ordering::Release);
+        }
+    }
+
+    fn paused(&self) -> bool {
+        self.figures.modules[self.module]
+            .paused
+            .load(Ordering::Acquire)
+    }
+}
+
+// ─── the reporter task ───────────────────────────────────────────────────
+
+/// A partition as the worker's pipeline sees it.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionView {
+    pub partition: i32,
+    /// The last position mkc committed.
+    pub committed: Option<i64>,
+    pub oldest_unfinished: Option<i64>,
+    pub in_flight: usize,
+    pub fetch_paused: bool,
+}
+
+/// Where the reporter finds the worker's partitions.
+pub trait PartitionSource: Send + Sync + 'static {
+    fn partitions(&self) -> Vec<PartitionView>;
+}
+
+/// What the broker said about the assigned partitions.
+#[derive(Debug, Default)]
+struct BrokerView {
+    /// High watermark per partition.
+    high: HashMap<i32, i64>,
+    /// The group's (or offset file's) committed position, for partitions
+    /// where mkc has committed nothing yet.
+    committed: HashMap<i32, i64>,
+}
+
+/// (when, per module (delivered, failed), per partition committed).
+type HistoryPoint = (Instant, Vec<(u64, u64)>, HashMap<i32, i64>);
+
+/// What the reporter remembers between snapshots.
+#[derive(Debug, Default)]
+struct Sampler {
+    /// Per partition: the oldest unfinished offset and since when it is.
+    heads: HashMap<i32, (i64, Instant)>,
+    history: VecDeque<HistoryPoint>,
+}
+
+/// The running reporter of a worker; [`Reporter::finish`] writes the last
+/// snapshot.
+pub struct Reporter {
+    figures: Arc<WorkerFigures>,
+    source: Arc<dyn PartitionSource>,
+    consumer: Arc<WorkerConsumer>,
+    broker: Arc<Mutex<BrokerView>>,
+    sampler: Arc<Mutex<Sampler>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Reporter {
+    /// Starts the reporter's tasks on the current runtime.
+    pub fn start(
+        figures: Arc<WorkerFigures>,
+        source: Arc<dyn PartitionSource>,
+        consumer: Arc<WorkerConsumer>,
+    ) -> Reporter {
+        if let Some(dir) = figures.path.parent() {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                tracing::warn!("cannot create the state directory {}: {e}", dir.display());
+            }
+        }
+        let mut r = Reporter {
+            figures,
+            source,
+            consumer,
+            broker: Arc::default(),
+            sampler: Arc::default(),
+            tasks: Vec::new(),
+        };
+        r.tasks.push(tokio::spawn(r.clone_parts().snapshots()));
+        r.tasks.push(tokio::spawn(r.clone_parts().watermarks()));
+        r
+    }
+
+    fn clone_parts(&self) -> Parts {
+        Parts {
+            figures: self.figures.clone(),
+            source: self.source.clone(),
+            consumer: self.consumer.clone(),
+            broker: self.broker.clone(),
+            sampler: self.sampler.clone(),
+        }
+    }
+
+    /// Stops the tasks and writes the final snapshot.
+    pub async fn finish(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let parts = self.clone_parts();
+        let snapshot = parts.snapshot();
+        let path = self.figures.path.clone();
+        let _ = tokio::task::spawn_blocking(move || state::write_json(&path, &snapshot)).await;
+    }
+}
+
+/// The reporter's shared parts, one clone per task.
+struct Parts {
+    figures: Arc<WorkerFigures>,
+    source: Arc<dyn PartitionSource>,
+    consumer: Arc<WorkerConsumer>,
+    broker: Arc<Mutex<BrokerView>>,
+    sampler: Arc<Mutex<Sampler>>,
+}
+
+impl Parts {
+    async fn snapshots(self) {
+        let mut tick = tokio::time::interval(CONTROL_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut control_seen: Option<(SystemTime, u64)> = None;
+        let mut n = 0u32;
+        loop {
+            tick.tick().await;
+            self.read_control(&mut control_seen);
+            n += 1;
+            if !n.is_multiple_of(SNAPSHOT_EVERY) {
+                continue;
+            }
+            let snapshot = self.snapshot();
+            let path = self.figures.path.clone();
+            let written =
+                tokio::task::spawn_blocking(move || state::write_json(&path, &snapshot)).await;
+            if let Ok(Err(e)) = written {
+                tracing::debug!("cannot write {}: {e}", self.figures.path.display());
+            }
+        }
+    }
+
+    fn read_control(&self, seen: &mut Option<(SystemTime, u64)>) {
+        let path = &self.figures.control_path;
+        let stamp = std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+        if stamp == *seen {
+            return;
+        }
+        let control: state::Control = match stamp {
+            Some(_) => match state::read_json(path) {
+                Some(c) => c,
+                // Mid-replace or damaged: look again next tick.
+                None => return,
+            },
+            None => state::Control::default(),
+        };
+        *seen = stamp;
+        self.figures.apply_control(&control);
+    }
+
+    /// High watermarks of the assigned partitions: librdkafka's cached
+    /// ones (every fetch response carries the partition's high watermark,
+    /// so this costs no request), asked from the broker only where the
+    /// cache has nothing or fetching is paused, and then at most every
+    /// [`BROKER_QUERY_EVERY`]: requests share the connection with the
+    /// fetches, and a slow broker must not be kept busy by figures. The
+    /// group's committed positions are asked the same way for partitions
+    /// where mkc has committed nothing yet.
+    async fn watermarks(self) {
+        let mut tick = tokio::time::interval(WATERMARK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_query: Option<Instant> = None;
+        let mut queried = BrokerView::default();
+        loop {
+            tick.tick().await;
+            let assigned = lock(&self.consumer.context().assigned).clone();
+            if assigned.is_empty() {
+                continue;
+            }
+            let views = self.source.partitions();
+            let topic = self.figures.topic.clone();
+            let mut view = BrokerView::default();
+            let mut ask = Vec::new();
+            for &p in &assigned {
+                let paused = views.iter().any(|v| v.partition == p && v.fetch_paused);
+                match cached_high_watermark(&self.consumer, &topic, p) {
+                    Some(high) if !paused => {
+                        view.high.insert(p, high);
+                    }
+                    _ => ask.push(p),
+                }
+            }
+            let unknown: Vec<i32> = assigned
+                .iter()
+                .copied()
+                .filter(|p| {
+                    !views
+                        .iter()
+                        .any(|v| v.partition == *p && v.committed.is_some())
+                })
+                .collect();
+            let due = last_query.is_none_or(|t| t.elapsed() >= BROKER_QUERY_EVERY);
+            if due && (!ask.is_empty() || !unknown.is_empty()) {
+                last_query = Some(Instant::now());
+                let consumer = self.consumer.clone();
+                let topic = topic.clone();
+                let asked = tokio::task::spawn_blocking(move || {
+                    let mut asked = BrokerView::default();
+                    for &p in &ask {
+                        if let Ok((_, high)) =
+                            consumer.fetch_watermarks(&topic, p, WATERMARK_TIMEOUT)
+                        {
+                            asked.high.insert(p, high);
+                        }
+                    }
+                    asked.committed = stored_positions(&consumer, &topic, &unknown);
+                    asked
+                })
+                .await;
+                if let Ok(asked) = asked {
+                    queried = asked;
+                }
+            }
+            for (p, high) in &queried.high {
+                view.high.entry(*p).or_insert(*high);
+            }
+            view.committed = queried.committed.clone();
+            *lock(&self.broker) = view;
+        }
+    }
+
+    fn snapshot(&self) -> WorkerSnapshot {
+        let f = &self.figures;
+        let now = Instant::now();
+        let partitions = self.source.partitions();
+        let assigned = lock(&self.consumer.context().assigned).clone();
+        let totals = f.module_totals();
+        let mut sampler = lock(&self.sampler);
+        let committed_now: HashMap<i32, i64> = partitions
+            .iter()
+            .filter_map(|p| Some((p.partition, p.committed?)))
+            .collect();
+        sampler
+            .history
+            .push_back((now, totals.clone(), committed_now.clone()));
+        while sampler
+            .history
+            .front()
+            .is_some_and(|(at, _, _)| now.duration_since(*at) > RATE_WINDOW)
+        {
+            sampler.history.pop_front();
+        }
+        let (then, old_totals, old_committed) = match sampler.history.front() {
+            Some((at, t, c)) => (*at, t.clone(), c.clone()),
+            None => (now, totals.clone(), committed_now.clone()),
+        };
+        let window = now.duration_since(then).as_secs_f64();
+        let rate = |new: u64, old: u64| {
+            if window > 0.5 {
+                new.saturating_sub(old) as f64 / window
+            } else {
+                0.0
+            }
+        };
+        let broker = lock(&self.broker);
+        let mut heads = std::mem::take(&mut sampler.heads);
+        let mut out_partitions = Vec::new();
+        let mut numbers: Vec<i32> = assigned.clone();
+        numbers.extend(partitions.iter().map(|p| p.partition));
+        numbers.sort_unstable();
+        numbers.dedup();
+        for number in numbers {
+            let view = partitions
+                .iter()
+                .find(|p| p.partition == number)
+                .cloned()
+                .unwrap_or(PartitionView {
+                    partition: number,
+                    ..PartitionView::default()
+                });
+            let committed = view
+                .committed
+                .or_else(|| broker.committed.get(&number).copied());
+            let high = broker.high.get(&number).copied();
+            let base = committed.or(view.oldest_unfinished);
+            let lag = match (high, base) {
+                (Some(h), Some(c)) => Some((h - c).max(0)),
+                _ => None,
+            };
+            let age = match view.oldest_unfinished {
+                Some(offset) => {
+                    let since = head_since(&mut heads, number, offset, now);
+                    now.duration_since(since).as_secs_f64()
+                }
+                None => 0.0,
+            };
+            let throughput = match (view.committed, old_committed.get(&number)) {
+                (Some(c), Some(&old)) => rate(c.max(0) as u64, old.max(0) as u64),
+                _ => 0.0,
+            };
+            out_partitions.push(PartitionFigures {
+                partition: number,
+                committed,
+                high_watermark: high,
+                lag,
+                oldest_unfinished: view.oldest_unfinished,
+                oldest_unfinished_age_s: age,
+                in_flight: view.in_flight,
+                fetch_paused: view.fetch_paused,
+                throughput,
+            });
+        }
+        // Heads of partitions no longer here are forgotten.
+        heads.retain(|p, _| out_partitions.iter().any(|o| o.partition == *p));
+        sampler.heads = heads;
+        drop(broker);
+        drop(sampler);
+        let modules = f
+            .modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let (delivered, failed) = totals[i];
+                let (old_delivered, old_failed) = old_totals.get(i).copied().unwrap_or_default();
+                ModuleFigures {
+                    name: m.name.clone(),
+                    in_flight: m.in_flight.load(Ordering::Relaxed).max(0),
+                    paused: m.paused.load(Ordering::Acquire),
+                    latency_buckets: m
+                        .buckets
+                        .iter()
+                        .map(|b| b.load(Ordering::Relaxed))
+                        .collect(),
+                    latency_sum_s: m.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+                    last_error: lock(&m.last_error).clone(),
+                    delivered_rate: rate(delivered, old_delivered),
+                    failed_rate: rate(failed, old_failed),
+                }
+            })
+            .collect();
+        let (stuck, stuck_total) = f.stuck_list();
+        WorkerSnapshot {
+            pid: std::process::id() as i32,
+            topic: f.topic.clone(),
+            index: f.index,
+            started_ms: f.started_ms,
+            written_ms: state::now_ms(),
+            assigned,
+            partitions: out_partitions,
+            modules,
+            counters: f.counter_list(),
+            invalid: f.invalid.load(Ordering::Relaxed),
+            unrouted: f.unrouted.load(Ordering::Relaxed),
+            stuck,
+            stuck_total,
+            dispatch_log: DispatchLogFigures {
+                queued: f.dispatch_log_queued.load(Ordering::Relaxed),
+                dropped: f.dispatch_log_dropped.load(Ordering::Relaxed),
+            },
+        }
+    }
+}
+
+/// Since when `offset` has been partition `number`'s oldest unfinished
+/// message, updating the record when the head moved.
+fn head_since(
+    heads: &mut HashMap<i32, (i64, Instant)>,
+    number: i32,
+    offset: i64,
+    now: Instant,
+) -> Instant {
+    let entry = heads.entry(number).or_insert((offset, now));
+    if entry.0 != offset {
+        *entry = (offset, now);
+    }
+    entry.1
+}
+
+/// librdkafka's cached high watermark of a partition, as the last fetch
+/// response carried it: no request, no wait. `None` before the first.
+fn cached_high_watermark(consumer: &WorkerConsumer, topic: &str, partition: i32) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; `topic`
+    // is NUL-terminated and outlives the call; `low` and `high` are valid
+    // out-pointers. The call only reads librdkafka's cached, locked state.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
+/// The committed positions of `partitions` as the group (or the offset
+/// files) hold them. Blocking: call from a blocking task.
+fn stored_positions(
+    consumer: &WorkerConsumer,
+    topic: &str,
+    partitions: &[i32],
+) -> HashMap<i32, i64> {
+    let mut out = HashMap::new();
+    if partitions.is_empty() {
+        return out;
+    }
+    match &consumer.context().target {
+        CommitTarget::File(store) => {
+            for &p in partitions {
+                if let Ok(Some(offset)) = store.load(topic, p) {
+                    out.insert(p, offset);
+                }
+            }
+        }
+        CommitTarget::Broker => {
+            let mut tpl = TopicPartitionList::new();
+            for &p in partitions {
+                let _ = tpl.add_partition_offset(topic, p, Offset::Invalid);
+            }
+            if let Ok(committed) = consumer.committed_offsets(tpl, WATERMARK_TIMEOUT) {
+                for e in committed.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        out.insert(e.partition(), o);
+                    }
+                }
+            }
+        }
+    }
+    out
+}

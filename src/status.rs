@@ -1,0 +1,1010 @@
+//! The picture of a running mkc, gathered from its state directory: one
+//! [`Status`] that the admin process serves as JSON (`/api/status`),
+//! Prometheus text (`/metrics`) and health (`/readyz`), and that
+//! `mkc -s status` prints as text.
+//!
+//! Counters are summed over every worker snapshot (a slot's counters
+//! continue across its restarts, so totals never go down); gauges
+//! (partitions, in-flight, stuck messages) come only from live workers: a
+//! snapshot whose slot the master lists with the same pid, written within
+//! [`STALE_AFTER_MS`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ServerConfig;
+use crate::state::{
+    self, Control, CounterFigures, DispatchLogFigures, LastError, MasterState, StuckMessage,
+    WorkerSnapshot, LATENCY_BUCKETS,
+};
+
+/// A worker snapshot older than this is not live.
+pub const STALE_AFTER_MS: i64 = 5_000;
+/// At most this many stuck messages in a [`Status`].
+pub const STUCK_MAX: usize = 500;
+
+/// Everything the admin API and `-s status` show.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub now_ms: i64,
+    /// The master's pid when it is running.
+    pub master_pid: Option<i32>,
+    pub master_started_ms: Option<i64>,
+    /// Where the admin process listens, when it runs.
+    pub admin_listen: Option<String>,
+    pub ready: bool,
+    /// Why it is not ready (empty when ready).
+    pub not_ready: Vec<String>,
+    pub stuck_threshold_s: f64,
+    pub workers: Vec<WorkerStatus>,
+    pub topics: Vec<TopicStatus>,
+    pub modules: Vec<ModuleStatus>,
+    pub counters: Vec<CounterStatus>,
+    /// Oldest first.
+    pub stuck: Vec<StuckMessage>,
+    pub stuck_total: usize,
+    pub dispatch_log: DispatchLogFigures,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub topic: String,
+    pub index: u32,
+    pub pid: Option<i32>,
+    /// Running and reporting.
+    pub up: bool,
+    pub started_ms: Option<i64>,
+    pub restarts: u64,
+    pub assigned: Vec<i32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopicStatus {
+    pub name: String,
+    /// Live workers of this topic.
+    pub workers_up: usize,
+    pub workers: usize,
+    pub partitions: Vec<PartitionStatus>,
+    /// Sum of the partitions' lag.
+    pub lag: i64,
+    /// Messages finished per second over the last minute.
+    pub throughput: f64,
+    pub invalid: u64,
+    pub unrouted: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub partition: i32,
+    /// The worker slot that holds it.
+    pub worker: u32,
+    pub committed: Option<i64>,
+    pub high_watermark: Option<i64>,
+    pub lag: Option<i64>,
+    pub oldest_unfinished: Option<i64>,
+    pub oldest_unfinished_age_s: f64,
+    pub in_flight: usize,
+    pub fetch_paused: bool,
+    pub throughput: f64,
+    /// Held back longer than `stuck-threshold`.
+    pub stuck: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModuleStatus {
+    pub name: String,
+    /// Paused by the operator (control file).
+    pub paused: bool,
+    /// Live workers that have applied the pause.
+    pub paused_workers: usize,
+    pub in_flight: i64,
+    pub delivered: u64,
+    pub failed_attempts: u64,
+    pub exhausted: u64,
+    pub skipped: u64,
+    pub delivered_rate: f64,
+    pub failed_rate: f64,
+    pub last_error: Option<LastError>,
+    /// Per bucket of [`LATENCY_BUCKETS`] then `+Inf`, not cumulative.
+    pub latency_buckets: Vec<u64>,
+    pub latency_sum_s: f64,
+    /// Messages of this module in the stuck list.
+    pub stuck: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CounterStatus {
+    pub topic: String,
+    #[serde(flatten)]
+    pub counts: CounterFigures,
+}
+
+/// Reads the state directory of `config`'s instance.
+pub fn gather(config: &ServerConfig) -> Status {
+    let dir = state::state_dir(&config.pid_file);
+    gather_from(config, &dir, state::now_ms(), &|pid| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    })
+}
+
+/// [`gather`] from `dir` at `now_ms`; `alive` tells whether a pid runs.
+pub fn gather_from(
+    config: &ServerConfig,
+    dir: &Path,
+    now_ms: i64,
+    alive: &dyn Fn(i32) -> bool,
+) -> Status {
+    let master: Option<MasterState> =
+        state::read_json::<MasterState>(&state::master_file(dir)).filter(|m| alive(m.pid));
+    let control: Control = state::read_json(&state::control_file(dir)).unwrap_or_default();
+    let snapshots = state::read_worker_snapshots(dir);
+    let slots = master
+        .as_ref()
+        .map(|m| m.workers.clone())
+        .unwrap_or_default();
+    let is_live = |s: &WorkerSnapshot| {
+        now_ms - s.written_ms <= STALE_AFTER_MS
+            && slots.iter().any(|slot| {
+                slot.topic == s.topic && slot.index == s.index && slot.pid == Some(s.pid)
+            })
+    };
+    let live: Vec<&WorkerSnapshot> = snapshots.iter().filter(|s| is_live(s)).collect();
+
+    let mut status = Status {
+        now_ms,
+        master_pid: master.as_ref().map(|m| m.pid),
+        master_started_ms: master.as_ref().map(|m| m.started_ms),
+        admin_listen: state::read_json::<state::AdminState>(&state::admin_file(dir))
+            .filter(|a| master.is_some() && alive(a.pid))
+            .map(|a| a.listen),
+        stuck_threshold_s: config.stuck_threshold.as_secs_f64(),
+        ..Status::default()
+    };
+
+    for slot in &slots {
+        let snapshot = live
+            .iter()
+            .find(|s| s.topic == slot.topic && s.index == slot.index);
+        status.workers.push(WorkerStatus {
+            topic: slot.topic.clone(),
+            index: slot.index,
+            pid: slot.pid,
+            up: snapshot.is_some(),
+            started_ms: slot.pid.map(|_| slot.started_ms),
+            restarts: slot.restarts,
+            assigned: snapshot.map(|s| s.assigned.clone()).unwrap_or_default(),
+        });
+    }
+
+    let threshold = config.stuck_threshold.as_secs_f64();
+    for topic in &config.topics {
+        let mut t = TopicStatus {
+            name: topic.name.clone(),
+            workers: slots.iter().filter(|s| s.topic == topic.name).count(),
+            workers_up: live.iter().filter(|s| s.topic == topic.name).count(),
+            ..TopicStatus::default()
+        };
+        // Per partition, the freshest live worker that holds it.
+        let mut partitions: BTreeMap<i32, (i64, PartitionStatus)> = BTreeMap::new();
+        for s in live.iter().filter(|s| s.topic == topic.name) {
+            for p in s
+                .partitions
+                .iter()
+                .filter(|p| s.assigned.contains(&p.partition))
+            {
+                if partitions
+                    .get(&p.partition)
+                    .is_some_and(|(written, _)| *written >= s.written_ms)
+                {
+                    continue;
+                }
+                let entry = PartitionStatus {
+                    partition: p.partition,
+                    worker: s.index,
+                    committed: p.committed,
+                    high_watermark: p.high_watermark,
+                    lag: p.lag,
+                    oldest_unfinished: p.oldest_unfinished,
+                    oldest_unfinished_age_s: p.oldest_unfinished_age_s,
+                    in_flight: p.in_flight,
+                    fetch_paused: p.fetch_paused,
+                    throughput: p.throughput,
+                    stuck: p.oldest_unfinished.is_some() && p.oldest_unfinished_age_s > threshold,
+                };
+                partitions.insert(p.partition, (s.written_ms, entry));
+            }
+        }
+        t.partitions = partitions.into_values().map(|(_, p)| p).collect();
+        t.lag = t.partitions.iter().filter_map(|p| p.lag).sum();
+        t.throughput = t.partitions.iter().map(|p| p.throughput).sum();
+        for s in snapshots.iter().filter(|s| s.topic == topic.name) {
+            t.invalid += s.invalid;
+            t.unrouted += s.unrouted;
+        }
+        if master.is_some() {
+            if t.workers_up < t.workers {
+                status.not_ready.push(format!(
+                    "topic {}: {} of {} workers running",
+                    t.name, t.workers_up, t.workers
+                ));
+            } else if !live
+                .iter()
+                .any(|s| s.topic == topic.name && !s.assigned.is_empty())
+            {
+                status
+                    .not_ready
+                    .push(format!("topic {}: no partition assigned yet", t.name));
+            }
+        }
+        for p in t.partitions.iter().filter(|p| p.stuck) {
+            status.not_ready.push(format!(
+                "topic {} partition {}: offset {} unfinished for {:.0} s (stuck-threshold {:.0} s)",
+                t.name,
+                p.partition,
+                p.oldest_unfinished.unwrap_or(-1),
+                p.oldest_unfinished_age_s,
+                threshold
+            ));
+        }
+        status.topics.push(t);
+    }
+    if master.is_none() {
+        status.not_ready.insert(0, "mkc is not running".to_string());
+    }
+
+    // Counters: every snapshot; gauges: live ones.
+    let mut counters: BTreeMap<(String, String, String), CounterFigures> = BTreeMap::new();
+    for s in &snapshots {
+        for c in &s.counters {
+            let key = (s.topic.clone(), c.module.clone(), c.command_id.clone());
+            let e = counters.entry(key).or_insert_with(|| CounterFigures {
+                module: c.module.clone(),
+                command_id: c.command_id.clone(),
+                ..CounterFigures::default()
+            });
+            e.delivered += c.delivered;
+            e.failed_attempts += c.failed_attempts;
+            e.exhausted += c.exhausted;
+            e.skipped += c.skipped;
+        }
+        status.dispatch_log.dropped += s.dispatch_log.dropped;
+    }
+    status.counters = counters
+        .into_iter()
+        .map(|((topic, _, _), counts)| CounterStatus { topic, counts })
+        .collect();
+    for s in &live {
+        status.dispatch_log.queued += s.dispatch_log.queued;
+        status.stuck_total += s.stuck_total;
+        status.stuck.extend(s.stuck.iter().cloned());
+    }
+    status.stuck.sort_by(|a, b| {
+        (a.first_failure_ms, a.partition, a.offset).cmp(&(
+            b.first_failure_ms,
+            b.partition,
+            b.offset,
+        ))
+    });
+    status.stuck.truncate(STUCK_MAX);
+
+    let mut modules: Vec<ModuleStatus> = config
+        .modules
+        .iter()
+        .map(|m| ModuleStatus {
+            name: m.name.clone(),
+            paused: control.paused.contains(&m.name),
+            latency_buckets: vec![0; LATENCY_BUCKETS.len() + 1],
+            ..ModuleStatus::default()
+        })
+        .collect();
+    let index: HashMap<String, usize> = modules
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.name.clone(), i))
+        .collect();
+    for c in &status.counters {
+        if let Some(&i) = index.get(&c.counts.module) {
+            let m = &mut modules[i];
+            m.delivered += c.counts.delivered;
+            m.failed_attempts += c.counts.failed_attempts;
+            m.exhausted += c.counts.exhausted;
+            m.skipped += c.counts.skipped;
+        }
+    }
+    for s in &snapshots {
+        let up = live.iter().any(|l| std::ptr::eq(*l, s));
+        for f in &s.modules {
+            let Some(&i) = index.get(&f.name) else {
+                continue;
+            };
+            let m = &mut modules[i];
+            for (total, n) in m.latency_buckets.iter_mut().zip(&f.latency_buckets) {
+                *total += n;
+            }
+            m.latency_sum_s += f.latency_sum_s;
+            if f.last_error.as_ref().map(|e| e.at_ms) > m.last_error.as_ref().map(|e| e.at_ms) {
+                m.last_error = f.last_error.clone();
+            }
+            if up {
+                m.paused_workers += usize::from(f.paused);
+                m.in_flight += f.in_flight;
+                m.delivered_rate += f.delivered_rate;
+                m.failed_rate += f.failed_rate;
+            }
+        }
+    }
+    for s in &status.stuck {
+        if let Some(&i) = index.get(&s.module) {
+            modules[i].stuck += 1;
+        }
+    }
+    status.modules = modules;
+    status.ready = status.not_ready.is_empty();
+    status
+}
+
+// ─── Prometheus text format ──────────────────────────────────────────────
+
+/// A label value escaped for the text format.
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Writes `{a="x",b="y"}`.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+/// A float as Prometheus writes it.
+fn num(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".to_string()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.to_string()
+    } else {
+        format!("{v}")
+    }
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, pairs: &[(&str, &str)], value: f64) {
+        let _ = writeln!(self.out, "{name}{} {}", labels(pairs), num(value));
+    }
+}
+
+/// `status` in the Prometheus text exposition format (version 0.0.4).
+pub fn prometheus(status: &Status) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut f = Family { out: &mut out };
+
+    f.head("mkc_up", "gauge", "1 when the master process is running.");
+    f.sample(
+        "mkc_up",
+        &[],
+        f64::from(u8::from(status.master_pid.is_some())),
+    );
+    f.head("mkc_ready", "gauge", "1 when /readyz answers ready.");
+    f.sample("mkc_ready", &[], f64::from(u8::from(status.ready)));
+
+    type Counter = (&'static str, &'static str, fn(&CounterFigures) -> u64);
+    let counter_families: [Counter; 4] = [
+        (
+            "mkc_messages_delivered_total",
+            "Messages delivered (2xx) per topic, module and commandId.",
+            |c| c.delivered,
+        ),
+        (
+            "mkc_delivery_attempts_failed_total",
+            "Failed delivery attempts (non-2xx, timeout, connection error).",
+            |c| c.failed_attempts,
+        ),
+        (
+            "mkc_messages_exhausted_total",
+            "Messages given up on after the last retry.",
+            |c| c.exhausted,
+        ),
+        (
+            "mkc_messages_skipped_total",
+            "Messages skipped by an operator.",
+            |c| c.skipped,
+        ),
+    ];
+    for (name, help, get) in counter_families {
+        f.head(name, "counter", help);
+        for c in &status.counters {
+            let pairs = [
+                ("topic", c.topic.as_str()),
+                ("module", c.counts.module.as_str()),
+                ("command_id", c.counts.command_id.as_str()),
+            ];
+            f.sample(name, &pairs, get(&c.counts) as f64);
+        }
+    }
+    f.head(
+        "mkc_messages_invalid_total",
+        "counter",
+        "Messages that are not JSON objects with a usable commandId.",
+    );
+    for t in &status.topics {
+        f.sample(
+            "mkc_messages_invalid_total",
+            &[("topic", &t.name)],
+            t.invalid as f64,
+        );
+    }
+    f.head(
+        "mkc_messages_unrouted_total",
+        "counter",
+        "Messages acknowledged without dispatch: no module subscribes to their commandId.",
+    );
+    for t in &status.topics {
+        f.sample(
+            "mkc_messages_unrouted_total",
+            &[("topic", &t.name)],
+            t.unrouted as f64,
+        );
+    }
+
+    let name = "mkc_request_duration_seconds";
+    f.head(
+        name,
+        "histogram",
+        "HTTP request latency per module, in seconds.",
+    );
+    for m in &status.modules {
+        let mut cumulative = 0u64;
+        for (i, n) in m.latency_buckets.iter().enumerate() {
+            cumulative += n;
+            let le = LATENCY_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| num(*b));
+            f.sample(
+                &format!("{name}_bucket"),
+                &[("module", &m.name), ("le", &le)],
+                cumulative as f64,
+            );
+        }
+        f.sample(
+            &format!("{name}_sum"),
+            &[("module", &m.name)],
+            m.latency_sum_s,
+        );
+        f.sample(
+            &format!("{name}_count"),
+            &[("module", &m.name)],
+            cumulative as f64,
+        );
+    }
+    f.head(
+        "mkc_module_in_flight",
+        "gauge",
+        "Deliveries started and without a final outcome, per module.",
+    );
+    for m in &status.modules {
+        f.sample(
+            "mkc_module_in_flight",
+            &[("module", &m.name)],
+            m.in_flight as f64,
+        );
+    }
+    f.head(
+        "mkc_module_paused",
+        "gauge",
+        "1 when an operator paused the module.",
+    );
+    for m in &status.modules {
+        f.sample(
+            "mkc_module_paused",
+            &[("module", &m.name)],
+            f64::from(u8::from(m.paused)),
+        );
+    }
+    f.head(
+        "mkc_module_stuck_messages",
+        "gauge",
+        "Messages that failed at least one attempt and have no final outcome yet.",
+    );
+    for m in &status.modules {
+        f.sample(
+            "mkc_module_stuck_messages",
+            &[("module", &m.name)],
+            m.stuck as f64,
+        );
+    }
+
+    type PartitionGauge = (
+        &'static str,
+        &'static str,
+        fn(&PartitionStatus) -> Option<f64>,
+    );
+    let partition_families: [PartitionGauge; 5] = [
+        (
+            "mkc_partition_committed_offset",
+            "The position mkc committed (next offset to consume).",
+            |p| p.committed.map(|v| v as f64),
+        ),
+        (
+            "mkc_partition_high_watermark",
+            "The broker's high watermark (one past the last offset).",
+            |p| p.high_watermark.map(|v| v as f64),
+        ),
+        (
+            "mkc_partition_lag",
+            "Messages not yet finished: high watermark minus committed position.",
+            |p| p.lag.map(|v| v as f64),
+        ),
+        (
+            "mkc_partition_oldest_unfinished_age_seconds",
+            "Seconds the oldest unfinished message has held back the commit position.",
+            |p| Some(p.oldest_unfinished_age_s),
+        ),
+        (
+            "mkc_partition_in_flight",
+            "Messages received and not finished.",
+            |p| Some(p.in_flight as f64),
+        ),
+    ];
+    for (name, help, get) in partition_families {
+        f.head(name, "gauge", help);
+        for t in &status.topics {
+            for p in &t.partitions {
+                if let Some(v) = get(p) {
+                    let partition = p.partition.to_string();
+                    f.sample(name, &[("topic", &t.name), ("partition", &partition)], v);
+                }
+            }
+        }
+    }
+
+    f.head(
+        "mkc_worker_up",
+        "gauge",
+        "1 when the worker slot's process runs and reports.",
+    );
+    for w in &status.workers {
+        let index = w.index.to_string();
+        f.sample(
+            "mkc_worker_up",
+            &[("topic", &w.topic), ("index", &index)],
+            f64::from(u8::from(w.up)),
+        );
+    }
+    f.head(
+        "mkc_worker_restarts_total",
+        "counter",
+        "Unplanned exits of a worker slot's process (each followed by a restart).",
+    );
+    for w in &status.workers {
+        let index = w.index.to_string();
+        f.sample(
+            "mkc_worker_restarts_total",
+            &[("topic", &w.topic), ("index", &index)],
+            w.restarts as f64,
+        );
+    }
+    f.head(
+        "mkc_dispatch_log_queue_depth",
+        "gauge",
+        "Dispatch log records waiting to be written.",
+    );
+    f.sample(
+        "mkc_dispatch_log_queue_depth",
+        &[],
+        status.dispatch_log.queued as f64,
+    );
+    f.head(
+        "mkc_dispatch_log_dropped_total",
+        "counter",
+        "Dispatch log records dropped (queue full or database unavailable).",
+    );
+    f.sample(
+        "mkc_dispatch_log_dropped_total",
+        &[],
+        status.dispatch_log.dropped as f64,
+    );
+    out
+}
+
+// ─── text, for `mkc -s status` ───────────────────────────────────────────
+
+fn opt(v: Option<i64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+/// A duration in seconds as `4s`, `3m05s`, `2h10m`.
+pub fn short_duration(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// `status` as the text `mkc -s status` prints.
+pub fn text(status: &Status) -> String {
+    let mut out = String::new();
+    let now = status.now_ms;
+    match status.master_pid {
+        Some(pid) => {
+            let up = status
+                .master_started_ms
+                .map_or(0.0, |s| (now - s) as f64 / 1000.0);
+            let _ = writeln!(
+                out,
+                "master  pid {pid}  up {}  {}",
+                short_duration(up),
+                if status.ready { "ready" } else { "NOT READY" }
+            );
+        }
+        None => {
+            let _ = writeln!(out, "master  not running");
+        }
+    }
+    if let Some(listen) = &status.admin_listen {
+        let _ = writeln!(out, "admin   http://{listen}/");
+    }
+    for reason in &status.not_ready {
+        let _ = writeln!(out, "  ! {reason}");
+    }
+    let _ = writeln!(out, "\nworkers");
+    for w in &status.workers {
+        let up = w.started_ms.map_or(0.0, |s| (now - s) as f64 / 1000.0);
+        let _ = writeln!(
+            out,
+            "  [{}] #{}  pid {}  {}  up {}  restarts {}  partitions {:?}",
+            w.topic,
+            w.index,
+            w.pid.map_or("-".to_string(), |p| p.to_string()),
+            if w.up { "running" } else { "DOWN" },
+            short_duration(up),
+            w.restarts,
+            w.assigned
+        );
+    }
+    for t in &status.topics {
+        let _ = writeln!(
+            out,
+            "\ntopic {}  lag {}  {:.1} msg/s  invalid {}  unrouted {}",
+            t.name, t.lag, t.throughput, t.invalid, t.unrouted
+        );
+        let _ = writeln!(
+            out,
+            "  {:>9} {:>6} {:>12} {:>12} {:>9} {:>9} {:>10} {:>9}",
+            "partition", "worker", "committed", "high", "lag", "in-flight", "oldest", "msg/s"
+        );
+        for p in &t.partitions {
+            let _ = writeln!(
+                out,
+                "  {:>9} {:>6} {:>12} {:>12} {:>9} {:>9} {:>10} {:>9.1}{}",
+                p.partition,
+                format!("#{}", p.worker),
+                opt(p.committed),
+                opt(p.high_watermark),
+                opt(p.lag),
+                p.in_flight,
+                if p.oldest_unfinished.is_some() {
+                    short_duration(p.oldest_unfinished_age_s)
+                } else {
+                    "-".to_string()
+                },
+                p.throughput,
+                if p.stuck { "  STUCK" } else { "" }
+            );
+        }
+    }
+    let _ = writeln!(out, "\nmodules");
+    for m in &status.modules {
+        let _ = writeln!(
+            out,
+            "  {}{}  delivered {} ({:.1}/s)  failed attempts {} ({:.1}/s)  exhausted {}  skipped {}  in flight {}",
+            m.name,
+            if m.paused { " [PAUSED]" } else { "" },
+            m.delivered,
+            m.delivered_rate,
+            m.failed_attempts,
+            m.failed_rate,
+            m.exhausted,
+            m.skipped,
+            m.in_flight
+        );
+        if let Some(e) = &m.last_error {
+            let _ = writeln!(
+                out,
+                "      last error {} ago: {}",
+                short_duration((now - e.at_ms) as f64 / 1000.0),
+                e.text
+            );
+        }
+    }
+    let _ = writeln!(out, "\nstuck messages: {}", status.stuck_total);
+    for s in &status.stuck {
+        let _ = writeln!(
+            out,
+            "  {}/{}@{}  module {}  commandId {}  attempts {}  failing for {}  {}",
+            s.topic,
+            s.partition,
+            s.offset,
+            s.module,
+            s.command_id,
+            s.attempts,
+            short_duration((now - s.first_failure_ms) as f64 / 1000.0),
+            s.last_error
+        );
+    }
+    if status.stuck_total > status.stuck.len() {
+        let _ = writeln!(
+            out,
+            "  ... and {} more",
+            status.stuck_total - status.stuck.len()
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{ModuleFigures, PartitionFigures, SlotState};
+
+    fn config(dir: &Path) -> ServerConfig {
+        let conf = dir.join("server.conf");
+        std::fs::write(
+            dir.join("a.conf"),
+            "name a\nuri http://127.0.0.1:1/a\nfilters 7\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("b.conf"),
+            "name b\nuri http://127.0.0.1:1/b\nfilters 7\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &conf,
+            "brokers 127.0.0.1:9092\ntopic t 2\ntopic u\nmodule a.conf\nmodule b.conf\nstuck-threshold 10\n",
+        )
+        .unwrap();
+        crate::config::load(&conf).unwrap().config
+    }
+
+    fn snapshot(index: u32, pid: i32, written_ms: i64) -> WorkerSnapshot {
+        WorkerSnapshot {
+            pid,
+            topic: "t".into(),
+            index,
+            written_ms,
+            assigned: vec![index as i32],
+            partitions: vec![PartitionFigures {
+                partition: index as i32,
+                committed: Some(100),
+                high_watermark: Some(1100),
+                lag: Some(1000),
+                oldest_unfinished: Some(100),
+                oldest_unfinished_age_s: 20.0 * f64::from(index),
+                in_flight: 3,
+                ..PartitionFigures::default()
+            }],
+            modules: vec![ModuleFigures {
+                name: "a".into(),
+                in_flight: 2,
+                latency_buckets: vec![1; LATENCY_BUCKETS.len() + 1],
+                latency_sum_s: 1.5,
+                ..ModuleFigures::default()
+            }],
+            counters: vec![CounterFigures {
+                module: "a".into(),
+                command_id: "7".into(),
+                delivered: 10,
+                failed_attempts: 2,
+                exhausted: 1,
+                skipped: 1,
+            }],
+            invalid: 1,
+            stuck: vec![StuckMessage {
+                topic: "t".into(),
+                partition: index as i32,
+                offset: 100,
+                module: "a".into(),
+                command_id: "7".into(),
+                attempts: 3,
+                first_failure_ms: 1,
+                last_error: "HTTP 500".into(),
+            }],
+            stuck_total: 1,
+            ..WorkerSnapshot::default()
+        }
+    }
+
+    /// Two slots of `t` live (one stuck), `u`'s slot down, plus a stale
+    /// snapshot of a removed slot whose counters still count.
+    fn fixture() -> (tempfile::TempDir, ServerConfig, Status) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let state = state::state_dir(&config.pid_file);
+        std::fs::create_dir_all(&state).unwrap();
+        let now = 1_000_000;
+        let slot = |topic: &str, index, pid| SlotState {
+            topic: topic.into(),
+            index,
+            pid,
+            started_ms: now - 5000,
+            restarts: u64::from(index),
+        };
+        let master = MasterState {
+            pid: 1,
+            started_ms: now - 60_000,
+            workers: vec![
+                slot("t", 0, Some(10)),
+                slot("t", 1, Some(11)),
+                slot("u", 0, None),
+            ],
+            admin_pid: None,
+        };
+        state::write_json(&state::master_file(&state), &master).unwrap();
+        state::write_json(
+            &state::worker_file(&state, "t", 0),
+            &snapshot(0, 10, now - 100),
+        )
+        .unwrap();
+        state::write_json(
+            &state::worker_file(&state, "t", 1),
+            &snapshot(1, 11, now - 200),
+        )
+        .unwrap();
+        state::write_json(
+            &state::worker_file(&state, "t", 2),
+            &snapshot(2, 12, now - 60_000),
+        )
+        .unwrap();
+        let status = gather_from(&config, &state, now, &|_| true);
+        (dir, config, status)
+    }
+
+    #[test]
+    fn aggregation_sums_counters_and_takes_gauges_from_live_workers() {
+        let (_dir, _config, status) = fixture();
+        assert_eq!(status.master_pid, Some(1));
+        let t = &status.topics[0];
+        assert_eq!((t.workers_up, t.workers), (2, 2));
+        assert_eq!(
+            t.partitions.len(),
+            2,
+            "the stale slot's partition is left out"
+        );
+        assert_eq!(t.lag, 2000);
+        assert_eq!(t.invalid, 3, "counters of every snapshot");
+        assert!(!t.partitions[0].stuck);
+        assert!(t.partitions[1].stuck, "20 s > stuck-threshold 10 s");
+        let a = &status.modules[0];
+        assert_eq!(
+            (a.delivered, a.failed_attempts, a.exhausted, a.skipped),
+            (30, 6, 3, 3)
+        );
+        assert_eq!(a.in_flight, 4, "in flight of live workers only");
+        assert_eq!(a.latency_buckets[0], 3);
+        assert_eq!(status.stuck.len(), 2);
+        assert_eq!(status.workers[1].restarts, 1);
+        assert!(!status.workers[2].up);
+        assert!(!status.ready);
+        assert!(
+            status
+                .not_ready
+                .iter()
+                .any(|r| r.contains("topic u: 0 of 1")),
+            "{:?}",
+            status.not_ready
+        );
+        assert!(
+            status.not_ready.iter().any(|r| r.contains("partition 1")),
+            "{:?}",
+            status.not_ready
+        );
+    }
+
+    #[test]
+    fn a_stopped_master_is_not_ready_and_shows_no_gauges() {
+        let (dir, config, _) = fixture();
+        let state = state::state_dir(&config.pid_file);
+        let status = gather_from(&config, &state, 1_000_000, &|_| false);
+        assert_eq!(status.master_pid, None);
+        assert!(status.topics[0].partitions.is_empty());
+        assert_eq!(status.not_ready[0], "mkc is not running");
+        assert_eq!(status.modules[0].delivered, 30, "totals stay readable");
+        drop(dir);
+    }
+
+    #[test]
+    fn prometheus_output_parses_and_carries_the_figures() {
+        let (_dir, _config, status) = fixture();
+        let text = prometheus(&status);
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("valid text format");
+        let value = |name: &str, want: &[(&str, &str)]| -> f64 {
+            let s = scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name && want.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+                .unwrap_or_else(|| panic!("no sample {name} {want:?} in\n{text}"));
+            match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("{name}: {other:?}"),
+            }
+        };
+        let t = [("topic", "t"), ("module", "a"), ("command_id", "7")];
+        assert_eq!(value("mkc_messages_delivered_total", &t), 30.0);
+        assert_eq!(value("mkc_delivery_attempts_failed_total", &t), 6.0);
+        assert_eq!(
+            value("mkc_partition_lag", &[("topic", "t"), ("partition", "1")]),
+            1000.0
+        );
+        assert_eq!(
+            value(
+                "mkc_worker_restarts_total",
+                &[("topic", "t"), ("index", "1")]
+            ),
+            1.0
+        );
+        assert_eq!(value("mkc_module_in_flight", &[("module", "a")]), 4.0);
+        let histogram = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "mkc_request_duration_seconds" && s.labels.get("module") == Some("a")
+            })
+            .expect("histogram");
+        match &histogram.value {
+            prometheus_parse::Value::Histogram(buckets) => {
+                assert_eq!(buckets.len(), LATENCY_BUCKETS.len() + 1);
+                assert_eq!(buckets.last().map(|b| b.count), Some(39.0));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(labels(&[("x", "1")]), "{x=\"1\"}");
+    }
+
+    #[test]
+    fn text_shows_workers_partitions_modules_and_stuck() {
+        let (_dir, _config, status) = fixture();
+        let text = text(&status);
+        assert!(text.contains("NOT READY"), "{text}");
+        assert!(text.contains("[t] #1  pid 11  running"), "{text}");
+        assert!(text.contains("STUCK"), "{text}");
+        assert!(text.contains("stuck messages: 2"), "{text}");
+        assert!(text.contains("t/1@100  module a"), "{text}");
+    }
+}

@@ -1,0 +1,794 @@
+//! End-to-end tests of operator visibility: the admin process's metrics,
+//! health, status API, operator actions and status page, and
+//! `mkc -s status`. The real binary, the real broker, HTTP sinks on
+//! 127.0.0.1, and (for the page) Debian's chromium driven over WebDriver.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "t0k3n-for-tests";
+
+fn messages(n: usize, partitions: &[i32], id: &str, first: usize) -> Vec<Record> {
+    (first..first + n)
+        .map(|i| {
+            Record::new(
+                partitions[i % partitions.len()],
+                envelope(i as u64, id, &format!("{{\"n\":{i}}}")),
+            )
+        })
+        .collect()
+}
+
+/// One HTTP request; (status, body). Panics only if nothing answers.
+fn http(method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> (u16, String) {
+    http_within(Duration::from_secs(10), method, url, token, body)
+}
+
+fn http_within(
+    timeout: Duration,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
+    rt().block_on(async {
+        let client = reqwest::Client::new();
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = client.request(method, url).timeout(timeout);
+        if let Some(t) = token {
+            request = request.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(b) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let code = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (code, text)
+    })
+}
+
+fn status(base: &str) -> Value {
+    let (code, text) = http("GET", &format!("{base}/api/status"), None, None);
+    assert_eq!(code, 200, "{text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("/api/status: {e}: {text}"))
+}
+
+/// `/metrics`, parsed with a Prometheus text-format parser.
+fn metrics(base: &str) -> prometheus_parse::Scrape {
+    let (code, text) = http("GET", &format!("{base}/metrics"), None, None);
+    assert_eq!(code, 200, "{text}");
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{text}"))
+}
+
+fn metric(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .and_then(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// Per partition of `topic` in a status: (committed, high watermark, lag).
+type PartitionFigures = HashMap<i64, (Option<i64>, Option<i64>, Option<i64>)>;
+
+fn partitions(st: &Value, topic: &str) -> PartitionFigures {
+    let mut out = HashMap::new();
+    let topics = st["topics"].as_array().cloned().unwrap_or_default();
+    for t in topics.iter().filter(|t| t["name"] == topic) {
+        for p in t["partitions"].as_array().cloned().unwrap_or_default() {
+            out.insert(
+                p["partition"].as_i64().unwrap_or(-1),
+                (
+                    p["committed"].as_i64(),
+                    p["high_watermark"].as_i64(),
+                    p["lag"].as_i64(),
+                ),
+            );
+        }
+    }
+    out
+}
+
+fn module<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["modules"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// Waits until `cond` holds for `/api/status`; fails with the last one.
+fn wait_status(
+    mkc: &Mkc,
+    base: &str,
+    timeout: Duration,
+    what: &str,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut last = Value::Null;
+    if !wait_until(timeout, || {
+        last = status(base);
+        cond(&last)
+    }) {
+        mkc.fail(&format!(
+            "{what}: not seen within {timeout:?}; last /api/status:\n{}",
+            serde_json::to_string_pretty(&last).unwrap_or_default()
+        ));
+    }
+    last
+}
+
+/// One past the highest offset produced per partition.
+fn high_watermarks(produced: &[Produced]) -> HashMap<i64, i64> {
+    let mut out = HashMap::new();
+    for p in produced {
+        let e = out.entry(i64::from(p.partition)).or_insert(0);
+        *e = (*e).max(p.offset + 1);
+    }
+    out
+}
+
+fn mkc_status_text(conf: &Path) -> String {
+    let out = Command::new(MKC_BIN)
+        .arg("-c")
+        .arg(conf)
+        .args(["-s", "status"])
+        .output()
+        .expect("run mkc -s status");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn lag_is_exact_behind_a_paused_module_and_counters_match_the_server() {
+    let started = Instant::now();
+    let topic = unique_name("adm-lag");
+    create_topic(&topic, 3);
+    let sink = Sink::start();
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .module(Module::new("a", sink.url("/a")).filter(7))
+            .line(&format!("admin-token {TOKEN}")),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+
+    // 4,000 delivered and committed: lag 0 everywhere.
+    let first = produce(&topic, messages(4000, &[0, 1, 2], "7", 0));
+    let mut high = high_watermarks(&first);
+    sink.wait_for_distinct(4000, Duration::from_secs(60));
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(30),
+        "4,000 committed",
+        |st| {
+            let p = partitions(st, &topic);
+            p.len() == 3
+                && (0..3).all(|n| p.get(&n) == Some(&(Some(high[&n]), Some(high[&n]), Some(0))))
+        },
+    );
+
+    // Pause the module; once the worker has applied it, 1,000 more stay
+    // unconsumed behind it: 500 on partition 0, 500 on partition 1.
+    let (code, text) = http(
+        "POST",
+        &format!("{base}/api/modules/a/pause"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 200, "{text}");
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(10),
+        "pause applied",
+        |st| module(st, "a")["paused_workers"] == 1,
+    );
+    let delivered_before = sink.count();
+    let second = produce(&topic, messages(1000, &[0, 1], "7", 4000));
+    for (p, h) in high_watermarks(&second) {
+        high.insert(p, h);
+    }
+    let st = wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(30),
+        "lag 500/500/0",
+        |st| {
+            let p = partitions(st, &topic);
+            p.get(&0).and_then(|f| f.2) == Some(500)
+                && p.get(&1).and_then(|f| f.2) == Some(500)
+                && p.get(&2).and_then(|f| f.2) == Some(0)
+        },
+    );
+    let p = partitions(&st, &topic);
+    for n in 0..3 {
+        assert_eq!(p[&n].1, Some(high[&n]), "high watermark of partition {n}");
+    }
+    assert_eq!(st["topics"][0]["lag"], 1000);
+    assert_eq!(
+        sink.count(),
+        delivered_before,
+        "nothing delivered while paused"
+    );
+
+    // The same in /metrics, which parses; counters match the server.
+    let scrape = metrics(&base);
+    for (n, lag) in [("0", 500.0), ("1", 500.0), ("2", 0.0)] {
+        let labels = [("topic", topic.as_str()), ("partition", n)];
+        assert_eq!(
+            metric(&scrape, "mkc_partition_lag", &labels),
+            Some(lag),
+            "partition {n}"
+        );
+    }
+    let a7 = [
+        ("topic", topic.as_str()),
+        ("module", "a"),
+        ("command_id", "7"),
+    ];
+    assert_eq!(
+        metric(&scrape, "mkc_messages_delivered_total", &a7),
+        Some(sink.requests_to("/a").len() as f64)
+    );
+    assert_eq!(
+        metric(&scrape, "mkc_module_paused", &[("module", "a")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&scrape, "mkc_delivery_attempts_failed_total", &a7),
+        Some(0.0)
+    );
+
+    // `mkc -s status` prints the same picture.
+    let text = mkc_status_text(mkc.conf_path());
+    assert!(text.contains(&format!("topic {topic}  lag 1000")), "{text}");
+    assert!(text.contains("a [PAUSED]"), "{text}");
+
+    // Resume: everything goes, lag back to 0, counters still match.
+    let (code, text) = http(
+        "POST",
+        &format!("{base}/api/modules/a/resume"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 200, "{text}");
+    sink.wait_for_distinct(5000, Duration::from_secs(60));
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(30),
+        "5,000 committed",
+        |st| {
+            let p = partitions(st, &topic);
+            (0..3).all(|n| p.get(&n).is_some_and(|f| f.2 == Some(0)))
+                && module(st, "a")["delivered"] == sink.requests_to("/a").len()
+        },
+    );
+    eprintln!("lag test took {:?}", started.elapsed());
+}
+
+#[test]
+fn failing_module_is_stuck_not_ready_and_skip_finishes_it() {
+    let topic = unique_name("adm-stuck");
+    create_topic(&topic, 2);
+    let bad = Sink::with(Behavior::status(500));
+    let good = Sink::start();
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .module(
+                Module::new("bad", bad.url("/bad"))
+                    .filter(9)
+                    .retrynum(0)
+                    .retry_delay(200),
+            )
+            .module(Module::new("good", good.url("/good")).filter(7))
+            .line("stuck-threshold 2")
+            .line(&format!("admin-token {TOKEN}")),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+    let mut records = vec![Record::new(0, envelope(1, "9", "{}"))];
+    records.extend(messages(4, &[0], "7", 10));
+    records.extend(messages(3, &[1], "7", 20));
+    produce(&topic, records);
+    good.wait_for_distinct(7, Duration::from_secs(60));
+
+    // Not ready once the head of partition 0 is held longer than 2 s.
+    let mut body = String::new();
+    if !wait_until(Duration::from_secs(20), || {
+        let (code, text) = http("GET", &format!("{base}/readyz"), None, None);
+        body = text;
+        code == 503 && body.contains("partition 0")
+    }) {
+        mkc.fail(&format!("/readyz never reported partition 0 stuck: {body}"));
+    }
+    let (code, _) = http("GET", &format!("{base}/healthz"), None, None);
+    assert_eq!(code, 200);
+    let st = wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(10),
+        "stuck list, lag 5",
+        |st| {
+            partitions(st, &topic).get(&0).and_then(|f| f.2) == Some(5)
+                && st["stuck"].as_array().is_some_and(|s| {
+                    s.iter()
+                        .any(|m| m["partition"] == 0 && m["offset"] == 0 && m["module"] == "bad")
+                })
+        },
+    );
+    let stuck = &st["stuck"][0];
+    assert!(stuck["attempts"].as_u64().unwrap_or(0) >= 2, "{stuck}");
+    assert!(
+        stuck["last_error"].as_str().unwrap_or("").contains("500"),
+        "{stuck}"
+    );
+    assert_eq!(
+        partitions(&st, &topic)[&0].2,
+        Some(5),
+        "partition 0 held back at offset 0"
+    );
+    assert_eq!(st["ready"], false);
+
+    // Failed attempts counted exactly: pause, let it settle, compare.
+    let (code, _) = http(
+        "POST",
+        &format!("{base}/api/modules/bad/pause"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 200);
+    let b9 = [
+        ("topic", topic.as_str()),
+        ("module", "bad"),
+        ("command_id", "9"),
+    ];
+    let mut seen = None;
+    if !wait_until(Duration::from_secs(10), || {
+        seen = metric(&metrics(&base), "mkc_delivery_attempts_failed_total", &b9);
+        seen == Some(bad.count() as f64)
+    }) {
+        mkc.fail(&format!(
+            "failed attempts {seen:?}, server saw {}",
+            bad.count()
+        ));
+    }
+
+    // Skip: refused without or with a wrong token, done with the right one.
+    let skip = json!({"topic": topic, "partition": 0, "offset": 0, "module": "bad"});
+    let url = format!("{base}/api/skip");
+    assert_eq!(http("POST", &url, None, Some(skip.clone())).0, 401);
+    assert_eq!(http("POST", &url, Some("nope"), Some(skip.clone())).0, 401);
+    let (code, text) = http("POST", &url, Some(TOKEN), Some(skip));
+    assert_eq!(code, 200, "{text}");
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(10),
+        "skipped and committed",
+        |st| {
+            st["stuck"].as_array().is_some_and(|s| s.is_empty())
+                && module(st, "bad")["skipped"] == 1
+                && partitions(st, &topic).get(&0).and_then(|f| f.2) == Some(0)
+                && st["ready"] == true
+        },
+    );
+    let (code, body) = http("GET", &format!("{base}/readyz"), None, None);
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+    mkc.wait_log_contains("skipped by the operator", Duration::from_secs(5));
+    let scrape = metrics(&base);
+    assert_eq!(
+        metric(&scrape, "mkc_messages_skipped_total", &b9),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&scrape, "mkc_module_stuck_messages", &[("module", "bad")]),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn counters_survive_a_worker_restart_and_actions_need_a_token() {
+    let topic = unique_name("adm-restart");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .module(Module::new("a", sink.url("/a")).filter(7)),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+    let master = mkc.master_pid().expect("master");
+    let titles: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s[s.rfind(')')? + 1..]
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<i32>()
+                        .ok()
+                })
+                == Some(master)
+        })
+        .map(|pid| {
+            String::from_utf8_lossy(
+                &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+            )
+            .replace('\0', " ")
+        })
+        .collect();
+    assert!(
+        titles.iter().any(|t| t.trim() == "mkc: admin process"),
+        "{titles:?}"
+    );
+
+    // Without admin-token: read-only.
+    let skip = json!({"topic": topic, "partition": 0, "offset": 0, "module": "a"});
+    assert_eq!(
+        http("POST", &format!("{base}/api/skip"), Some("x"), Some(skip)).0,
+        403
+    );
+    assert_eq!(
+        http("POST", &format!("{base}/api/modules/a/pause"), None, None).0,
+        403
+    );
+    let (code, page) = http("GET", &format!("{base}/"), None, None);
+    assert_eq!(code, 200);
+    assert!(page.contains("<title>mkc status</title>"));
+    assert_eq!(status(&base)["admin_actions"], false);
+
+    produce(&topic, messages(50, &[0], "7", 0));
+    sink.wait_for_distinct(50, Duration::from_secs(60));
+    wait_status(&mkc, &base, Duration::from_secs(15), "50 counted", |st| {
+        module(st, "a")["delivered"] == 50
+    });
+    mkc.kill9_worker();
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(30),
+        "restart counted",
+        |st| st["workers"][0]["restarts"] == 1 && st["workers"][0]["up"] == true,
+    );
+    produce(&topic, messages(50, &[0], "7", 50));
+    sink.wait_for_distinct(100, Duration::from_secs(60));
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(15),
+        "counters continued",
+        |st| module(st, "a")["delivered"] == sink.count(),
+    );
+    let scrape = metrics(&base);
+    let w = [("topic", topic.as_str()), ("index", "0")];
+    assert_eq!(metric(&scrape, "mkc_worker_restarts_total", &w), Some(1.0));
+    assert_eq!(metric(&scrape, "mkc_worker_up", &w), Some(1.0));
+    let text = mkc_status_text(mkc.conf_path());
+    assert!(text.contains("restarts 1"), "{text}");
+    assert!(text.contains(&format!("admin   {base}/")), "{text}");
+}
+
+#[test]
+fn status_works_with_the_admin_process_off() {
+    let topic = unique_name("adm-off");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .admin_listen("off")
+            .module(Module::new("a", sink.url("/a")).filter(7)),
+    );
+    produce(&topic, messages(20, &[0], "7", 0));
+    sink.wait_for_distinct(20, Duration::from_secs(60));
+    let mut text = String::new();
+    if !wait_until(Duration::from_secs(15), || {
+        text = mkc_status_text(mkc.conf_path());
+        text.contains("delivered 20") && text.contains(&format!("topic {topic}  lag 0"))
+    }) {
+        mkc.fail(&format!("mkc -s status:\n{text}"));
+    }
+    assert!(text.contains("running"), "{text}");
+    assert!(!text.contains("admin   http"), "{text}");
+    assert!(!mkc.dir().join("mkc-state/admin.json").exists());
+}
+
+// ─── the status page in a real browser ───────────────────────────────────
+
+/// chromedriver on a free port, killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_program(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    names.iter().find_map(|name| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+fn start_driver(dir: &Path) -> Driver {
+    let driver = find_program(&["chromedriver"]);
+    let browser = find_program(&["chromium", "chromium-browser"]);
+    let (Some(driver), Some(_)) = (driver, browser) else {
+        panic!(
+            "this test needs Debian's chromium and chromedriver: \
+             apt-get install -y chromium chromium-driver"
+        );
+    };
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let log = std::fs::File::create(dir.join("chromedriver.log")).expect("log");
+    let child = Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start chromedriver");
+    let d = Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && http("GET", &format!("{}/status", d.url), None, None)
+                    .1
+                    .contains("\"ready\":true")
+        }),
+        "chromedriver did not become ready"
+    );
+    d
+}
+
+/// A WebDriver session.
+struct Browser<'a> {
+    driver: &'a Driver,
+    session: String,
+}
+
+impl Browser<'_> {
+    fn open<'a>(driver: &'a Driver, dir: &Path) -> Browser<'a> {
+        let browser = find_program(&["chromium", "chromium-browser"]).expect("chromium");
+        let profile = dir.join("chromium-profile");
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": browser,
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--no-first-run", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync",
+                         "--window-size=1400,1000",
+                         format!("--user-data-dir={}", profile.display())]
+            }
+        }}});
+        // Starting chromium on a loaded machine takes a while.
+        let (code, text) = http_within(
+            Duration::from_secs(90),
+            "POST",
+            &format!("{}/session", driver.url),
+            None,
+            Some(caps),
+        );
+        assert_eq!(code, 200, "new session: {text}");
+        let v: Value = serde_json::from_str(&text).expect("session json");
+        let session = v["value"]["sessionId"]
+            .as_str()
+            .expect("sessionId")
+            .to_string();
+        Browser { driver, session }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}/session/{}{path}", self.driver.url, self.session);
+        let (code, text) = http_within(Duration::from_secs(60), method, &url, None, body);
+        assert_eq!(code, 200, "{method} {path}: {text}");
+        serde_json::from_str::<Value>(&text).expect("webdriver json")["value"].clone()
+    }
+
+    fn go(&self, url: &str) {
+        self.call("POST", "/url", Some(json!({ "url": url })));
+    }
+
+    /// Runs `script` (a function body) in the page and returns its value.
+    fn js(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+    }
+
+    fn element(&self, css: &str) -> String {
+        let v = self.call(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .expect("element id")
+            .to_string()
+    }
+
+    fn screenshot(&self, path: &Path) {
+        let v = self.call("GET", "/screenshot", None);
+        let png = base64_decode(v.as_str().expect("base64"));
+        std::fs::write(path, png).expect("write screenshot");
+    }
+}
+
+impl Drop for Browser<'_> {
+    fn drop(&mut self) {
+        let url = format!("{}/session/{}", self.driver.url, self.session);
+        let _ = std::panic::catch_unwind(|| http("DELETE", &url, None, None));
+    }
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes().filter_map(value) {
+        acc = (acc << 6) | c;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+/// `target/test-output`, next to the build's target directory.
+fn output_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-output");
+    std::fs::create_dir_all(&dir).expect("create target/test-output");
+    dir
+}
+
+#[test]
+fn status_page_in_chromium_shows_lag_and_stuck_and_skip_removes_it() {
+    let topic = unique_name("adm-page");
+    create_topic(&topic, 2);
+    let bad = Sink::with(Behavior::status(503));
+    let good = Sink::start();
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .module(
+                Module::new("bad", bad.url("/bad"))
+                    .filter(9)
+                    .retrynum(0)
+                    .retry_delay(300),
+            )
+            .module(Module::new("good", good.url("/good")).filter(7))
+            .line("stuck-threshold 2")
+            .line(&format!("admin-token {TOKEN}")),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+    let mut records = vec![Record::new(0, envelope(1, "9", "{}"))];
+    records.extend(messages(6, &[0], "7", 10));
+    records.extend(messages(3, &[1], "7", 20));
+    produce(&topic, records);
+    good.wait_for_distinct(9, Duration::from_secs(60));
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(20),
+        "lag 7 and a stuck message",
+        |st| {
+            partitions(st, &topic).get(&0).and_then(|f| f.2) == Some(7)
+                && partitions(st, &topic).get(&1).and_then(|f| f.2) == Some(0)
+                && st["stuck"].as_array().is_some_and(|s| s.len() == 1)
+        },
+    );
+
+    let out = output_dir();
+    let driver = start_driver(mkc.dir());
+    let browser = Browser::open(&driver, mkc.dir());
+    browser.go(&format!("{base}/"));
+
+    // The rendered DOM: the topic, the lag of each partition, the stuck
+    // message with its Skip button.
+    let read_page = r#"
+        const lag = {};
+        for (const td of document.querySelectorAll("td.lag")) lag[td.dataset.partition] = td.textContent;
+        return {
+          loaded: document.body.dataset.loaded || "",
+          topics: [...document.querySelectorAll("h3.topic")].map(h => h.dataset.topic),
+          lag,
+          stuck: [...document.querySelectorAll("tr.stuck-row")].map(r => r.dataset.key),
+          skipButtons: document.querySelectorAll("tr.stuck-row button.skip").length,
+          state: document.getElementById("state").textContent,
+        };"#;
+    let mut page = Value::Null;
+    let stuck_key = format!("{topic}/0/0/bad");
+    if !wait_until(Duration::from_secs(20), || {
+        page = browser.js(read_page);
+        page["loaded"] == "yes"
+            && page["lag"]["0"] == "7"
+            && page["stuck"].as_array().is_some_and(|s| s.len() == 1)
+            && page["state"] == "not ready"
+    }) {
+        mkc.fail(&format!(
+            "the page never showed lag 7 and the stuck message: {page}"
+        ));
+    }
+    assert_eq!(page["topics"], json!([topic]));
+    assert_eq!(page["lag"]["1"], "0");
+    assert_eq!(page["stuck"][0], stuck_key.as_str());
+    assert_eq!(page["skipButtons"], 1);
+    let shot = out.join("status-page.png");
+    browser.screenshot(&shot);
+    let png = std::fs::read(&shot).expect("screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+
+    // Type the token, click Skip: the message leaves the list.
+    let token = browser.element("#token");
+    browser.call(
+        "POST",
+        &format!("/element/{token}/value"),
+        Some(json!({"text": TOKEN})),
+    );
+    let skip = browser.element("tr.stuck-row button.skip");
+    browser.call("POST", &format!("/element/{skip}/click"), Some(json!({})));
+    if !wait_until(Duration::from_secs(20), || {
+        page = browser.js(read_page);
+        page["stuck"].as_array().is_some_and(|s| s.is_empty()) && page["lag"]["0"] == "0"
+    }) {
+        mkc.fail(&format!("after Skip the page still shows: {page}"));
+    }
+    browser.screenshot(&out.join("status-page-after-skip.png"));
+    let st = status(&base);
+    assert_eq!(module(&st, "bad")["skipped"], 1);
+    eprintln!("screenshot: {}", shot.display());
+}
