@@ -396,6 +396,7 @@ async fn run_async(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_commit = Instant::now();
+    let mut rejoin = RejoinWatch::new(&config);
     let orphaned;
     loop {
         tokio::select! {
@@ -411,6 +412,19 @@ async fn run_async(
                 }
             },
             _ = tick.tick() => {
+                let assigned = !consumer
+                    .context()
+                    .assigned
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_empty();
+                if let Some(waited) = rejoin.stalled(assigned) {
+                    // A consumer stuck rejoining (seen with brokers that lose
+                    // a member's join) would idle silently: start afresh.
+                    return Err(anyhow::anyhow!(
+                        "no partitions assigned for {waited:?} after losing them; restarting the consumer"
+                    ));
+                }
                 resume_drained(&pipeline, &consumer);
                 let figures = &pipeline.figures;
                 figures.dispatch_log_queued.store(pipeline.log.queue_depth() as u64, Ordering::Relaxed);
@@ -445,6 +459,46 @@ async fn run_async(
     shutdown(&pipeline, &consumer, deadline).await;
     reporter.finish().await;
     Ok(())
+}
+
+/// Notices a consumer that lost its partitions and never got any back.
+struct RejoinWatch {
+    /// How long a rejoin may take: twice the session timeout, at least 30 s.
+    limit: Duration,
+    had_partitions: bool,
+    lost_since: Option<Instant>,
+}
+
+impl RejoinWatch {
+    fn new(config: &ServerConfig) -> RejoinWatch {
+        let session_ms = config
+            .properties
+            .iter()
+            .find(|(k, _)| k == "session.timeout.ms")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .unwrap_or(45_000);
+        RejoinWatch {
+            limit: Duration::from_millis(session_ms.saturating_mul(2)).max(Duration::from_secs(30)),
+            had_partitions: false,
+            lost_since: None,
+        }
+    }
+
+    /// Called every tick; `Some(waited)` once the partitions have been gone
+    /// longer than the limit. A worker that never had any (more workers than
+    /// partitions) is left alone.
+    fn stalled(&mut self, assigned: bool) -> Option<Duration> {
+        if assigned {
+            self.had_partitions = true;
+            self.lost_since = None;
+            return None;
+        }
+        if !self.had_partitions {
+            return None;
+        }
+        let since = *self.lost_since.get_or_insert_with(Instant::now);
+        (since.elapsed() > self.limit).then(|| since.elapsed())
+    }
 }
 
 /// Takes one message from the consumer into the pipeline.
@@ -929,4 +983,36 @@ async fn shutdown(pipeline: &Arc<Pipeline>, consumer: &Arc<WorkerConsumer>, dead
     consumer.unsubscribe();
     pipeline.log.shutdown(DISPATCH_LOG_DRAIN).await;
     tracing::info!(%topic, "worker stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(limit_ms: u64) -> RejoinWatch {
+        RejoinWatch {
+            limit: Duration::from_millis(limit_ms),
+            had_partitions: false,
+            lost_since: None,
+        }
+    }
+
+    #[test]
+    fn a_worker_that_never_had_partitions_is_left_alone() {
+        let mut w = watch(0);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(w.stalled(false), None);
+    }
+
+    #[test]
+    fn partitions_lost_longer_than_the_limit_stall() {
+        let mut w = watch(20);
+        assert_eq!(w.stalled(true), None);
+        assert_eq!(w.stalled(false), None);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(w.stalled(false).is_some());
+        // Getting partitions back resets it.
+        assert_eq!(w.stalled(true), None);
+        assert_eq!(w.stalled(false), None);
+    }
 }
