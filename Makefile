@@ -6,6 +6,7 @@
 #   make fmt         cargo fmt
 #   make clippy      cargo clippy --all-targets -- -D warnings
 #   make kafka-start / kafka-stop   the test broker (scripts/kafka.sh)
+#   make bench       throughput benchmark (docs/bench.md); BENCH_ARGS=--quick for a smoke run
 #   make clean       cargo clean and stop the broker
 
 CARGO   ?= cargo
@@ -21,7 +22,7 @@ TEST_THREADS ?= 2
 SYSTEMD_UNIT := systemd/mkc.service
 UNIT_DIR     := $(DESTDIR)/lib/systemd/system
 
-.PHONY: all build test install fmt clippy kafka-install kafka-start kafka-stop clean
+.PHONY: all build test bench install fmt clippy kafka-install kafka-start kafka-stop clean
 
 all: build
 
@@ -33,6 +34,14 @@ build:
 test: kafka-start
 	MKC_TEST_BROKERS="$${MKC_TEST_BROKERS:-127.0.0.1:$${MKC_KAFKA_PORT:-9092}}" \
 	$(CARGO) test --all-targets -- --test-threads=$(TEST_THREADS)
+
+# Not part of `make test` or CI: a program that prints figures, about half
+# an hour (benches/mkc_bench/main.rs says what it measures). It builds mkc
+# in release, starts its own broker (memory engine) and sink on free ports,
+# and writes target/bench/results.json.
+BENCH_ARGS ?=
+bench: kafka-install
+	$(CARGO) bench --bench mkc_bench -- $(BENCH_ARGS)
 
 kafka-install:
 	scripts/kafka.sh install
