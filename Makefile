@@ -7,6 +7,7 @@
 #   make fmt         cargo fmt
 #   make clippy      cargo clippy --all-targets -- -D warnings
 #   make kafka-start / kafka-stop   the test broker (scripts/kafka.sh)
+#   make bench       throughput benchmark (docs/bench.md); BENCH_ARGS=--quick for a smoke run
 #   make clean       cargo clean and stop the broker
 
 CARGO   ?= cargo
@@ -22,7 +23,7 @@ TEST_THREADS ?= 2
 SYSTEMD_UNIT := systemd/mkc.service
 UNIT_DIR     := $(DESTDIR)/lib/systemd/system
 
-.PHONY: all build demo setup setup-test test install fmt clippy kafka-install kafka-start kafka-stop clean
+.PHONY: all build demo setup setup-test test bench install fmt clippy kafka-install kafka-start kafka-stop clean
 
 all: build
 
@@ -45,6 +46,14 @@ demo: setup
 test: setup-test kafka-start
 	MKC_TEST_BROKERS="$${MKC_TEST_BROKERS:-127.0.0.1:$${MKC_KAFKA_PORT:-9092}}" \
 	$(CARGO) test --lib --bins --tests -- --test-threads=$(TEST_THREADS)
+
+# Not part of `make test` or CI: a program that prints figures, about half
+# an hour (benches/mkc_bench/main.rs says what it measures). It builds mkc
+# in release, starts its own broker (memory engine) and sink on free ports,
+# and writes target/bench/results.json.
+BENCH_ARGS ?=
+bench: kafka-install
+	$(CARGO) bench --bench mkc_bench -- $(BENCH_ARGS)
 
 kafka-install:
 	scripts/kafka.sh install

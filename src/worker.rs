@@ -55,7 +55,7 @@ use crate::router::Router;
 use crate::signals::{WorkerEvent, WorkerSignals};
 
 /// How often paused partitions are checked and offsets considered.
-const TICK: Duration = Duration::from_millis(20);
+const TICK: Duration = Duration::from_millis(kafka::TICK_MS);
 /// How long an orphaned worker (master gone) takes to stop.
 const ORPHAN_STOP: Duration = Duration::from_secs(1);
 /// Bytes of payload shown in debug lines.

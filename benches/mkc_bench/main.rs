@@ -1,0 +1,858 @@
+//! `make bench` (`cargo bench --bench mkc_bench -- [FLAGS]`): mkc's
+//! throughput against its ceilings and against the Python consumer it
+//! replaces, in one run on this machine. A program that prints figures,
+//! not a timed test.
+//!
+//! One run:
+//!
+//! 1. starts its own tansu broker with the memory engine on a free port
+//!    (`scripts/kafka.sh install` builds tansu once per machine) and its
+//!    own HTTP sink, a process of its own (`mkc_bench __sink`);
+//! 2. pre-produces N messages of about 200 bytes (JSON envelopes with a
+//!    commandId) round-robin over P partitions;
+//! 3. measures the ceilings: the broker's raw group-consume rate (a
+//!    counting rdkafka consumer, `__consume`) and the sink's raw HTTP rate
+//!    at 1, P and `--concurrency` keep-alive connections (`__load`), at
+//!    each sink latency;
+//! 4. measures mkc (the release binary) end to end, from the first
+//!    message to the N-th distinct message the sink counts: `ordered` with
+//!    1 and P workers, `keyed` and `unordered` with one worker and
+//!    `--concurrency` requests in flight;
+//! 5. measures the baseline: a Python consumer (confluent-kafka +
+//!    requests, one POST per message) committing after each message and
+//!    every 1,000, over `--baseline-messages` messages;
+//! 6. prints a table of medians over `--runs` runs (msgs/s, CPU seconds
+//!    and peak RSS per process from /proc, ratios to the ceiling and to
+//!    the baseline) and the issue's targets, and writes
+//!    target/bench/results.json.
+//!
+//! Every message is its own record batch: tansu's memory engine skips to
+//! the next batch when a fetch starts inside one (shared/BROKER.md), which
+//! mkc's pause/resume and a rebalance would otherwise turn into lost
+//! messages and a run that never ends.
+
+mod broker;
+mod load;
+mod procs;
+mod python;
+mod sink;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use serde_json::{json, Value};
+
+/// The mkc binary cargo built (release) for this benchmark.
+const MKC: &str = env!("CARGO_BIN_EXE_mkc");
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "mkc throughput against its ceilings and a Python baseline")]
+struct Opts {
+    /// Messages to pre-produce (N).
+    #[arg(long, default_value_t = 200_000)]
+    messages: usize,
+    /// Partitions of the topic (P).
+    #[arg(long, default_value_t = 6)]
+    partitions: u32,
+    /// Runs per measurement; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Approximate payload size in bytes.
+    #[arg(long, default_value_t = 200)]
+    size: usize,
+    /// Requests in flight for keyed and unordered (module `concurrency`),
+    /// and the largest HTTP ceiling's connection count.
+    #[arg(long, default_value_t = 64)]
+    concurrency: u32,
+    /// Sink latencies in ms.
+    #[arg(long, value_delimiter = ',', default_value = "0,1")]
+    latencies: Vec<u64>,
+    /// Messages the Python baseline consumes (it is slow; its rate does not
+    /// depend on N). The commit-per-message variant does a quarter of it.
+    #[arg(long, default_value_t = 20_000)]
+    baseline_messages: usize,
+    /// Seconds per HTTP ceiling measurement.
+    #[arg(long, default_value_t = 5.0)]
+    http_seconds: f64,
+    /// Smoke run: N = 20,000, one run, 2 s HTTP measurements, 5,000
+    /// baseline messages.
+    #[arg(long)]
+    quick: bool,
+    /// Only the scenarios whose name contains one of these (broker, http,
+    /// ordered-1w, ordered-Pw, keyed, unordered, python).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Extra server.conf lines for mkc (repeatable), to try settings:
+    /// `--mkc-conf "max-inflight-messages 50000"`.
+    #[arg(long = "mkc-conf")]
+    mkc_conf: Vec<String>,
+    /// mkc's log-level in the runs (its log is in target/bench/runs/*/).
+    #[arg(long, default_value = "warning")]
+    mkc_log_level: String,
+    /// tansu's storage engine: memory (the default) or sqlite.
+    #[arg(long, default_value = "memory")]
+    engine: String,
+    /// Where results.json and the run directories go.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let code = match args.get(1).map(String::as_str) {
+        Some("__sink") => sink::main(&args[2..]),
+        Some("__load") => load::main(&args[2..]),
+        Some("__consume") => broker::consume_main(&args[2..]),
+        _ => match run(Opts::parse()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("mkc_bench: {e:#}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+/// What every measurement needs.
+struct Ctx {
+    opts: Opts,
+    exe: PathBuf,
+    dir: PathBuf,
+    broker: broker::Broker,
+    topic: String,
+    sink: Child,
+    sink_addr: String,
+    python: Option<(PathBuf, PathBuf)>,
+}
+
+/// One measurement.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    rate: f64,
+    seconds: f64,
+    /// CPU seconds per process group ("mkc", "sink", "broker", ...).
+    cpu: BTreeMap<String, f64>,
+    /// MiB: peak RSS per process ("mkc worker", "mkc master", ...), and
+    /// "mkc worker steady" (median VmRSS while running).
+    rss: BTreeMap<String, f64>,
+    duplicates: u64,
+}
+
+/// One row of the table: a scenario at one sink latency.
+struct Row {
+    name: String,
+    latency: Option<u64>,
+    samples: Vec<Sample>,
+}
+
+impl Row {
+    fn median(&self, f: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
+        let mut v: Vec<f64> = self.samples.iter().filter_map(f).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some(v[v.len() / 2])
+    }
+    fn rate(&self) -> f64 {
+        self.median(|s| Some(s.rate)).unwrap_or(0.0)
+    }
+}
+
+fn run(mut opts: Opts) -> anyhow::Result<()> {
+    if opts.quick {
+        opts.messages = 20_000;
+        opts.runs = 1;
+        opts.http_seconds = 2.0;
+        opts.baseline_messages = 5_000;
+    }
+    anyhow::ensure!(
+        opts.messages > 0 && opts.partitions > 0 && opts.runs > 0,
+        "N, P and --runs must be positive"
+    );
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| repo.join("target/bench"));
+    std::fs::create_dir_all(&dir)?;
+    let exe = std::env::current_exe()?;
+    let machine = machine();
+    eprintln!("machine: {}", machine);
+
+    let tansu = broker::install(&repo)?;
+    let broker = broker::Broker::start(&tansu, &dir, &opts.engine)?;
+    let topic = format!("bench-{}", std::process::id());
+    broker.create_topic(&topic, opts.partitions)?;
+    let t = Instant::now();
+    eprintln!(
+        "producing {} messages of ~{} B to {} partitions",
+        opts.messages, opts.size, opts.partitions
+    );
+    broker.produce(&topic, opts.messages, opts.partitions, opts.size)?;
+    eprintln!("produced in {:.1} s", t.elapsed().as_secs_f64());
+
+    let (sink, sink_addr) = start_sink(&exe)?;
+    let python = if wants(&opts, "python") {
+        Some(python::setup(&dir)?)
+    } else {
+        None
+    };
+    let mut ctx = Ctx {
+        opts: opts.clone(),
+        exe,
+        dir: dir.clone(),
+        broker,
+        topic,
+        sink,
+        sink_addr,
+        python,
+    };
+    let result = measure_all(&mut ctx);
+    let _ = ctx.sink.kill();
+    let _ = ctx.sink.wait();
+    let rows = result?;
+    report(&ctx, &rows, &machine)
+}
+
+fn wants(opts: &Opts, name: &str) -> bool {
+    opts.only.is_empty() || opts.only.iter().any(|o| name.contains(o.as_str()))
+}
+
+/// The scenarios, in the order they run within each run.
+fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
+    let opts = ctx.opts.clone();
+    let p = opts.partitions;
+    let mut conns = vec![1, p, opts.concurrency];
+    conns.dedup();
+    let mut rows: Vec<Row> = Vec::new();
+    let add = |rows: &mut Vec<Row>, name: &str, latency: Option<u64>, s: Sample| {
+        eprintln!(
+            "  {name:<24} {:>6} {:>10.0} msgs/s  ({:.1} s)",
+            latency.map_or("-".to_string(), |l| format!("{l} ms")),
+            s.rate,
+            s.seconds
+        );
+        match rows
+            .iter_mut()
+            .find(|r| r.name == name && r.latency == latency)
+        {
+            Some(r) => r.samples.push(s),
+            None => rows.push(Row {
+                name: name.to_string(),
+                latency,
+                samples: vec![s],
+            }),
+        }
+    };
+    for run in 0..opts.runs {
+        eprintln!("run {} of {}", run + 1, opts.runs);
+        if wants(&opts, "broker") {
+            let s = measure_broker(ctx, run)?;
+            add(&mut rows, "broker consume", None, s);
+        }
+        for &latency in &opts.latencies {
+            if wants(&opts, "http") {
+                for &c in &conns {
+                    let s = measure_http(ctx, latency, c)?;
+                    add(&mut rows, &format!("http {c} conn"), Some(latency), s);
+                }
+            }
+            let mkc_cases = [
+                ("mkc ordered 1w".to_string(), "ordered-1w", "ordered", 1),
+                (format!("mkc ordered {p}w"), "ordered-Pw", "ordered", p),
+                (
+                    format!("mkc keyed c{}", opts.concurrency),
+                    "keyed",
+                    "keyed",
+                    1,
+                ),
+                (
+                    format!("mkc unordered c{}", opts.concurrency),
+                    "unordered",
+                    "unordered",
+                    1,
+                ),
+            ];
+            for (name, key, mode, workers) in mkc_cases {
+                if wants(&opts, key) {
+                    let s = measure_mkc(ctx, latency, mode, workers, run)?;
+                    add(&mut rows, &name, Some(latency), s);
+                }
+            }
+            if ctx.python.is_some() {
+                for every in [1, 1000] {
+                    let s = measure_python(ctx, latency, every, run)?;
+                    add(
+                        &mut rows,
+                        &format!("python commit/{every}"),
+                        Some(latency),
+                        s,
+                    );
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
+// ─── sink control ────────────────────────────────────────────────────────
+
+fn start_sink(exe: &Path) -> anyhow::Result<(Child, String)> {
+    let mut child = Command::new(exe)
+        .arg("__sink")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("sink stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .with_context(|| format!("sink said {line:?}"))?
+        .to_string();
+    Ok((child, addr))
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the response body.
+fn http(addr: &str, method: &str, path: &str) -> anyhow::Result<String> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    anyhow::ensure!(text.starts_with("HTTP/1.1 200"), "sink answered {text:?}");
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+fn sink_reset(ctx: &Ctx, target: usize, latency_ms: u64) -> anyhow::Result<()> {
+    http(
+        &ctx.sink_addr,
+        "POST",
+        &format!("/_reset?target={target}&latency_us={}", latency_ms * 1000),
+    )?;
+    Ok(())
+}
+
+/// (requests, distinct, first_us, nth_us).
+fn sink_stats(ctx: &Ctx) -> anyhow::Result<(u64, u64, u64, u64)> {
+    let body = http(&ctx.sink_addr, "GET", "/_stats")?;
+    let v: Vec<u64> = body
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    anyhow::ensure!(v.len() == 4, "sink stats {body:?}");
+    Ok((v[0], v[1], v[2], v[3]))
+}
+
+/// Waits until the sink counted `target` distinct messages; the seconds
+/// from its first request to that one and the duplicates.
+fn wait_distinct(
+    ctx: &Ctx,
+    target: usize,
+    timeout: Duration,
+    child: &mut Child,
+) -> anyhow::Result<(f64, u64)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (requests, distinct, first, nth) = sink_stats(ctx)?;
+        if distinct as usize >= target && nth > 0 {
+            return Ok((
+                (nth - first) as f64 / 1e6,
+                requests.saturating_sub(distinct),
+            ));
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "the process under test exited ({status}) after {distinct} of {target} messages"
+            );
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{distinct} of {target} messages within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cpu_of(pid: i32) -> f64 {
+    procs::read(pid).map_or(0.0, |p| p.cpu_s)
+}
+
+fn hwm_of(pid: i32) -> f64 {
+    procs::read(pid).map_or(0.0, |p| p.hwm_mib)
+}
+
+// ─── measurements ────────────────────────────────────────────────────────
+
+fn measure_broker(ctx: &Ctx, run: usize) -> anyhow::Result<Sample> {
+    let n = ctx.opts.messages;
+    let broker_cpu = cpu_of(ctx.broker.pid());
+    let child = Command::new(&ctx.exe)
+        .args([
+            "__consume",
+            &ctx.broker.addr,
+            &ctx.topic,
+            &format!("bench-consume-{run}"),
+            &n.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let watcher = procs::Watcher::start(child.id() as i32);
+    let output = child.wait_with_output()?;
+    let usage = watcher.finish();
+    anyhow::ensure!(output.status.success(), "counting consumer failed");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let seconds: f64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("consumer output")?;
+    Ok(Sample {
+        rate: n as f64 / seconds,
+        seconds,
+        cpu: BTreeMap::from([
+            ("consumer".into(), usage.cpu_s),
+            ("broker".into(), cpu_of(ctx.broker.pid()) - broker_cpu),
+        ]),
+        rss: BTreeMap::from([("consumer".into(), usage.root_hwm_mib)]),
+        duplicates: 0,
+    })
+}
+
+fn measure_http(ctx: &Ctx, latency: u64, connections: u32) -> anyhow::Result<Sample> {
+    sink_reset(ctx, 0, latency)?;
+    let sink_pid = ctx.sink.id() as i32;
+    let sink_cpu = cpu_of(sink_pid);
+    let child = Command::new(&ctx.exe)
+        .args([
+            "__load",
+            &ctx.sink_addr,
+            &connections.to_string(),
+            &ctx.opts.http_seconds.to_string(),
+            &ctx.opts.size.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let watcher = procs::Watcher::start(child.id() as i32);
+    let output = child.wait_with_output()?;
+    let usage = watcher.finish();
+    anyhow::ensure!(output.status.success(), "load generator failed");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    anyhow::ensure!(v.len() == 2, "load output {text:?}");
+    Ok(Sample {
+        rate: v[0] / v[1],
+        seconds: v[1],
+        cpu: BTreeMap::from([
+            ("load".into(), usage.cpu_s),
+            ("sink".into(), cpu_of(sink_pid) - sink_cpu),
+        ]),
+        rss: BTreeMap::from([
+            ("load".into(), usage.root_hwm_mib),
+            ("sink".into(), hwm_of(sink_pid)),
+        ]),
+        duplicates: 0,
+    })
+}
+
+fn measure_mkc(
+    ctx: &Ctx,
+    latency: u64,
+    mode: &str,
+    workers: u32,
+    run: usize,
+) -> anyhow::Result<Sample> {
+    let n = ctx.opts.messages;
+    let name = format!("mkc-{mode}-{workers}w-{latency}ms-{run}");
+    let dir = ctx.dir.join("runs").join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("sink.conf"),
+        format!(
+            "name sink\nuri http://{}/mkc\nfilters 1001\nmode {mode}\n{}",
+            ctx.sink_addr,
+            if mode == "ordered" {
+                String::new()
+            } else {
+                format!("concurrency {}\n", ctx.opts.concurrency)
+            }
+        ),
+    )?;
+    let conf = dir.join("server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemonize off\nbrokers {}\ngroupid bench-{name}-{}\n\
+             property auto.offset.reset earliest\nproperty session.timeout.ms 6000\n\
+             property heartbeat.interval.ms 1000\nlog-level {}\nlog-file {}\npid-path {}\n\
+             topic {} {workers}\nmodule {}\n{}",
+            ctx.broker.addr,
+            std::process::id(),
+            ctx.opts.mkc_log_level,
+            dir.join("mkc.log").display(),
+            dir.display(),
+            ctx.topic,
+            dir.join("sink.conf").display(),
+            ctx.opts
+                .mkc_conf
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+        ),
+    )?;
+    sink_reset(ctx, n, latency)?;
+    let sink_pid = ctx.sink.id() as i32;
+    let (sink_cpu, broker_cpu) = (cpu_of(sink_pid), cpu_of(ctx.broker.pid()));
+    let mut child = Command::new(MKC)
+        .arg("-c")
+        .arg(&conf)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("stdout.log"))?)
+        .stderr(std::fs::File::create(dir.join("stderr.log"))?)
+        .spawn()?;
+    let watcher = procs::Watcher::start(child.id() as i32);
+    let timeout = Duration::from_secs(120 + n as u64 / 500);
+    let waited = wait_distinct(ctx, n, timeout, &mut child);
+    let usage = watcher.finish();
+    let (sink_cpu, broker_cpu) = (
+        cpu_of(sink_pid) - sink_cpu,
+        cpu_of(ctx.broker.pid()) - broker_cpu,
+    );
+    stop(&mut child);
+    let (seconds, duplicates) =
+        waited.with_context(|| format!("{name} (files in {})", dir.display()))?;
+    Ok(Sample {
+        rate: n as f64 / seconds,
+        seconds,
+        cpu: BTreeMap::from([
+            ("mkc".into(), usage.cpu_s),
+            ("sink".into(), sink_cpu),
+            ("broker".into(), broker_cpu),
+        ]),
+        rss: BTreeMap::from([
+            ("mkc worker".into(), usage.worker_hwm_mib),
+            ("mkc master".into(), usage.root_hwm_mib),
+            ("mkc worker steady".into(), usage.worker_steady_rss_mib),
+        ]),
+        duplicates,
+    })
+}
+
+/// SIGTERM (graceful stop), then SIGKILL of the whole tree after 30 s.
+fn stop(child: &mut Child) {
+    let pid = child.id() as i32;
+    let tree = procs::tree(pid);
+    // SAFETY: kill(2) on a child this program started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in tree {
+        // SAFETY: as above; the tree was this child's.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    let _ = child.wait();
+}
+
+fn measure_python(
+    ctx: &Ctx,
+    latency: u64,
+    commit_every: usize,
+    run: usize,
+) -> anyhow::Result<Sample> {
+    let Some((python, script)) = &ctx.python else {
+        anyhow::bail!("no python baseline");
+    };
+    let m = if commit_every == 1 {
+        ctx.opts.baseline_messages / 4
+    } else {
+        ctx.opts.baseline_messages
+    }
+    .clamp(1, ctx.opts.messages);
+    sink_reset(ctx, m, latency)?;
+    let sink_pid = ctx.sink.id() as i32;
+    let (sink_cpu, broker_cpu) = (cpu_of(sink_pid), cpu_of(ctx.broker.pid()));
+    let mut child = Command::new(python)
+        .arg(script)
+        .args([
+            &ctx.broker.addr,
+            &ctx.topic,
+            &format!(
+                "bench-python-{commit_every}-{latency}-{run}-{}",
+                std::process::id()
+            ),
+            &format!("http://{}/python", ctx.sink_addr),
+            &m.to_string(),
+            &commit_every.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .spawn()?;
+    let watcher = procs::Watcher::start(child.id() as i32);
+    let waited = wait_distinct(ctx, m, Duration::from_secs(120 + m as u64 / 20), &mut child);
+    let usage = watcher.finish();
+    let (sink_cpu, broker_cpu) = (
+        cpu_of(sink_pid) - sink_cpu,
+        cpu_of(ctx.broker.pid()) - broker_cpu,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let (seconds, duplicates) = waited?;
+    Ok(Sample {
+        rate: m as f64 / seconds,
+        seconds,
+        cpu: BTreeMap::from([
+            ("python".into(), usage.cpu_s),
+            ("sink".into(), sink_cpu),
+            ("broker".into(), broker_cpu),
+        ]),
+        rss: BTreeMap::from([("python".into(), usage.root_hwm_mib)]),
+        duplicates,
+    })
+}
+
+// ─── report ──────────────────────────────────────────────────────────────
+
+fn machine() -> Value {
+    let cmd = |c: &str, args: &[&str]| {
+        Command::new(c)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let lscpu = cmd("lscpu", &[]);
+    let model = lscpu
+        .lines()
+        .find_map(|l| l.strip_prefix("Model name:"))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    json!({
+        "nproc": cmd("nproc", &[]),
+        "cpu": model,
+        "memory_gib": (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        "kernel": cmd("uname", &["-r"]),
+        "load_average_at_start": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    })
+}
+
+fn find<'a>(rows: &'a [Row], name: &str, latency: Option<u64>) -> Option<&'a Row> {
+    rows.iter().find(|r| r.name == name && r.latency == latency)
+}
+
+fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
+    let o = &ctx.opts;
+    let broker = find(rows, "broker consume", None).map(Row::rate);
+    let http = |c: u32, l: u64| find(rows, &format!("http {c} conn"), Some(l)).map(Row::rate);
+    let python = |l: u64| find(rows, "python commit/1000", Some(l)).map(Row::rate);
+    let lower = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    // The ceiling of each mkc row: the lower of the sink's HTTP rate at the
+    // same concurrency and the broker's consume rate.
+    let ceiling = |row: &Row| -> Option<f64> {
+        let l = row.latency?;
+        if row.name.starts_with("mkc ordered") {
+            lower(http(o.partitions, l), broker)
+        } else if row.name.starts_with("mkc") {
+            lower(http(o.concurrency, l), broker)
+        } else {
+            None
+        }
+    };
+
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\nmkc benchmark: N = {} messages of ~{} B, P = {} partitions, medians of {} run(s)\n",
+        o.messages, o.size, o.partitions, o.runs
+    ));
+    out.push_str(&format!(
+        "machine: {} CPUs ({}), {} GiB\n\n",
+        machine["nproc"].as_str().unwrap_or("?"),
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["memory_gib"]
+    ));
+    out.push_str(&format!(
+        "{:<22} {:>5} {:>10} {:>9} {:>24} {:>26} {:>9} {:>9}\n",
+        "scenario", "sink", "msgs/s", "seconds", "CPU s", "peak RSS MiB", "/ceiling", "/python"
+    ));
+    let mut json_rows = Vec::new();
+    for row in rows {
+        let mut cpu_keys: Vec<&String> = row.samples.iter().flat_map(|s| s.cpu.keys()).collect();
+        cpu_keys.sort();
+        cpu_keys.dedup();
+        let cpu: BTreeMap<String, f64> = cpu_keys
+            .iter()
+            .filter_map(|k| Some(((*k).clone(), row.median(|s| s.cpu.get(*k).copied())?)))
+            .collect();
+        let mut rss_keys: Vec<&String> = row.samples.iter().flat_map(|s| s.rss.keys()).collect();
+        rss_keys.sort();
+        rss_keys.dedup();
+        let rss: BTreeMap<String, f64> = rss_keys
+            .iter()
+            .filter_map(|k| Some(((*k).clone(), row.median(|s| s.rss.get(*k).copied())?)))
+            .collect();
+        let rate = row.rate();
+        let vs_ceiling = ceiling(row).map(|c| rate / c);
+        let vs_python = if row.name.starts_with("mkc") {
+            row.latency.and_then(python).map(|p| rate / p)
+        } else {
+            None
+        };
+        let cpu_text = cpu
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rss_text = rss
+            .iter()
+            .filter(|(k, _)| !k.ends_with("steady"))
+            .map(|(k, v)| format!("{} {v:.0}", k.trim_start_matches("mkc ")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        out.push_str(&format!(
+            "{:<22} {:>5} {:>10.0} {:>9.1} {:>24} {:>26} {:>9} {:>9}\n",
+            row.name,
+            row.latency.map_or("-".into(), |l| format!("{l}ms")),
+            rate,
+            row.median(|s| Some(s.seconds)).unwrap_or(0.0),
+            cpu_text,
+            rss_text,
+            vs_ceiling.map_or("".into(), |r| format!("{:.0}%", r * 100.0)),
+            vs_python.map_or("".into(), |r| format!("{r:.1}x")),
+        ));
+        json_rows.push(json!({
+            "scenario": row.name,
+            "sink_latency_ms": row.latency,
+            "msgs_per_s": rate,
+            "seconds": row.median(|s| Some(s.seconds)),
+            "cpu_s": cpu,
+            "rss_mib": rss,
+            "duplicates": row.median(|s| Some(s.duplicates as f64)),
+            "ratio_to_ceiling": vs_ceiling,
+            "ratio_to_python_commit_1000": vs_python,
+            "runs": row.samples.iter().map(|s| json!({
+                "msgs_per_s": s.rate, "seconds": s.seconds, "cpu_s": s.cpu, "rss_mib": s.rss,
+                "duplicates": s.duplicates,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+
+    // The issue's targets.
+    let mut targets = Vec::new();
+    let mut target =
+        |name: String, value: Option<f64>, goal: Option<f64>, unit: &str, at_most: bool| {
+            if let (Some(v), Some(g)) = (value, goal) {
+                let reached = if at_most { v < g } else { v >= g };
+                targets.push((name, v, g, unit.to_string(), reached));
+            }
+        };
+    let p = o.partitions;
+    for workers in [1, p] {
+        let row = find(rows, &format!("mkc ordered {workers}w"), Some(1));
+        target(
+            format!("ordered {workers}w, 1 ms sink >= 85% of {p} x single-connection rate"),
+            row.map(Row::rate),
+            http(1, 1).map(|h| 0.85 * p as f64 * h),
+            "msgs/s",
+            false,
+        );
+        for l in &o.latencies {
+            target(
+                format!("ordered {workers}w, {l} ms sink >= 3x Python (commit/1000)"),
+                find(rows, &format!("mkc ordered {workers}w"), Some(*l)).map(Row::rate),
+                python(*l).map(|r| 3.0 * r),
+                "msgs/s",
+                false,
+            );
+        }
+    }
+    let unordered = format!("mkc unordered c{}", o.concurrency);
+    target(
+        format!(
+            "unordered, 0 ms sink >= 70% of min(HTTP {} conn, broker)",
+            o.concurrency
+        ),
+        find(rows, &unordered, Some(0)).map(Row::rate),
+        lower(http(o.concurrency, 0), broker).map(|c| 0.7 * c),
+        "msgs/s",
+        false,
+    );
+    for l in &o.latencies {
+        target(
+            format!("unordered, {l} ms sink >= 20x Python (commit/1000)"),
+            find(rows, &unordered, Some(*l)).map(Row::rate),
+            python(*l).map(|r| 20.0 * r),
+            "msgs/s",
+            false,
+        );
+    }
+    let steady = rows
+        .iter()
+        .filter(|r| r.name.starts_with("mkc"))
+        .filter_map(|r| r.median(|s| s.rss.get("mkc worker steady").copied()))
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    target(
+        "steady-state RSS per worker < 64 MB (highest median VmRSS of any mkc row)".into(),
+        steady.map(|mib| mib * 1.048576),
+        Some(64.0),
+        "MB",
+        true,
+    );
+    out.push_str("\ntargets:\n");
+    for (name, v, g, unit, reached) in &targets {
+        out.push_str(&format!(
+            "  {:<8} {name}: {v:.0} vs {g:.0} {unit}\n",
+            if *reached { "reached" } else { "MISSED" }
+        ));
+    }
+    print!("{out}");
+
+    let results = json!({
+        "machine": machine,
+        "params": {
+            "messages": o.messages, "partitions": o.partitions, "runs": o.runs, "size": o.size,
+            "concurrency": o.concurrency, "latencies_ms": o.latencies,
+            "baseline_messages": o.baseline_messages, "http_seconds": o.http_seconds,
+        },
+        "rows": json_rows,
+        "targets": targets.iter().map(|(name, v, g, unit, reached)| json!({
+            "target": name, "value": v, "goal": g, "unit": unit, "reached": reached,
+        })).collect::<Vec<_>>(),
+        "table": out,
+    });
+    let path = ctx.dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
