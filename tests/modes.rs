@@ -30,29 +30,6 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-/// Failures collected while checking many requests, reported together.
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn add(&mut self, problem: String) {
-        self.0.push(problem);
-    }
-
-    /// Fails the test with the first problems (and mkc's log tail).
-    fn check(self, mkc: &Mkc, what: &str) {
-        if self.0.is_empty() {
-            return;
-        }
-        let shown: Vec<&str> = self.0.iter().take(25).map(String::as_str).collect();
-        mkc.fail(&format!(
-            "{what}: {} problem(s); the first ones:\n  {}",
-            self.0.len(),
-            shown.join("\n  ")
-        ));
-    }
-}
-
 /// How a mode test crashes mkc mid-stream.
 #[derive(Clone, Copy, Debug)]
 enum Crash {

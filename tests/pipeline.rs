@@ -17,29 +17,6 @@ use rand::{Rng as _, SeedableRng as _};
 /// A command id near `u64::MAX` (`u64::MAX - 58`).
 const BIG: &str = "18446744073709551557";
 
-/// Failures collected while checking many requests, reported together.
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn add(&mut self, problem: String) {
-        self.0.push(problem);
-    }
-
-    /// Fails the test with the first problems (and mkc's log tail).
-    fn check(self, mkc: &Mkc, what: &str) {
-        if self.0.is_empty() {
-            return;
-        }
-        let shown: Vec<&str> = self.0.iter().take(25).map(String::as_str).collect();
-        mkc.fail(&format!(
-            "{what}: {} problem(s); the first ones:\n  {}",
-            self.0.len(),
-            shown.join("\n  ")
-        ));
-    }
-}
-
 /// The offsets of `requests`, per partition, in arrival order.
 fn offsets_by_partition<'a>(
     requests: impl IntoIterator<Item = &'a Request>,

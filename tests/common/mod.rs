@@ -1099,6 +1099,29 @@ impl MkcConfig {
     }
 }
 
+/// Failures collected while checking many requests, reported together.
+#[derive(Default)]
+pub struct Problems(Vec<String>);
+
+impl Problems {
+    pub fn add(&mut self, problem: String) {
+        self.0.push(problem);
+    }
+
+    /// Fails the test with the first problems (and mkc's log tail).
+    pub fn check(self, mkc: &Mkc, what: &str) {
+        if self.0.is_empty() {
+            return;
+        }
+        let shown: Vec<&str> = self.0.iter().take(25).map(String::as_str).collect();
+        mkc.fail(&format!(
+            "{what}: {} problem(s); the first ones:\n  {}",
+            self.0.len(),
+            shown.join("\n  ")
+        ));
+    }
+}
+
 /// What [`Mkc::stop`] saw.
 #[derive(Debug)]
 pub struct StopReport {
