@@ -185,6 +185,8 @@ fn run(mut opts: Opts) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| repo.join("target/bench"));
     std::fs::create_dir_all(&dir)?;
+    // mkc runs in its own directory: every path it is given is absolute.
+    let dir = dir.canonicalize()?;
     let exe = std::env::current_exe()?;
     let machine = machine();
     eprintln!("machine: {}", machine);
