@@ -290,13 +290,7 @@ impl Master {
 
     fn schedule_admin_restart(&mut self) {
         let admin = &mut self.admin;
-        if admin.started.elapsed() >= HEALTHY_AFTER {
-            admin.failures = 0;
-        }
-        let delay = RESTART_MIN
-            .saturating_mul(1 << admin.failures.min(5))
-            .min(RESTART_MAX);
-        admin.failures += 1;
+        let delay = restart_delay(admin.started, &mut admin.failures);
         admin.pid = None;
         admin.restart_at = Some(Instant::now() + delay);
         tracing::warn!("restarting the admin process in {delay:?}");
@@ -336,13 +330,7 @@ impl Master {
 
     fn schedule_restart(&mut self, i: usize) {
         let slot = &mut self.slots[i];
-        if slot.started.elapsed() >= HEALTHY_AFTER {
-            slot.failures = 0;
-        }
-        let delay = RESTART_MIN
-            .saturating_mul(1 << slot.failures.min(5))
-            .min(RESTART_MAX);
-        slot.failures += 1;
+        let delay = restart_delay(slot.started, &mut slot.failures);
         slot.pid = None;
         slot.restart_at = Some(Instant::now() + delay);
         tracing::warn!(topic = %slot.topic, index = slot.index, "restarting worker in {delay:?}");
@@ -609,6 +597,19 @@ enum ReloadState {
     Done,
 }
 
+/// The backoff before restarting a process that exited unasked: 1 s
+/// doubling to 30 s per consecutive failure, reset once it ran a minute.
+fn restart_delay(started: Instant, failures: &mut u32) -> Duration {
+    if started.elapsed() >= HEALTHY_AFTER {
+        *failures = 0;
+    }
+    let delay = RESTART_MIN
+        .saturating_mul(1 << (*failures).min(5))
+        .min(RESTART_MAX);
+    *failures += 1;
+    delay
+}
+
 fn dedup_topics(slots: &[Slot]) -> Vec<String> {
     let mut topics: Vec<String> = Vec::new();
     for s in slots {
@@ -852,4 +853,18 @@ fn daemonize(config: &ServerConfig) -> anyhow::Result<OwnedFd> {
         }
     }
     Ok(write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_delay_doubles_to_thirty_seconds() {
+        let mut failures = 0;
+        let delays: Vec<u64> = (0..7)
+            .map(|_| restart_delay(Instant::now(), &mut failures).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
+    }
 }
