@@ -42,8 +42,9 @@ pub trait PartitionOwner: Send + Sync + 'static {
     /// Partitions were revoked: stop their work and return the positions
     /// to commit for them (partition, next offset).
     fn revoke(&self, partitions: &[i32]) -> Vec<(i32, i64)>;
-    /// Partitions were assigned.
-    fn assign(&self, partitions: &[i32]);
+    /// Partitions are about to be assigned (called before librdkafka
+    /// starts fetching them).
+    fn assign(self: Arc<Self>, partitions: &[i32]);
 }
 
 /// The consumer's context: logging, rebalance handling.
@@ -121,7 +122,7 @@ impl ConsumerContext for WorkerContext {
                         }
                     }
                 }
-                self.owner.assign(&partitions);
+                self.owner.clone().assign(&partitions);
                 let result = if cooperative {
                     base_consumer.incremental_assign(tpl)
                 } else {
@@ -130,8 +131,8 @@ impl ConsumerContext for WorkerContext {
                 if let Err(e) = result {
                     tracing::error!(topic = %self.topic, "assign failed: {e}");
                 }
-                // A partition paused for backpressure before it was revoked
-                // must not come back paused: its new state starts empty.
+                // A partition paused by a stopping worker before it was
+                // revoked must not come back paused.
                 let _ = base_consumer.resume(tpl);
                 let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
                 if !cooperative {
@@ -161,11 +162,12 @@ impl ConsumerContext for WorkerContext {
             }
             other => {
                 tracing::error!(topic = %self.topic, "rebalance error: {other:?}");
+                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+                // As a revoke whose partitions are lost: drop their work
+                // (the next owner delivers it again), commit nothing.
+                self.owner.revoke(&assigned);
                 let _ = base_consumer.unassign();
-                self.assigned
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clear();
+                assigned.clear();
             }
         }
     }
@@ -184,24 +186,29 @@ pub fn client_config(config: &ServerConfig, topic: &str, index: u32) -> ClientCo
     if let Some(debug) = &config.kafka_debug {
         c.set("debug", debug).set_log_level(RDKafkaLogLevel::Debug);
     }
-    // librdkafka's prefetch queue counts against the worker's memory too:
-    // keep it to a quarter of max-inflight-bytes unless the operator says.
-    let prefetch_kb = (config.max_inflight_bytes / 1024 / 4).clamp(1024, 65536);
+    // What librdkafka pre-fetches counts against the worker's memory too.
+    // Each partition has its own queue (worker.rs), and these limits apply
+    // per partition: a tenth of max-inflight-messages and a sixteenth of
+    // max-inflight-bytes (at least 1 MiB), unless the operator says.
+    // librdkafka fetches a partition again once its queue is below them.
+    let prefetch_kb = (config.max_inflight_bytes / 1024 / 16).clamp(1024, 65536);
     c.set("queued.max.messages.kbytes", prefetch_kb.to_string());
-    // Pausing a partition whose window is full drops what librdkafka had
-    // pre-fetched for it, and resuming fetches that again. librdkafka's
-    // default keeps up to 100,000 messages pre-fetched, far more than a
-    // partition's window (max-inflight-messages shared among the
-    // partitions), so much of it was fetched twice. A tenth of the window
-    // keeps the queue ahead of the lanes and the refetch small
-    // (benches/mkc_bench, ordered, 0 ms sink: 2.4k -> 3.0k msgs/s).
     let prefetch_messages = (config.max_inflight_messages / 10).clamp(100, 100_000);
     c.set("queued.min.messages", prefetch_messages.to_string());
-    // When its queue is over those limits librdkafka waits
-    // fetch.queue.backoff.ms (default 1 s) before it fetches that partition
-    // again, and a resumed partition inherits that wait: its lanes ran dry
-    // for up to a second after every resume. Look again on mkc's own tick
-    // (same benchmark: 3.0k -> 4.9k msgs/s).
+    // A fetch response stays in memory until every partition's reader has
+    // taken its messages, and a broker may fill a response from one
+    // partition (tansu ignores max.partition.fetch.bytes), so each
+    // partition's queue can hold up to a response's worth. librdkafka's
+    // default (50 MB) let a worker with six partitions grow past 80 MB;
+    // a twentieth of max-inflight-bytes (3.2 MB by default) kept it near
+    // 60 MB at the same rate (benches/mkc_bench, docs/bench.md). A message
+    // larger than this is still fetched, alone.
+    let fetch_max = (config.max_inflight_bytes / 20).clamp(1 << 20, 50 << 20);
+    c.set("fetch.max.bytes", fetch_max.to_string());
+    // When a partition's queue is over those limits librdkafka waits
+    // fetch.queue.backoff.ms (default 1 s) before it looks at it again; the
+    // lanes of a partition that drained meanwhile would run dry. Look again
+    // on mkc's own tick.
     c.set("fetch.queue.backoff.ms", TICK_MS.to_string());
     for (k, v) in &config.properties {
         c.set(k, v);

@@ -26,20 +26,31 @@
 //! unfinished offset ([`Tracker`]), so deliveries may finish in any order
 //! without risking a loss.
 //!
+//! Each assigned partition has its own librdkafka queue and its own reader
+//! task (`read_partition`), so partitions are fetched and fed
+//! independently.
+//!
 //! Backpressure: each partition may hold its share of the worker's
 //! `max-inflight-messages` and `max-inflight-bytes` unfinished; past that
-//! its fetching is paused, and resumed once it has drained to half.
+//! its reader stops taking messages until the partition has drained to
+//! half. What librdkafka pre-fetched meanwhile stays in the partition's
+//! queue (bounded by `queued.min.messages` and `queued.max.messages.kbytes`,
+//! per partition), and librdkafka stops fetching that partition while its
+//! queue is full. Unlike `rd_kafka_pause_partitions`, which drops the
+//! pre-fetched messages and fetches them again on resume, nothing is read
+//! twice.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
-use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,7 +60,7 @@ use crate::dispatch::{Cancel, Controls, Endpoint, Message, Observer, Outcome};
 use crate::dispatch_log::{DispatchLog, Key, LogRecord, Status};
 use crate::envelope;
 use crate::figures::{PartitionSource, PartitionView, Reporter, WorkerFigures};
-use crate::kafka::{self, PartitionOwner, WorkerConsumer};
+use crate::kafka::{self, PartitionOwner, WorkerConsumer, WorkerContext};
 use crate::offsets::Tracker;
 use crate::router::Router;
 use crate::signals::{WorkerEvent, WorkerSignals};
@@ -69,6 +80,7 @@ const DISPATCH_LOG_DRAIN: Duration = Duration::from_secs(5);
 /// Builds its own runtime: call it after the fork, never in the master.
 /// Returns the process exit code.
 pub fn run(config: Arc<ServerConfig>, topic: &str, index: u32, master: Option<i32>) -> i32 {
+    release_large_allocations();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("mkc-worker")
@@ -95,6 +107,24 @@ pub fn run(config: Arc<ServerConfig>, topic: &str, index: u32, master: Option<i3
     code
 }
 
+/// Allocations at least this large get pages of their own, returned to
+/// the system when freed.
+const MMAP_THRESHOLD: i32 = 256 * 1024;
+
+/// Large payloads (and librdkafka's fetch buffers) come and go; glibc's
+/// default raises its mmap threshold to the largest block freed so far
+/// (up to 32 MB), after which such blocks come from the heap and the
+/// memory they leave is kept. A fixed threshold keeps the worker's
+/// resident size following its in-flight window.
+fn release_large_allocations() {
+    // SAFETY: mallopt only changes the allocator's tuning; called before
+    // the worker starts its threads.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
 /// One partition's state inside a worker.
 struct Partition {
     number: i32,
@@ -103,7 +133,10 @@ struct Partition {
     lanes: Vec<mpsc::UnboundedSender<Arc<Job>>>,
     /// Cancelled when the partition is revoked: its lanes drop their work.
     abort: CancellationToken,
+    /// The reader waits for the partition to drain (its window is full).
     paused: AtomicBool,
+    /// Signalled as messages finish while the reader waits.
+    drained: Notify,
     /// Payload bytes of unfinished messages.
     bytes: AtomicUsize,
     /// The last position committed (or handed to the revoke commit).
@@ -116,6 +149,14 @@ impl Partition {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .finish(offset);
+        if self.paused.load(Ordering::Acquire) {
+            self.drained.notify_one();
+        }
+    }
+
+    /// Whether the partition holds less than `(messages, bytes)`.
+    fn below(&self, (messages, bytes): (usize, usize)) -> bool {
+        self.in_flight() < messages && self.bytes.load(Ordering::Acquire) < bytes
     }
 
     /// The position to commit if it moved since the last commit.
@@ -186,6 +227,11 @@ struct Pipeline {
     router: Router,
     max_message_bytes: usize,
     partitions: Mutex<HashMap<i32, Arc<Partition>>>,
+    /// The consumer, for splitting partition queues on assignment (set
+    /// once it exists; weak because the consumer's context owns this).
+    consumer: OnceLock<Weak<WorkerConsumer>>,
+    /// Per partition number ever assigned: its queue and its reader.
+    readers: Mutex<HashMap<i32, Reader>>,
     /// Graceful stop: lanes finish the attempt on the wire and start no more.
     stop: CancellationToken,
     /// Parent of every partition's abort token.
@@ -219,6 +265,7 @@ impl Pipeline {
             lanes: senders,
             abort: self.abort.child_token(),
             paused: AtomicBool::new(false),
+            drained: Notify::new(),
             bytes: AtomicUsize::new(0),
             committed: Mutex::new(None),
         });
@@ -301,9 +348,97 @@ impl PartitionOwner for Pipeline {
         positions
     }
 
-    fn assign(&self, _numbers: &[i32]) {
-        // Partitions are set up on their first message; nothing to do
-        // before then.
+    fn assign(self: Arc<Self>, numbers: &[i32]) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        for &number in numbers {
+            let partition = self.partition(number);
+            let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+            let reader = readers.entry(number).or_default();
+            // Split once, before the partition's first fetch, and keep the
+            // queue for the consumer's life: the split survives later
+            // assignments (librdkafka keeps a queue the application
+            // forwarded), while dropping a split queue would turn off the
+            // wake-up callback of the partition's fetch queue.
+            if reader.queue.is_none() {
+                reader.queue = consumer
+                    .split_partition_queue(&self.topic, number)
+                    .map(Arc::new);
+            }
+            let Some(queue) = reader.queue.clone() else {
+                tracing::error!(topic = %self.topic, partition = number,
+                    "cannot split the partition's queue: its messages arrive without a per-partition window");
+                continue;
+            };
+            if reader.task.as_ref().is_some_and(|t| !t.is_finished())
+                && reader
+                    .partition
+                    .upgrade()
+                    .is_some_and(|p| Arc::ptr_eq(&p, &partition))
+            {
+                continue; // Assigned again without a revoke: still reading.
+            }
+            let previous = reader.task.take();
+            reader.partition = Arc::downgrade(&partition);
+            reader.task = Some(self.lanes.spawn_on(
+                read_partition(self.clone(), partition, queue, previous),
+                &self.runtime,
+            ));
+        }
+    }
+}
+
+/// A partition's split queue and the task reading it.
+#[derive(Default)]
+struct Reader {
+    queue: Option<Arc<StreamPartitionQueue<WorkerContext>>>,
+    task: Option<JoinHandle<()>>,
+    partition: Weak<Partition>,
+}
+
+/// Feeds one assigned partition from its own queue into the pipeline,
+/// holding back while the partition's window is full. Ends when the
+/// partition is revoked or the worker stops.
+async fn read_partition(
+    pipeline: Arc<Pipeline>,
+    partition: Arc<Partition>,
+    queue: Arc<StreamPartitionQueue<WorkerContext>>,
+    previous: Option<JoinHandle<()>>,
+) {
+    // The reader of an earlier assignment must be gone before this one
+    // reads: a message taken by both would be lost to this one's tracker.
+    if let Some(previous) = previous {
+        let _ = previous.await;
+    }
+    let (stop, abort) = (pipeline.stop.clone(), partition.abort.clone());
+    let topic = &pipeline.topic;
+    loop {
+        let window = pipeline.window();
+        if !partition.below(window) {
+            partition.paused.store(true, Ordering::Release);
+            tracing::debug!(%topic, partition = partition.number, pause = true, "window full: fetching paused");
+            let resume_at = (window.0 / 2 + 1, window.1 / 2 + 1);
+            while !partition.below(resume_at) {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return,
+                    _ = abort.cancelled() => return,
+                    _ = partition.drained.notified() => {}
+                }
+            }
+            partition.paused.store(false, Ordering::Release);
+            tracing::debug!(%topic, partition = partition.number, pause = false, "window drained: fetching resumed");
+        }
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = abort.cancelled() => return,
+            received = queue.recv() => match received {
+                Ok(m) => accept(&pipeline, &partition, &m),
+                Err(e) => tracing::warn!(%topic, partition = partition.number, "kafka: {e}"),
+            },
+        }
     }
 }
 
@@ -369,6 +504,8 @@ async fn run_async(
         router: Router::new(&config.filters, &config.modules),
         max_message_bytes: config.max_message_bytes,
         partitions: Mutex::new(HashMap::new()),
+        consumer: OnceLock::new(),
+        readers: Mutex::new(HashMap::new()),
         stop: CancellationToken::new(),
         abort: CancellationToken::new(),
         lanes: TaskTracker::new(),
@@ -390,6 +527,7 @@ async fn run_async(
         });
     }
     let consumer = kafka::consumer(&config, topic, index, pipeline.clone())?;
+    let _ = pipeline.consumer.set(Arc::downgrade(&consumer));
     let reporter = Reporter::start(figures, pipeline.clone(), consumer.clone());
     tracing::info!(topic, index, group = %config.group_id, "worker consuming");
 
@@ -425,7 +563,6 @@ async fn run_async(
                         "no partitions assigned for {waited:?} after losing them; restarting the consumer"
                     ));
                 }
-                resume_drained(&pipeline, &consumer);
                 let figures = &pipeline.figures;
                 figures.dispatch_log_queued.store(pipeline.log.queue_depth() as u64, Ordering::Relaxed);
                 figures.dispatch_log_dropped.store(pipeline.log.dropped(), Ordering::Relaxed);
@@ -439,8 +576,10 @@ async fn run_async(
                     break;
                 }
             }
+            // Events (rebalances) are served here. Messages arrive here only
+            // for a partition whose queue could not be split.
             received = consumer.recv() => match received {
-                Ok(m) => accept(&pipeline, &consumer, &m),
+                Ok(m) => accept(&pipeline, &pipeline.partition(m.partition()), &m),
                 Err(e) => {
                     if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::Fatal)) {
                         return Err(anyhow::anyhow!("fatal Kafka error: {e}"));
@@ -501,9 +640,8 @@ impl RejoinWatch {
     }
 }
 
-/// Takes one message from the consumer into the pipeline.
-fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessage<'_>) {
-    let partition = pipeline.partition(m.partition());
+/// Takes one message of `partition` into the pipeline.
+fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &BorrowedMessage<'_>) {
     let offset = m.offset();
     {
         let mut tracker = partition.tracker.lock().unwrap_or_else(|p| p.into_inner());
@@ -518,7 +656,7 @@ fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessa
         Err(reason) => {
             tracing::warn!(%topic, partition = partition.number, offset, bytes = payload.len(), "invalid message: {reason}");
             pipeline.figures.invalid();
-            invalid(pipeline, &partition, m, reason.to_string());
+            invalid(pipeline, partition, m, reason.to_string());
             return;
         }
     };
@@ -552,19 +690,13 @@ fn accept(pipeline: &Arc<Pipeline>, consumer: &WorkerConsumer, m: &BorrowedMessa
         remaining: AtomicUsize::new(targets.len()),
         partition: partition.clone(),
     });
-    let bytes = partition.bytes.fetch_add(payload.len(), Ordering::AcqRel) + payload.len();
+    partition.bytes.fetch_add(payload.len(), Ordering::AcqRel);
     for &module in targets {
         if partition.lanes[module].send(job.clone()).is_err() {
             // The lane ended (revoked or stopping): the message stays
             // unfinished and is delivered again by whoever consumes next.
             return;
         }
-    }
-    let (max_messages, max_bytes) = pipeline.window();
-    if (partition.in_flight() >= max_messages || bytes >= max_bytes)
-        && !partition.paused.swap(true, Ordering::AcqRel)
-    {
-        set_paused(consumer, topic, partition.number, true);
     }
 }
 
@@ -911,39 +1043,6 @@ fn order_key(module: &crate::config::ModuleConfig, msg: &Message) -> Option<u64>
     }
 }
 
-fn set_paused(consumer: &WorkerConsumer, topic: &str, partition: i32, pause: bool) {
-    let mut tpl = TopicPartitionList::new();
-    if tpl
-        .add_partition_offset(topic, partition, Offset::Invalid)
-        .is_err()
-    {
-        return;
-    }
-    let result = if pause {
-        consumer.pause(&tpl)
-    } else {
-        consumer.resume(&tpl)
-    };
-    match result {
-        Ok(()) => tracing::debug!(topic, partition, pause, "fetching paused/resumed"),
-        Err(e) => tracing::warn!(topic, partition, "cannot pause/resume: {e}"),
-    }
-}
-
-/// Resumes paused partitions that drained to half their window.
-fn resume_drained(pipeline: &Pipeline, consumer: &WorkerConsumer) {
-    let (max_messages, max_bytes) = pipeline.window();
-    for p in pipeline.snapshot() {
-        if p.paused.load(Ordering::Acquire)
-            && p.in_flight() <= max_messages / 2
-            && p.bytes.load(Ordering::Acquire) <= max_bytes / 2
-        {
-            p.paused.store(false, Ordering::Release);
-            set_paused(consumer, &pipeline.topic, p.number, false);
-        }
-    }
-}
-
 fn commit(pipeline: &Pipeline, consumer: &WorkerConsumer, mode: CommitMode) {
     let positions = pipeline.positions_to_commit();
     if positions.is_empty() {
@@ -978,6 +1077,12 @@ async fn shutdown(pipeline: &Arc<Pipeline>, consumer: &Arc<WorkerConsumer>, dead
         let _ = tokio::time::timeout(Duration::from_secs(1), pipeline.lanes.wait()).await;
     }
     commit(pipeline, consumer, CommitMode::Sync);
+    // The split queues hold the consumer: let it go with them.
+    pipeline
+        .readers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
     // Leave the group now, so that the partitions move at once (the revoke
     // callback commits again only if something moved).
     consumer.unsubscribe();

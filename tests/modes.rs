@@ -576,7 +576,7 @@ fn memory(pid: i32) -> Option<(u64, u64)> {
 
 const MIB: u64 = 1024 * 1024;
 
-/// 200 messages of 4 MB through an endpoint that takes 400 ms per request:
+/// 200 messages of 4 MB through an endpoint that takes 800 ms per request:
 /// the worker's resident memory stays under `max-inflight-bytes` plus a
 /// fixed overhead while the backlog drains.
 ///
@@ -600,11 +600,11 @@ fn large_messages_through_a_slow_endpoint_keep_worker_memory_bounded() {
     let topic = unique_name("bigmem");
     let group = unique_name("bigmem-group");
     broker.create_topic(&topic, 2);
-    // 400 ms per request, one at a time per partition (ordered): the
-    // endpoint drains 5 messages a second, slower than the broker serves
-    // them (about 10 a second here), so the backlog piles up in the worker
+    // 800 ms per request, one at a time per partition (ordered): the
+    // endpoint drains 2.5 messages a second, slower than the broker serves
+    // them (about 5 a second here), so the backlog piles up in the worker
     // until the in-flight window pauses fetching.
-    let sink = Sink::with(Behavior::ok().latency(ms(400), ms(400)));
+    let sink = Sink::with(Behavior::ok().latency(ms(800), ms(800)));
     let mut config = MkcConfig::new(&topic, &group)
         .line("max-message-bytes 5000000")
         .line(&format!("max-inflight-bytes {MAX_INFLIGHT_BYTES}"))
@@ -674,7 +674,7 @@ fn large_messages_through_a_slow_endpoint_keep_worker_memory_bounded() {
     });
     let bound = MAX_INFLIGHT_BYTES + OVERHEAD;
     eprintln!(
-        "draining {COUNT} x {SIZE} B at 400 ms: peak VmRSS {:.1} MiB, VmHWM {:.1} MiB, bound {:.1} MiB",
+        "draining {COUNT} x {SIZE} B at 800 ms: peak VmRSS {:.1} MiB, VmHWM {:.1} MiB, bound {:.1} MiB",
         peak_rss as f64 / MIB as f64,
         hwm as f64 / MIB as f64,
         bound as f64 / MIB as f64
