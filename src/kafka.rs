@@ -26,7 +26,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use crate::config::{OffsetStore, ServerConfig};
 use crate::offsets::FileStore;
 
-/// How often the worker looks at paused partitions (its tick), in ms;
+/// The worker's tick (offsets, rejoin watch, master check), in ms;
 /// librdkafka's fetch queue backoff follows it.
 pub const TICK_MS: u64 = 20;
 

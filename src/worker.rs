@@ -65,7 +65,7 @@ use crate::offsets::Tracker;
 use crate::router::Router;
 use crate::signals::{WorkerEvent, WorkerSignals};
 
-/// How often paused partitions are checked and offsets considered.
+/// How often offsets are considered and the rejoin watch and master checked.
 const TICK: Duration = Duration::from_millis(kafka::TICK_MS);
 /// How long an orphaned worker (master gone) takes to stop.
 const ORPHAN_STOP: Duration = Duration::from_secs(1);
