@@ -15,7 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HttpMethod, ModuleConfig};
@@ -142,12 +148,19 @@ struct AttemptError {
     text: String,
 }
 
+/// The HTTP client of an endpoint: hyper's pooled client (keep-alive,
+/// HTTP/2 where TLS negotiates it), without reqwest's layers (redirects,
+/// URL re-parsing of every response), which cost a fifth of a worker's
+/// CPU per message (docs/bench.md).
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 /// A module ready to receive messages: its settings and a pooled client.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub module: Arc<ModuleConfig>,
-    client: reqwest::Client,
-    url: reqwest::Url,
+    client: HttpClient,
+    uri: Uri,
+    method: Method,
     module_header: HeaderValue,
     controls: Controls,
 }
@@ -166,21 +179,41 @@ const ERROR_BODY_PREVIEW: usize = 200;
 
 impl Endpoint {
     pub fn new(module: Arc<ModuleConfig>) -> anyhow::Result<Endpoint> {
-        let url = reqwest::Url::parse(&module.uri)
+        // Through url's parser first: it normalizes what http's stricter
+        // one refuses (international host names, unescaped characters).
+        let uri: Uri = reqwest::Url::parse(&module.uri)
+            .map_err(|e| e.to_string())
+            .and_then(|url| {
+                url.as_str()
+                    .parse()
+                    .map_err(|e: http::uri::InvalidUri| e.to_string())
+            })
             .map_err(|e| anyhow::anyhow!("module {}: uri {:?}: {e}", module.name, module.uri))?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(module.snd_timeout)
-            .timeout(module.rcv_timeout)
-            .tcp_nodelay(true)
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(module.snd_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("mkc/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .pool_timer(TokioTimer::new())
+            .build(https);
+        let method = match module.method {
+            HttpMethod::Post => Method::POST,
+            HttpMethod::Put => Method::PUT,
+        };
         let module_header = HeaderValue::from_str(&module.name)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-name"));
         Ok(Endpoint {
             module,
             client,
-            url,
+            uri,
+            method,
             module_header,
             controls: Controls::default(),
         })
@@ -331,29 +364,56 @@ impl Endpoint {
         Outcome::Skipped { attempts }
     }
 
-    /// One HTTP request; `Ok` on any 2xx.
+    /// One HTTP request; `Ok` on any 2xx. `rcv_timeout` bounds all of it:
+    /// connecting, sending, the answer and its body.
     async fn attempt(&self, msg: &Message, attempt: u32) -> Result<(), AttemptError> {
-        let request = match self.module.method {
-            HttpMethod::Post => self.client.post(self.url.clone()),
-            HttpMethod::Put => self.client.put(self.url.clone()),
-        };
-        let response = request
-            .headers(self.headers(msg, attempt))
-            .body(msg.payload.clone())
-            .send()
+        let timeout = self.module.rcv_timeout;
+        match tokio::time::timeout(timeout, self.request(msg, attempt)).await {
+            Ok(result) => result,
+            Err(_) => Err(AttemptError {
+                status: None,
+                text: format!("timeout: no answer within {} ms", timeout.as_millis()),
+            }),
+        }
+    }
+
+    async fn request(&self, msg: &Message, attempt: u32) -> Result<(), AttemptError> {
+        let mut request = Request::new(Full::new(msg.payload.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers(msg, attempt);
+        let response = self
+            .client
+            .request(request)
             .await
             .map_err(|e| AttemptError {
                 status: None,
                 text: describe(&e),
             })?;
         let status = response.status();
+        let mut body = response.into_body();
         if status.is_success() {
-            // Drain a small body so the connection goes back to the pool.
-            let _ = response.bytes().await;
+            // Read the body (and drop it) so the connection goes back to
+            // the pool.
+            while let Some(frame) = body.frame().await {
+                if frame.is_err() {
+                    break;
+                }
+            }
             return Ok(());
         }
-        let body = response.bytes().await.unwrap_or_default();
-        let preview = String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_PREVIEW)]);
+        let mut preview = Vec::new();
+        while preview.len() < ERROR_BODY_PREVIEW {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        preview.extend_from_slice(data);
+                    }
+                }
+                _ => break,
+            }
+        }
+        let preview = String::from_utf8_lossy(&preview[..preview.len().min(ERROR_BODY_PREVIEW)]);
         Err(AttemptError {
             status: Some(status.as_u16()),
             text: format!("HTTP {status}: {}", preview.trim()),
@@ -361,8 +421,12 @@ impl Endpoint {
     }
 
     fn headers(&self, msg: &Message, attempt: u32) -> HeaderMap {
-        let mut h = HeaderMap::with_capacity(10);
+        let mut h = HeaderMap::with_capacity(12);
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("mkc/", env!("CARGO_PKG_VERSION"))),
+        );
         if let Ok(v) = HeaderValue::from_str(&msg.topic) {
             h.insert(X_MKC_TOPIC.clone(), v);
         }
@@ -400,15 +464,13 @@ fn delay_left(timestamp_ms: Option<i64>, delay: Duration, now: SystemTime) -> Op
 }
 
 /// A transport error in a few words, with its cause chain.
-fn describe(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
+fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    let mut text = if e.is_connect() {
         "connect error"
     } else {
         "request error"
-    };
-    let mut text = kind.to_string();
+    }
+    .to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         text.push_str(": ");
@@ -468,38 +530,177 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_skip_ends_the_retries_during_the_retry_wait() {
-        // Nothing listens on port 1: every attempt fails at once.
-        let module = ModuleConfig {
+    fn module(uri: &str, retrynum: u32, rcv_timeout: Duration) -> ModuleConfig {
+        ModuleConfig {
             name: "m".to_string(),
             file: "m.conf".into(),
-            uri: "http://127.0.0.1:1/".to_string(),
+            uri: uri.to_string(),
             method: HttpMethod::Post,
             filters: Vec::new(),
             delay: Duration::ZERO,
-            retrynum: 0,
-            retry_delay: Duration::from_secs(3600),
-            rcv_timeout: Duration::from_secs(5),
+            retrynum,
+            retry_delay: Duration::from_millis(10),
+            rcv_timeout,
             snd_timeout: Duration::from_secs(5),
             mode: crate::config::DeliveryMode::Ordered,
             concurrency: 64,
             order_key: None,
             dead_letter_topic: None,
-        };
-        let endpoint = Endpoint::new(Arc::new(module)).unwrap();
-        let msg = Message {
+        }
+    }
+
+    fn message() -> Message {
+        Message {
             topic: Arc::from("t"),
-            partition: 0,
-            offset: 0,
+            partition: 2,
+            offset: 7,
             timestamp_ms: None,
             key: None,
-            payload: Bytes::from_static(b"{}"),
+            payload: Bytes::from_static(b"{\"commandId\": 1}"),
             envelope: Envelope {
                 command_id: crate::config::CommandId(1),
                 commit_id: None,
             },
+        }
+    }
+
+    /// A loopback HTTP/1.1 server answering every request on a connection
+    /// with `answer` (None: never answers). Returns its address and the
+    /// requests it read, as text.
+    async fn server(
+        answer: Option<&'static str>,
+    ) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let requests = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        // One request: its head and a body as long as it says.
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        let Some(head_end) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
+                        let length = text[..head_end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() < head_end + 4 + length {
+                            continue;
+                        }
+                        requests
+                            .lock()
+                            .unwrap()
+                            .push(text[..head_end + 4 + length].to_string());
+                        buf.drain(..head_end + 4 + length);
+                        match answer {
+                            Some(a) => {
+                                if stream.write_all(a.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                            None => std::future::pending::<()>().await,
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_2xx_delivers_the_payload_with_its_headers_on_one_connection() {
+        let (addr, seen) = server(Some("HTTP/1.1 204 No Content\r\n\r\n")).await;
+        let m = module(&format!("http://{addr}/in"), 0, Duration::from_secs(5));
+        let endpoint = Endpoint::new(Arc::new(m)).unwrap();
+        let msg = message();
+        for _ in 0..2 {
+            let outcome = endpoint.deliver(&msg, &Cancel::default()).await;
+            assert_eq!(outcome, Outcome::Delivered { attempts: 1 });
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        let request = &seen[0];
+        assert!(request.starts_with("POST /in HTTP/1.1\r\n"), "{request}");
+        for header in [
+            "content-type: application/json",
+            "x-mkc-partition: 2",
+            "x-mkc-offset: 7",
+            "x-mkc-command-id: 1",
+            "x-mkc-attempt: 1",
+            "idempotency-key: t-2-7",
+            "user-agent: mkc/",
+        ] {
+            assert!(request.contains(header), "{header} missing in {request}");
+        }
+        assert!(request.ends_with("{\"commandId\": 1}"), "{request}");
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_keeps_its_status_and_the_start_of_its_body() {
+        let (addr, _) = server(Some(
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 12\r\n\r\n  disk full\n",
+        ))
+        .await;
+        let m = module(&format!("http://{addr}/"), 1, Duration::from_secs(5));
+        let endpoint = Endpoint::new(Arc::new(m)).unwrap();
+        let outcome = endpoint.deliver(&message(), &Cancel::default()).await;
+        assert_eq!(
+            outcome,
+            Outcome::Exhausted {
+                attempts: 2,
+                last_error: "HTTP 500 Internal Server Error: disk full".to_string(),
+                http_status: Some(500),
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_never_answers_times_out() {
+        let (addr, _) = server(None).await;
+        let m = module(&format!("http://{addr}/"), 1, Duration::from_millis(200));
+        let endpoint = Endpoint::new(Arc::new(m)).unwrap();
+        let started = std::time::Instant::now();
+        let outcome = endpoint.deliver(&message(), &Cancel::default()).await;
+        let Outcome::Exhausted { last_error, .. } = outcome else {
+            panic!("{outcome:?}");
         };
+        assert!(last_error.starts_with("timeout"), "{last_error}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let m = module("http://127.0.0.1:1/", 1, Duration::from_secs(5));
+        let endpoint = Endpoint::new(Arc::new(m)).unwrap();
+        let outcome = endpoint.deliver(&message(), &Cancel::default()).await;
+        let Outcome::Exhausted { last_error, .. } = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert!(last_error.starts_with("connect error"), "{last_error}");
+    }
+
+    #[tokio::test]
+    async fn a_skip_ends_the_retries_during_the_retry_wait() {
+        // Nothing listens on port 1: every attempt fails at once.
+        let mut module = module("http://127.0.0.1:1/", 0, Duration::from_secs(5));
+        module.retry_delay = Duration::from_secs(3600);
+        let endpoint = Endpoint::new(Arc::new(module)).unwrap();
+        let msg = message();
         let observer = SkipAfter {
             after: 1,
             failed: Default::default(),
