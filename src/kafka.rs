@@ -200,11 +200,12 @@ pub fn client_config(config: &ServerConfig, topic: &str, index: u32) -> ClientCo
     // partition (tansu ignores max.partition.fetch.bytes), so each
     // partition's queue can hold up to a response's worth. librdkafka's
     // default (50 MB) let a worker with six partitions grow past 80 MB;
-    // a twentieth of max-inflight-bytes (3.2 MB by default) kept it near
-    // 60 MB at the same rate (benches/mkc_bench, docs/bench.md). Kafka
-    // serves a record larger than this alone (KIP-74); tansu 0.6 does not
-    // (README: raise it there).
-    let fetch_max = (config.max_inflight_bytes / 20).clamp(1 << 20, 50 << 20);
+    // a twentieth of max-inflight-bytes (3.2 MB) still reached 70-74 MiB
+    // with six slowly draining partitions, a thirty-second (2 MiB by
+    // default) 54 MiB, for 5-10% of the rate at a 0 ms endpoint
+    // (benches/mkc_bench, docs/bench.md). Kafka serves a record larger
+    // than this alone (KIP-74); tansu 0.6 may not (README: raise it there).
+    let fetch_max = (config.max_inflight_bytes / 32).clamp(1 << 20, 50 << 20);
     c.set("fetch.max.bytes", fetch_max.to_string());
     // When a partition's queue is over those limits librdkafka waits
     // fetch.queue.backoff.ms (default 1 s) before it looks at it again; the
