@@ -564,19 +564,28 @@ mod tests {
         }
     }
 
+    /// What the test server saw: each request as text, and how many
+    /// connections it accepted.
+    #[derive(Default)]
+    struct Seen {
+        requests: Vec<String>,
+        connections: usize,
+    }
+
     /// A loopback HTTP/1.1 server answering every request on a connection
-    /// with `answer` (None: never answers). Returns its address and the
-    /// requests it read, as text.
+    /// with `answer` (None: never answers). Returns its address and what
+    /// it saw.
     async fn server(
         answer: Option<&'static str>,
-    ) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    ) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Seen>>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
         let requests = seen.clone();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
+                requests.lock().unwrap().connections += 1;
                 let requests = requests.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
@@ -605,6 +614,7 @@ mod tests {
                         requests
                             .lock()
                             .unwrap()
+                            .requests
                             .push(text[..head_end + 4 + length].to_string());
                         buf.drain(..head_end + 4 + length);
                         match answer {
@@ -633,11 +643,17 @@ mod tests {
             assert_eq!(outcome, Outcome::Delivered { attempts: 1 });
         }
         let seen = seen.lock().unwrap();
-        assert_eq!(seen.len(), 2);
-        let request = &seen[0];
+        assert_eq!(seen.requests.len(), 2);
+        assert_eq!(
+            seen.connections, 1,
+            "the second request reuses the connection"
+        );
+        let request = &seen.requests[0];
         assert!(request.starts_with("POST /in HTTP/1.1\r\n"), "{request}");
         for header in [
             "content-type: application/json",
+            "x-mkc-topic: t\r\n",
+            "x-mkc-module: m\r\n",
             "x-mkc-partition: 2",
             "x-mkc-offset: 7",
             "x-mkc-command-id: 1",
