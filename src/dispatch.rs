@@ -252,14 +252,18 @@ impl Endpoint {
                 return None;
             }
             tokio::select! {
-                _ = tokio::time::sleep(CONTROL_POLL) => {}
-                _ = cancel.stop.cancelled() => return Some(Outcome::Aborted),
+                biased;
                 _ = cancel.abort.cancelled() => return Some(Outcome::Aborted),
+                _ = cancel.stop.cancelled() => return Some(Outcome::Aborted),
+                _ = tokio::time::sleep(CONTROL_POLL) => {}
             }
         }
     }
 
     /// Sleeps `wait` (retry delay), looking for a skip request meanwhile.
+    /// A stop or an abort ends the wait at once: a revoked partition's
+    /// delivery must not outlive its lane (its next owner is delivering the
+    /// same message by then).
     async fn wait_retry(
         &self,
         wait: Duration,
@@ -280,8 +284,10 @@ impl Endpoint {
             }
             let step = left.min(CONTROL_POLL);
             tokio::select! {
-                _ = tokio::time::sleep(step) => {}
+                biased;
+                _ = cancel.abort.cancelled() => return Some(Outcome::Aborted),
                 _ = cancel.stop.cancelled() => return Some(Outcome::Aborted),
+                _ = tokio::time::sleep(step) => {}
             }
         }
     }
@@ -307,13 +313,15 @@ impl Endpoint {
         let _watching = Watching(watch.map(|w| (w, msg)));
         if let Some(wait) = delay_left(msg.timestamp_ms, m.delay, SystemTime::now()) {
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                biased;
+                _ = cancel.abort.cancelled() => return Outcome::Aborted,
                 _ = cancel.stop.cancelled() => return Outcome::Aborted,
+                _ = tokio::time::sleep(wait) => {}
             }
         }
         let mut attempts = 0u32;
         loop {
-            if cancel.stop.is_cancelled() {
+            if cancel.stop.is_cancelled() || cancel.abort.is_cancelled() {
                 return Outcome::Aborted;
             }
             if let Some(outcome) = self.gate(msg, cancel, attempts, observer).await {
@@ -321,9 +329,11 @@ impl Endpoint {
             }
             attempts += 1;
             let started = Instant::now();
+            // Abort first: an attempt polled once has already connected.
             let result = tokio::select! {
-                r = self.attempt(msg, attempts) => r,
+                biased;
                 _ = cancel.abort.cancelled() => return Outcome::Aborted,
+                r = self.attempt(msg, attempts) => r,
             };
             if let Some(w) = watch {
                 let error = result.as_ref().err().map(|e| e.text.as_str());
@@ -802,6 +812,63 @@ mod tests {
         assert!(
             late <= Duration::from_millis(100),
             "the skip was seen {late:?} after it was requested"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_ends_the_delay_wait_at_once() {
+        let mut module = module("http://127.0.0.1:1/", 0, Duration::from_secs(5));
+        module.delay = Duration::from_secs(3600);
+        let cancel = Cancel::default();
+        let delivery = spawn_delivery(module, &cancel, SkipLater::new(None));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cancel.abort.cancel();
+        let aborted_at = tokio::time::Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(1), delivery)
+            .await
+            .expect("an aborted delivery still waits its delay 1 s after the abort")
+            .unwrap();
+        assert_eq!(outcome, Outcome::Aborted);
+        assert_eq!(aborted_at.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_ends_the_retry_wait_at_once() {
+        let mut module = module("http://127.0.0.1:1/", 0, Duration::from_secs(5));
+        module.retry_delay = Duration::from_secs(3600);
+        let cancel = Cancel::default();
+        let observer = SkipLater::new(None);
+        let delivery = spawn_delivery(module, &cancel, observer.clone());
+        observer.failed.notified().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cancel.abort.cancel();
+        let aborted_at = tokio::time::Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(1), delivery)
+            .await
+            .expect("an aborted delivery still waits retry_delay 1 s after the abort")
+            .unwrap();
+        assert_eq!(outcome, Outcome::Aborted);
+        assert_eq!(aborted_at.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_delivery_makes_no_attempt() {
+        let (addr, seen) = server(Some("HTTP/1.1 204 No Content\r\n\r\n")).await;
+        let m = module(&format!("http://{addr}/"), 0, Duration::from_secs(5));
+        let endpoint = Endpoint::new(Arc::new(m)).unwrap();
+        let cancel = Cancel::default();
+        cancel.abort.cancel();
+        for _ in 0..20 {
+            let outcome = endpoint.deliver(&message(), &cancel).await;
+            assert_eq!(outcome, Outcome::Aborted);
+        }
+        // Let a connection made anyway reach the server.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            (seen.connections, seen.requests.len()),
+            (0, 0),
+            "connections and requests after an abort"
         );
     }
 
