@@ -57,7 +57,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{DeliveryMode, ServerConfig};
 use crate::dead_letter::{DeadLetters, Letter};
 use crate::dispatch::{Cancel, Controls, Endpoint, Message, Observer, Outcome};
-use crate::dispatch_log::{DispatchLog, Key, LogRecord, Status};
+use crate::dispatch_log::{DispatchLog, Key, LogRecord, SkipWatch, Status};
 use crate::envelope;
 use crate::figures::{PartitionSource, PartitionView, Reporter, WorkerFigures};
 use crate::kafka::{self, PartitionOwner, WorkerConsumer, WorkerContext};
@@ -767,6 +767,10 @@ struct LastFailure {
     recorded: Option<Instant>,
     http_status: Option<u16>,
     error: Option<String>,
+    /// This delivery's watch of the skip flag, from its first failed
+    /// attempt on. Its own: the delivery of the same message by a revoked
+    /// lane holds another, and ending one leaves the other watching.
+    watch: Option<SkipWatch>,
 }
 
 impl<'a> Retrying<'a> {
@@ -796,12 +800,11 @@ impl<'a> Retrying<'a> {
         );
     }
 
-    /// Records the final outcome and stops watching the skip flag.
+    /// Records the final outcome and stops watching the skip flag (also
+    /// done when the delivery is dropped: the watch goes with it).
     fn finish(&self, outcome: &Outcome) {
-        let last = std::mem::take(&mut *self.last.lock().unwrap_or_else(|p| p.into_inner()));
-        if last.recorded.is_some() {
-            self.log.unwatch(&self.key);
-        }
+        let mut last = std::mem::take(&mut *self.last.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(last.watch.take());
         match outcome {
             Outcome::Delivered { attempts } if *attempts > 1 => self.record(
                 Status::DeliveredAfterRetry,
@@ -838,7 +841,7 @@ impl Observer for Retrying<'_> {
         match last.recorded {
             Some(at) if at.elapsed() < RETRYING_RECORD_EVERY => return,
             Some(_) => {}
-            None => self.log.watch(&self.key),
+            None => last.watch = Some(self.log.watch(&self.key)),
         }
         last.recorded = Some(Instant::now());
         drop(last);
