@@ -118,8 +118,10 @@ impl std::fmt::Debug for Controls {
     }
 }
 
-/// How often a waiting delivery looks at the pause and skip controls.
-pub const CONTROL_POLL: Duration = Duration::from_millis(250);
+/// How often a waiting delivery looks at the pause and skip controls
+/// (README: "every 100 ms while it waits `retry_delay`"). A waiting
+/// delivery costs one wake-up and a hash-set lookup per poll.
+pub const CONTROL_POLL: Duration = Duration::from_millis(100);
 
 /// Calls [`DeliveryWatch::finished`] however the delivery ends.
 struct Watching<'a>(Option<(&'a dyn DeliveryWatch, &'a Message)>);
@@ -250,14 +252,18 @@ impl Endpoint {
                 return None;
             }
             tokio::select! {
-                _ = tokio::time::sleep(CONTROL_POLL) => {}
-                _ = cancel.stop.cancelled() => return Some(Outcome::Aborted),
+                biased;
                 _ = cancel.abort.cancelled() => return Some(Outcome::Aborted),
+                _ = cancel.stop.cancelled() => return Some(Outcome::Aborted),
+                _ = tokio::time::sleep(CONTROL_POLL) => {}
             }
         }
     }
 
     /// Sleeps `wait` (retry delay), looking for a skip request meanwhile.
+    /// A stop or an abort ends the wait at once: a revoked partition's
+    /// delivery must not outlive its lane (its next owner is delivering the
+    /// same message by then).
     async fn wait_retry(
         &self,
         wait: Duration,
@@ -266,19 +272,22 @@ impl Endpoint {
         attempts: u32,
         observer: &dyn Observer,
     ) -> Option<Outcome> {
-        let until = Instant::now() + wait;
+        // tokio's clock, as the sleeps below (tests pause it).
+        let until = tokio::time::Instant::now() + wait;
         loop {
             if self.skip_requested(msg, attempts, observer) {
                 return Some(self.skipped(msg, attempts));
             }
-            let left = until.saturating_duration_since(Instant::now());
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
                 return None;
             }
             let step = left.min(CONTROL_POLL);
             tokio::select! {
-                _ = tokio::time::sleep(step) => {}
+                biased;
+                _ = cancel.abort.cancelled() => return Some(Outcome::Aborted),
                 _ = cancel.stop.cancelled() => return Some(Outcome::Aborted),
+                _ = tokio::time::sleep(step) => {}
             }
         }
     }
@@ -304,13 +313,15 @@ impl Endpoint {
         let _watching = Watching(watch.map(|w| (w, msg)));
         if let Some(wait) = delay_left(msg.timestamp_ms, m.delay, SystemTime::now()) {
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                biased;
+                _ = cancel.abort.cancelled() => return Outcome::Aborted,
                 _ = cancel.stop.cancelled() => return Outcome::Aborted,
+                _ = tokio::time::sleep(wait) => {}
             }
         }
         let mut attempts = 0u32;
         loop {
-            if cancel.stop.is_cancelled() {
+            if cancel.stop.is_cancelled() || cancel.abort.is_cancelled() {
                 return Outcome::Aborted;
             }
             if let Some(outcome) = self.gate(msg, cancel, attempts, observer).await {
@@ -318,9 +329,11 @@ impl Endpoint {
             }
             attempts += 1;
             let started = Instant::now();
+            // Abort first: an attempt polled once has already connected.
             let result = tokio::select! {
-                r = self.attempt(msg, attempts) => r,
+                biased;
                 _ = cancel.abort.cancelled() => return Outcome::Aborted,
+                r = self.attempt(msg, attempts) => r,
             };
             if let Some(w) = watch {
                 let error = result.as_ref().err().map(|e| e.text.as_str());
@@ -727,6 +740,136 @@ mod tests {
             .await;
         assert_eq!(outcome, Outcome::Skipped { attempts: 1 });
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// Notes, on tokio's clock, when the first attempt failed; says "skip"
+    /// from `skip_after` past it on (`None`: never).
+    struct SkipLater {
+        skip_after: Option<Duration>,
+        first_failure: std::sync::Mutex<Option<tokio::time::Instant>>,
+        failed: tokio::sync::Notify,
+    }
+
+    impl SkipLater {
+        fn new(skip_after: Option<Duration>) -> Arc<SkipLater> {
+            Arc::new(SkipLater {
+                skip_after,
+                first_failure: Default::default(),
+                failed: Default::default(),
+            })
+        }
+
+        /// When the operator's skip took effect, if it did.
+        fn skip_at(&self) -> Option<tokio::time::Instant> {
+            Some((*self.first_failure.lock().unwrap())? + self.skip_after?)
+        }
+    }
+
+    impl Observer for SkipLater {
+        fn attempt_failed(&self, _: u32, _: Option<u16>, _: &str) {
+            self.first_failure
+                .lock()
+                .unwrap()
+                .get_or_insert_with(tokio::time::Instant::now);
+            self.failed.notify_one();
+        }
+        fn skip_requested(&self) -> bool {
+            self.skip_at()
+                .is_some_and(|at| tokio::time::Instant::now() >= at)
+        }
+    }
+
+    /// Delivers `msg` on a task of its own (nothing listens on port 1:
+    /// every attempt fails).
+    fn spawn_delivery(
+        module: ModuleConfig,
+        cancel: &Cancel,
+        observer: Arc<SkipLater>,
+    ) -> tokio::task::JoinHandle<Outcome> {
+        let endpoint = Endpoint::new(Arc::new(module)).unwrap();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            endpoint
+                .deliver_observed(&message(), &cancel, &*observer)
+                .await
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_skip_during_the_retry_wait_is_seen_within_control_poll() {
+        // README: "the retry loop looks ... every 100 ms while it waits
+        // `retry_delay`". The skip comes at an odd moment of the wait.
+        let mut module = module("http://127.0.0.1:1/", 0, Duration::from_secs(5));
+        module.retry_delay = Duration::from_secs(3600);
+        let observer = SkipLater::new(Some(Duration::from_millis(1001)));
+        let delivery = spawn_delivery(module, &Cancel::default(), observer.clone());
+        let outcome = tokio::time::timeout(Duration::from_secs(10), delivery)
+            .await
+            .expect("the skip ends the retry wait")
+            .unwrap();
+        assert_eq!(outcome, Outcome::Skipped { attempts: 1 });
+        let late = tokio::time::Instant::now() - observer.skip_at().unwrap();
+        assert!(
+            late <= Duration::from_millis(100),
+            "the skip was seen {late:?} after it was requested"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_ends_the_delay_wait_at_once() {
+        let mut module = module("http://127.0.0.1:1/", 0, Duration::from_secs(5));
+        module.delay = Duration::from_secs(3600);
+        let cancel = Cancel::default();
+        let delivery = spawn_delivery(module, &cancel, SkipLater::new(None));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cancel.abort.cancel();
+        let aborted_at = tokio::time::Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(1), delivery)
+            .await
+            .expect("an aborted delivery still waits its delay 1 s after the abort")
+            .unwrap();
+        assert_eq!(outcome, Outcome::Aborted);
+        assert_eq!(aborted_at.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_ends_the_retry_wait_at_once() {
+        let mut module = module("http://127.0.0.1:1/", 0, Duration::from_secs(5));
+        module.retry_delay = Duration::from_secs(3600);
+        let cancel = Cancel::default();
+        let observer = SkipLater::new(None);
+        let delivery = spawn_delivery(module, &cancel, observer.clone());
+        observer.failed.notified().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cancel.abort.cancel();
+        let aborted_at = tokio::time::Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(1), delivery)
+            .await
+            .expect("an aborted delivery still waits retry_delay 1 s after the abort")
+            .unwrap();
+        assert_eq!(outcome, Outcome::Aborted);
+        assert_eq!(aborted_at.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_delivery_makes_no_attempt() {
+        let (addr, seen) = server(Some("HTTP/1.1 204 No Content\r\n\r\n")).await;
+        let m = module(&format!("http://{addr}/"), 0, Duration::from_secs(5));
+        let endpoint = Endpoint::new(Arc::new(m)).unwrap();
+        let cancel = Cancel::default();
+        cancel.abort.cancel();
+        for _ in 0..20 {
+            let outcome = endpoint.deliver(&message(), &cancel).await;
+            assert_eq!(outcome, Outcome::Aborted);
+        }
+        // Let a connection made anyway reach the server.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            (seen.connections, seen.requests.len()),
+            (0, 0),
+            "connections and requests after an abort"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //! `skip` and `replay` commands. Every query binds its values; the payload
 //! is a BLOB, stored byte for byte.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -188,8 +188,12 @@ struct Shared {
     /// Records the database refused (bad values), given up on.
     rejected: AtomicU64,
     last_drop_warning: Mutex<Option<Instant>>,
-    /// Keys retrying in this process: the only ones whose skip flag is read.
-    watched: Mutex<HashSet<Key>>,
+    /// Keys retrying in this process: the only ones whose skip flag is
+    /// read, each with the number of deliveries watching it ([`SkipWatch`]).
+    /// Two deliveries of one key overlap when a rebalance gives a partition
+    /// back to the worker that had it: the first to end must not stop the
+    /// other's watch.
+    watched: Mutex<HashMap<Key, usize>>,
     /// Watched keys whose row says `is_skip`.
     skipped: Mutex<HashSet<Key>>,
     /// Tells the tasks to finish (the writer drains the queue first).
@@ -231,7 +235,7 @@ impl DispatchLog {
             written: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             last_drop_warning: Mutex::new(None),
-            watched: Mutex::new(HashSet::new()),
+            watched: Mutex::new(HashMap::new()),
             skipped: Mutex::new(HashSet::new()),
             closing: CancellationToken::new(),
         });
@@ -291,15 +295,14 @@ impl DispatchLog {
         self.shared.success
     }
 
-    /// Starts reading the skip flag of `key` (a message now retrying).
-    pub fn watch(&self, key: &Key) {
-        lock(&self.shared.watched).insert(key.clone());
-    }
-
-    /// Stops reading the skip flag of `key`.
-    pub fn unwatch(&self, key: &Key) {
-        lock(&self.shared.watched).remove(key);
-        lock(&self.shared.skipped).remove(key);
+    /// Starts reading the skip flag of `key` for one delivery (a message
+    /// now retrying), until the returned [`SkipWatch`] is dropped.
+    pub fn watch(&self, key: &Key) -> SkipWatch {
+        *lock(&self.shared.watched).entry(key.clone()).or_insert(0) += 1;
+        SkipWatch {
+            shared: self.shared.clone(),
+            key: key.clone(),
+        }
     }
 
     /// Whether an operator set `is_skip` on the row of `key` (as last read;
@@ -353,6 +356,36 @@ impl DispatchLog {
             dispatch_log = %self.target, written = self.written(), dropped = self.dropped(),
             rejected = self.rejected(), "dispatch log closed"
         );
+    }
+}
+
+/// One delivery's watch of a key's skip flag (see [`DispatchLog::watch`]).
+/// The flag is read while any delivery watches the key; dropping the last
+/// watch forgets it.
+#[must_use = "the skip flag is read only while the watch lives"]
+pub struct SkipWatch {
+    shared: Arc<Shared>,
+    key: Key,
+}
+
+impl fmt::Debug for SkipWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SkipWatch").field(&self.key).finish()
+    }
+}
+
+impl Drop for SkipWatch {
+    fn drop(&mut self) {
+        // The same lock order as the skip poller: watched, then skipped.
+        let mut watched = lock(&self.shared.watched);
+        match watched.get_mut(&self.key) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                watched.remove(&self.key);
+                lock(&self.shared.skipped).remove(&self.key);
+            }
+            None => {}
+        }
     }
 }
 
@@ -526,7 +559,7 @@ async fn skip_poller(shared: Arc<Shared>, db: Db) {
             _ = tick.tick() => {}
             _ = shared.closing.cancelled() => return,
         }
-        let keys: Vec<Key> = lock(&shared.watched).iter().cloned().collect();
+        let keys: Vec<Key> = lock(&shared.watched).keys().cloned().collect();
         if keys.is_empty() {
             continue;
         }
@@ -535,7 +568,7 @@ async fn skip_poller(shared: Arc<Shared>, db: Db) {
                 let watched = lock(&shared.watched);
                 let mut skipped = lock(&shared.skipped);
                 skipped.clear();
-                skipped.extend(found.into_iter().filter(|k| watched.contains(k)));
+                skipped.extend(found.into_iter().filter(|k| watched.contains_key(k)));
             }
             // The writer reports an unreachable database.
             Ok(Err(e)) => tracing::debug!("reading skip flags: {e}"),

@@ -6,6 +6,15 @@
 //! always the lowest offset not yet finished, so a crash at any moment
 //! re-delivers but never loses.
 //!
+//! Offsets normally arrive in increasing order. One that goes backwards on
+//! a live partition is a seek by librdkafka (the log was truncated after
+//! an unclean leader election, KIP-320, or the offset was reset): the
+//! messages from there on are new and are delivered, while the old ones
+//! above it may still be in flight. The tracker counts the deliveries of
+//! each offset and never commits past the last offset received, so that
+//! neither the old deliveries finishing nor the new ones let a commit pass
+//! a message not yet received again.
+//!
 //! [`FileStore`] keeps `<dir>/<group>/<topic>-<partition>.offset`, written
 //! through a temporary file, fsync and rename so that a crash leaves either
 //! the old or the new position, never a torn one.
@@ -15,17 +24,29 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+/// How an offset arrived, as [`Tracker::begin`] tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Past every offset received so far: the normal case.
+    Forward,
+    /// At or below one already received: the partition was moved back
+    /// (a seek) from `expected`, the offset that should have come.
+    Backward { expected: i64 },
+}
+
 /// Offsets of one partition between "received" and "committed".
 #[derive(Debug, Default)]
 pub struct Tracker {
-    /// Received offsets in increasing order, each with its "finished" flag.
-    /// Finished offsets at the front are popped at once, so the front is
+    /// Received offsets in increasing order, each with its deliveries not
+    /// yet finished (more than one only after a seek re-used the offset).
+    /// Entries at zero at the front are popped at once, so the front is
     /// always the lowest unfinished offset.
-    pending: VecDeque<(i64, bool)>,
-    /// One past the highest offset received: the commit position when
-    /// nothing is pending.
+    pending: VecDeque<(i64, u32)>,
+    /// One past the offset received last: where the partition reads next.
+    /// The commit position never passes it (after a seek, old deliveries
+    /// above it may finish before the offsets below them come again).
     next: Option<i64>,
-    /// Entries of `pending` not yet finished.
+    /// Deliveries begun and not yet finished.
     unfinished: usize,
 }
 
@@ -34,40 +55,52 @@ impl Tracker {
         Self::default()
     }
 
-    /// Records that `offset` was received and is now being handled.
-    /// Offsets must arrive in increasing order (as Kafka delivers them in a
-    /// partition); an offset at or below one already seen is ignored and
-    /// `false` is returned (a duplicate after a seek).
-    pub fn begin(&mut self, offset: i64) -> bool {
-        if self.next.is_some_and(|next| offset < next) {
-            return false;
+    /// Records that `offset` was received and is now being handled; each
+    /// call is ended by one [`Tracker::finish`]. An offset at or below one
+    /// already received is a seek: it is taken all the same (its message
+    /// is delivered) and reported as [`Arrival::Backward`].
+    pub fn begin(&mut self, offset: i64) -> Arrival {
+        let arrival = match self.next {
+            Some(expected) if offset < expected => Arrival::Backward { expected },
+            _ => Arrival::Forward,
+        };
+        // Past every pending offset: the usual case. After a seek, offsets
+        // of the old deliveries still pending may lie above this one.
+        if self.pending.back().is_none_or(|&(last, _)| last < offset) {
+            self.pending.push_back((offset, 1));
+        } else {
+            match self.pending.binary_search_by_key(&offset, |&(o, _)| o) {
+                Ok(i) => self.pending[i].1 += 1,
+                Err(i) => self.pending.insert(i, (offset, 1)),
+            }
         }
-        self.pending.push_back((offset, false));
         self.next = Some(offset + 1);
         self.unfinished += 1;
-        true
+        arrival
     }
 
-    /// Records that every module reached a final outcome for `offset`.
+    /// Records that every module reached a final outcome for one delivery
+    /// of `offset`. An offset not in flight is ignored.
     pub fn finish(&mut self, offset: i64) {
         if let Ok(i) = self.pending.binary_search_by_key(&offset, |&(o, _)| o) {
-            if !self.pending[i].1 {
-                self.pending[i].1 = true;
+            if self.pending[i].1 > 0 {
+                self.pending[i].1 -= 1;
                 self.unfinished -= 1;
             }
         }
-        while self.pending.front().is_some_and(|&(_, done)| done) {
+        while self.pending.front().is_some_and(|&(_, left)| left == 0) {
             self.pending.pop_front();
         }
     }
 
     /// The offset to commit: the lowest unfinished one, or one past the
-    /// highest received when everything is finished. `None` before the
-    /// first message.
+    /// offset received last, whichever is lower. `None` before the first
+    /// message.
     pub fn commit_position(&self) -> Option<i64> {
-        match self.pending.front() {
-            Some(&(offset, _)) => Some(offset),
-            None => self.next,
+        match (self.pending.front(), self.next) {
+            (Some(&(offset, _)), Some(next)) => Some(offset.min(next)),
+            (Some(&(offset, _)), None) => Some(offset),
+            (None, next) => next,
         }
     }
 
@@ -182,14 +215,97 @@ mod tests {
     }
 
     #[test]
-    fn duplicates_and_unknown_offsets_are_ignored() {
+    fn unknown_offsets_are_ignored() {
         let mut t = Tracker::new();
-        assert!(t.begin(3));
-        assert!(!t.begin(3));
-        assert!(!t.begin(1));
+        assert_eq!(t.begin(3), Arrival::Forward);
         t.finish(7);
         assert_eq!(t.commit_position(), Some(3));
         assert_eq!(t.in_flight(), 1);
+        t.finish(3);
+        t.finish(3);
+        assert_eq!(t.commit_position(), Some(4));
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_same_offset_again_is_a_seek_and_counted_twice() {
+        let mut t = Tracker::new();
+        assert_eq!(t.begin(3), Arrival::Forward);
+        assert_eq!(t.begin(3), Arrival::Backward { expected: 4 });
+        assert_eq!(t.in_flight(), 2);
+        t.finish(3);
+        assert_eq!(t.commit_position(), Some(3), "one delivery of 3 is left");
+        t.finish(3);
+        assert_eq!(t.commit_position(), Some(4));
+    }
+
+    #[test]
+    fn an_offset_going_backwards_is_delivered_again() {
+        // The log was truncated at 2 (an unclean leader election): the
+        // broker's new messages re-use offsets 2, 3, ... while the old
+        // ones at 2..4 are still being delivered.
+        let mut t = Tracker::new();
+        for o in 0..5 {
+            t.begin(o);
+        }
+        t.finish(0);
+        t.finish(1);
+        assert_eq!(t.begin(2), Arrival::Backward { expected: 5 });
+        assert_eq!(t.in_flight(), 4, "the new message at offset 2 is taken");
+        // The old deliveries of 2..4 end.
+        t.finish(2);
+        t.finish(3);
+        t.finish(4);
+        assert_eq!(
+            t.commit_position(),
+            Some(2),
+            "the new message at 2 is not finished: no commit past it"
+        );
+        assert_eq!(t.in_flight(), 1);
+        t.finish(2);
+        assert_eq!(
+            t.commit_position(),
+            Some(3),
+            "offset 3 was not received again yet: the commit stops there"
+        );
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn deliveries_above_a_seek_do_not_move_the_commit_past_it() {
+        // An offset reset moves the partition from 10 back to 3 while 5..9
+        // are in flight.
+        let mut t = Tracker::new();
+        for o in 0..10 {
+            t.begin(o);
+        }
+        for o in 0..5 {
+            t.finish(o);
+        }
+        assert_eq!(t.commit_position(), Some(5));
+        assert_eq!(t.begin(3), Arrival::Backward { expected: 10 });
+        assert_eq!(t.commit_position(), Some(3));
+        t.finish(3);
+        assert_eq!(t.commit_position(), Some(4), "4 is not received again yet");
+        t.begin(4);
+        t.finish(4);
+        for o in 5..10 {
+            t.finish(o);
+        }
+        assert_eq!(
+            t.commit_position(),
+            Some(5),
+            "5..9 finished their old deliveries, not the new ones"
+        );
+        for o in 5..10 {
+            t.begin(o);
+        }
+        assert_eq!(t.in_flight(), 5);
+        for o in 5..10 {
+            t.finish(o);
+        }
+        assert_eq!(t.commit_position(), Some(10));
+        assert_eq!(t.in_flight(), 0);
     }
 
     #[test]

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::message::Message as KafkaMessage;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -57,11 +57,11 @@ use tokio_util::task::TaskTracker;
 use crate::config::{DeliveryMode, ServerConfig};
 use crate::dead_letter::{DeadLetters, Letter};
 use crate::dispatch::{Cancel, Controls, Endpoint, Message, Observer, Outcome};
-use crate::dispatch_log::{DispatchLog, Key, LogRecord, Status};
+use crate::dispatch_log::{DispatchLog, Key, LogRecord, SkipWatch, Status};
 use crate::envelope;
 use crate::figures::{PartitionSource, PartitionView, Reporter, WorkerFigures};
 use crate::kafka::{self, PartitionOwner, WorkerConsumer, WorkerContext};
-use crate::offsets::Tracker;
+use crate::offsets::{Arrival, Tracker};
 use crate::router::Router;
 use crate::signals::{WorkerEvent, WorkerSignals};
 
@@ -170,6 +170,13 @@ impl Partition {
         (*committed < Some(position)).then_some(position)
     }
 
+    /// After a seek backwards: forgets the last commit, so that the next
+    /// one may go back to the new position (a crash would otherwise resume
+    /// past the messages re-read since).
+    fn rewound(&self) {
+        *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     fn mark_committed(&self, position: i64) {
         let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
         if *committed < Some(position) {
@@ -240,6 +247,81 @@ struct Pipeline {
     runtime: tokio::runtime::Handle,
     /// Counters and gauges for the admin process and `-s status`.
     figures: Arc<WorkerFigures>,
+}
+
+impl Pipeline {
+    /// The pipeline of a worker of `topic`: its modules' endpoints, the
+    /// dispatch log and the dead-letter producer; no partition yet. Starts
+    /// the dispatch log's tasks on the current runtime.
+    fn new(
+        config: &ServerConfig,
+        topic: &str,
+        index: u32,
+        figures: Arc<WorkerFigures>,
+    ) -> anyhow::Result<Arc<Pipeline>> {
+        let endpoints = config
+            .modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let controls = Controls {
+                    watch: Some(figures.watch(i)),
+                    skips: vec![figures.clone()],
+                };
+                Endpoint::new(Arc::new(m.clone())).map(|e| Arc::new(e.with_controls(controls)))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let permits = config
+            .modules
+            .iter()
+            .map(|m| Arc::new(Semaphore::new(m.concurrency as usize)))
+            .collect();
+        let needs_kafka_key = config
+            .modules
+            .iter()
+            .any(|m| m.mode == DeliveryMode::Keyed && m.order_key.is_none());
+        let log = DispatchLog::start(
+            &config.dispatch_log,
+            config.dispatch_log_queue,
+            config.dispatch_log_success,
+        );
+        let dead_letters = DeadLetters::new(config, &format!("mkc-{topic}-{index}-dead-letter"))?;
+        Ok(Arc::new(Pipeline {
+            topic: Arc::from(topic),
+            endpoints,
+            permits,
+            needs_kafka_key,
+            max_inflight_messages: config.max_inflight_messages,
+            max_inflight_bytes: config.max_inflight_bytes,
+            module_names: config
+                .modules
+                .iter()
+                .map(|m| Arc::from(m.name.as_str()))
+                .collect(),
+            log,
+            dead_letters: dead_letters.map(Arc::new),
+            module_dead_letter: config
+                .modules
+                .iter()
+                .map(|m| {
+                    m.dead_letter_topic
+                        .clone()
+                        .or_else(|| config.dead_letter_topic.clone())
+                })
+                .collect(),
+            invalid_dead_letter: config.dead_letter_topic.clone(),
+            router: Router::new(&config.filters, &config.modules),
+            max_message_bytes: config.max_message_bytes,
+            partitions: Mutex::new(HashMap::new()),
+            consumer: OnceLock::new(),
+            readers: Mutex::new(HashMap::new()),
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            lanes: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
+            figures,
+        }))
+    }
 }
 
 impl Pipeline {
@@ -450,68 +532,7 @@ async fn run_async(
 ) -> anyhow::Result<()> {
     let mut signals = WorkerSignals::install()?;
     let figures = Arc::new(WorkerFigures::new(&config, topic, index));
-    let endpoints = config
-        .modules
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let controls = Controls {
-                watch: Some(figures.watch(i)),
-                skips: vec![figures.clone()],
-            };
-            Endpoint::new(Arc::new(m.clone())).map(|e| Arc::new(e.with_controls(controls)))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let permits = config
-        .modules
-        .iter()
-        .map(|m| Arc::new(Semaphore::new(m.concurrency as usize)))
-        .collect();
-    let needs_kafka_key = config
-        .modules
-        .iter()
-        .any(|m| m.mode == DeliveryMode::Keyed && m.order_key.is_none());
-    let log = DispatchLog::start(
-        &config.dispatch_log,
-        config.dispatch_log_queue,
-        config.dispatch_log_success,
-    );
-    let dead_letters = DeadLetters::new(&config, &format!("mkc-{topic}-{index}-dead-letter"))?;
-    let pipeline = Arc::new(Pipeline {
-        topic: Arc::from(topic),
-        endpoints,
-        permits,
-        needs_kafka_key,
-        max_inflight_messages: config.max_inflight_messages,
-        max_inflight_bytes: config.max_inflight_bytes,
-        module_names: config
-            .modules
-            .iter()
-            .map(|m| Arc::from(m.name.as_str()))
-            .collect(),
-        log,
-        dead_letters: dead_letters.map(Arc::new),
-        module_dead_letter: config
-            .modules
-            .iter()
-            .map(|m| {
-                m.dead_letter_topic
-                    .clone()
-                    .or_else(|| config.dead_letter_topic.clone())
-            })
-            .collect(),
-        invalid_dead_letter: config.dead_letter_topic.clone(),
-        router: Router::new(&config.filters, &config.modules),
-        max_message_bytes: config.max_message_bytes,
-        partitions: Mutex::new(HashMap::new()),
-        consumer: OnceLock::new(),
-        readers: Mutex::new(HashMap::new()),
-        stop: CancellationToken::new(),
-        abort: CancellationToken::new(),
-        lanes: TaskTracker::new(),
-        runtime: tokio::runtime::Handle::current(),
-        figures: figures.clone(),
-    });
+    let pipeline = Pipeline::new(&config, topic, index, figures.clone())?;
     if let Some(dead_letters) = pipeline.dead_letters.clone() {
         let mut topics: Vec<String> = pipeline
             .module_dead_letter
@@ -640,16 +661,27 @@ impl RejoinWatch {
     }
 }
 
-/// Takes one message of `partition` into the pipeline.
-fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &BorrowedMessage<'_>) {
+/// Takes one message of `partition` into the pipeline (a message of the
+/// consumer; any [`KafkaMessage`] in tests).
+fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &impl KafkaMessage) {
     let offset = m.offset();
-    {
-        let mut tracker = partition.tracker.lock().unwrap_or_else(|p| p.into_inner());
-        if !tracker.begin(offset) {
-            return;
-        }
-    }
     let topic = &pipeline.topic;
+    let arrival = partition
+        .tracker
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .begin(offset);
+    if let Arrival::Backward { expected } = arrival {
+        // librdkafka moved the partition back without a rebalance: the
+        // log was truncated (unclean leader election, KIP-320) or the
+        // offset reset. The messages from here on may be new ones at
+        // re-used offsets: deliver them; the tracker keeps the commit
+        // from passing them.
+        tracing::warn!(%topic, partition = partition.number, from = expected, to = offset,
+            "the partition's offset went backwards (log truncated or offset reset): \
+             delivering again from offset {offset}");
+        partition.rewound();
+    }
     let payload = m.payload().unwrap_or_default();
     let envelope = match envelope::parse(payload, pipeline.max_message_bytes) {
         Ok(e) => e,
@@ -705,7 +737,7 @@ fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &BorrowedMess
 fn invalid(
     pipeline: &Arc<Pipeline>,
     partition: &Arc<Partition>,
-    m: &BorrowedMessage<'_>,
+    m: &impl KafkaMessage,
     reason: String,
 ) {
     let offset = m.offset();
@@ -767,6 +799,10 @@ struct LastFailure {
     recorded: Option<Instant>,
     http_status: Option<u16>,
     error: Option<String>,
+    /// This delivery's watch of the skip flag, from its first failed
+    /// attempt on. Its own: the delivery of the same message by a revoked
+    /// lane holds another, and ending one leaves the other watching.
+    watch: Option<SkipWatch>,
 }
 
 impl<'a> Retrying<'a> {
@@ -796,12 +832,11 @@ impl<'a> Retrying<'a> {
         );
     }
 
-    /// Records the final outcome and stops watching the skip flag.
+    /// Records the final outcome and stops watching the skip flag (also
+    /// done when the delivery is dropped: the watch goes with it).
     fn finish(&self, outcome: &Outcome) {
-        let last = std::mem::take(&mut *self.last.lock().unwrap_or_else(|p| p.into_inner()));
-        if last.recorded.is_some() {
-            self.log.unwatch(&self.key);
-        }
+        let mut last = std::mem::take(&mut *self.last.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(last.watch.take());
         match outcome {
             Outcome::Delivered { attempts } if *attempts > 1 => self.record(
                 Status::DeliveredAfterRetry,
@@ -838,7 +873,7 @@ impl Observer for Retrying<'_> {
         match last.recorded {
             Some(at) if at.elapsed() < RETRYING_RECORD_EVERY => return,
             Some(_) => {}
-            None => self.log.watch(&self.key),
+            None => last.watch = Some(self.log.watch(&self.key)),
         }
         last.recorded = Some(Instant::now());
         drop(last);
@@ -1093,6 +1128,130 @@ async fn shutdown(pipeline: &Arc<Pipeline>, consumer: &Arc<WorkerConsumer>, dead
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loopback endpoint answering 204; what it received: (offset,
+    /// body) in arrival order.
+    async fn sink() -> (std::net::SocketAddr, Arc<Mutex<Vec<(i64, String)>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let app = axum::Router::new().route(
+            "/m",
+            axum::routing::post(move |headers: http::HeaderMap, body: Bytes| {
+                let record = record.clone();
+                async move {
+                    let offset = headers
+                        .get("x-mkc-offset")
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .unwrap_or(-1);
+                    let body = String::from_utf8_lossy(&body).to_string();
+                    record.lock().unwrap().push((offset, body));
+                    http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, seen)
+    }
+
+    /// A worker's pipeline for topic `t` with one ordered module `m`
+    /// (commandId 1) posting to `addr`; its state and dispatch log in `dir`.
+    fn pipeline(dir: &std::path::Path, addr: std::net::SocketAddr) -> Arc<Pipeline> {
+        let server = format!(
+            "brokers 127.0.0.1:9092\ntopic t\npid-path {}\nmodule m.conf\n",
+            dir.display()
+        );
+        let module = format!("name m\nuri http://{addr}/m\nfilters 1\n");
+        let config = crate::config::load_str(&dir.join("server.conf"), &server, |_| {
+            Ok(module.clone().into_bytes())
+        })
+        .unwrap()
+        .config;
+        let figures = Arc::new(WorkerFigures::new(&config, "t", 0));
+        Pipeline::new(&config, "t", 0, figures).unwrap()
+    }
+
+    fn kafka_message(offset: i64, data: &str) -> rdkafka::message::OwnedMessage {
+        let payload = format!(r#"{{"commandId": 1, "data": "{data}"}}"#);
+        rdkafka::message::OwnedMessage::new(
+            Some(payload.into_bytes()),
+            None,
+            "t".to_string(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    }
+
+    /// Waits (at most 10 s) until `seen` holds `n` requests; returns them.
+    async fn received(seen: &Mutex<Vec<(i64, String)>>, n: usize) -> Vec<(i64, String)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = seen.lock().unwrap().clone();
+            if now.len() >= n || tokio::time::Instant::now() >= deadline {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits (at most 10 s) until nothing of `partition` is in flight.
+    async fn drained(partition: &Partition) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while partition.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(partition.in_flight(), 0, "messages in flight after 10 s");
+    }
+
+    /// Issue 18 item 2: librdkafka moves a live partition back (the log
+    /// was truncated after an unclean leader election, or the offset was
+    /// reset) without a rebalance. The messages at the re-used offsets are
+    /// new: they must be delivered, and the commit must wait for them.
+    #[tokio::test]
+    async fn an_offset_going_backwards_on_a_live_partition_is_delivered_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, seen) = sink().await;
+        let pipeline = pipeline(dir.path(), addr);
+        let partition = pipeline.partition(0);
+        for offset in 0..3 {
+            accept(&pipeline, &partition, &kafka_message(offset, "old"));
+        }
+        assert_eq!(received(&seen, 3).await.len(), 3);
+        drained(&partition).await;
+        assert_eq!(partition.position_to_commit(), Some(3));
+        partition.mark_committed(3); // as the next tick's commit does
+                                     // The log was truncated at 1: offsets 1 and 2 come again, with
+                                     // other messages.
+        for offset in 1..3 {
+            accept(&pipeline, &partition, &kafka_message(offset, "new"));
+        }
+        // Nothing ran yet (one thread): the new messages are in flight.
+        assert_eq!(
+            partition.position_to_commit(),
+            Some(1),
+            "the commit goes back to the first new message"
+        );
+        let got: Vec<(i64, bool)> = received(&seen, 5)
+            .await
+            .into_iter()
+            .map(|(offset, body)| (offset, body.contains("new")))
+            .collect();
+        assert_eq!(
+            got,
+            [(0, false), (1, false), (2, false), (1, true), (2, true)],
+            "(offset, new message) in arrival order"
+        );
+        drained(&partition).await;
+        assert_eq!(partition.position_to_commit(), Some(3));
+        pipeline.stop.cancel();
+        pipeline.lanes.close();
+        let stopped = tokio::time::timeout(Duration::from_secs(10), pipeline.lanes.wait()).await;
+        assert!(stopped.is_ok(), "lanes still running 10 s after the stop");
+        pipeline.log.shutdown(Duration::from_secs(5)).await;
+    }
 
     fn watch(limit_ms: u64) -> RejoinWatch {
         RejoinWatch {

@@ -432,6 +432,130 @@ fn skip_frees_a_stuck_partition_sqlite() {
     skip_frees_a_stuck_partition(Backend::Sqlite);
 }
 
+/// Another member of `group`, consuming `topic` (committing nothing) on a
+/// thread of its own until [`Member::leave`].
+struct Member {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Member {
+    fn join(group: &str, topic: &str) -> Member {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .create()
+            .expect("cannot create a consumer");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
+            // Dropping the consumer closes it: it leaves the group.
+        });
+        Member {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn leave(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Issue 18 item 3: a rebalance revokes the partition of a retrying
+/// message and gives it back to the same worker. The revoked lane's
+/// delivery, still waiting `retry_delay`, used to wake up later and stop
+/// the new lane's watch of the skip flag: `mkc skip` then never took
+/// effect and the partition stayed held.
+#[test]
+fn a_skip_takes_effect_after_a_rebalance_gives_the_partition_back() {
+    let topic = unique_name("dlog-skip-rebalance");
+    let group = unique_name("dlog-skip-rebalance-group");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    sink.fail_always(&format!("{topic}-0-0"));
+    let retry_delay = Duration::from_secs(15);
+    let config = MkcConfig::new(&topic, &group).module(
+        Module::new("a", sink.url("/a"))
+            .filter(1001)
+            .retrynum(0)
+            .retry_delay(retry_delay.as_millis() as u64),
+    );
+    let (mut mkc, db) = start(Backend::Sqlite, config);
+    mkc.wait_log_contains("partitions assigned", Duration::from_secs(60));
+    let body = |i: u64| Record::new(0, envelope(i, "1001", "{}"));
+    produce(&topic, (0..2).map(body).collect());
+    db.wait_rows(Duration::from_secs(60), |rows| {
+        rows.iter().any(|r| r.offset == 0 && r.status == "retrying")
+    });
+
+    // A second member joins (the worker's partition is revoked), then
+    // leaves: the partition is the worker's again.
+    let revoked = mkc.log_count("partitions revoked");
+    let assigned = mkc.log_count("partitions assigned");
+    let member = Member::join(&group, &topic);
+    mkc.wait_log_count("partitions revoked", revoked + 1, Duration::from_secs(60));
+    mkc.wait_log_count("partitions assigned", assigned + 1, Duration::from_secs(60));
+    let left_at = Instant::now();
+    member.leave();
+    let back = sink.wait_until(Duration::from_secs(60), |requests| {
+        requests
+            .iter()
+            .any(|r| r.offset() == 0 && r.attempt() == 1 && r.at > left_at)
+    });
+    mkc.check(back, || {
+        "offset 0 not delivered anew after the member left".to_string()
+    });
+    // Any delivery of offset 0 from before the rebalances has ended by
+    // now, or would wake up within this wait (retry_delay after its last
+    // attempt).
+    std::thread::sleep(retry_delay + Duration::from_secs(1));
+
+    let (status, output) = mkc.command(
+        &[
+            "skip",
+            "--topic",
+            &topic,
+            "--partition",
+            "0",
+            "--offset",
+            "0",
+            "--module",
+            "a",
+        ],
+        Duration::from_secs(60),
+    );
+    let skipped_at = Instant::now();
+    mkc.check(status.is_some_and(|s| s.success()), || {
+        format!("mkc skip failed ({status:?}): {output}")
+    });
+    let freed = sink.wait_until(Duration::from_secs(10), |requests| {
+        requests.iter().any(|r| r.offset() == 1)
+    });
+    mkc.check(freed, || {
+        format!(
+            "offset 1 not delivered {:?} after mkc skip of offset 0",
+            skipped_at.elapsed()
+        )
+    });
+    db.wait_rows(Duration::from_secs(30), |rows| {
+        rows.iter().any(|r| r.offset == 0 && r.status == "skipped")
+    });
+    mkc.stop_clean();
+}
+
 // ─── replay ──────────────────────────────────────────────────────────────
 
 fn replay_delivers_exhausted_rows_once_more(backend: Backend) {

@@ -313,7 +313,7 @@ async fn records_are_written_in_batches_and_skip_flags_come_back() {
         ));
     }
     let k = key("t", 0, 7, "m");
-    log.watch(&k);
+    let watch = log.watch(&k);
     let deadline = Instant::now() + Duration::from_secs(30);
     while log.written() < 1200 {
         assert!(Instant::now() < deadline, "written {}", log.written());
@@ -326,7 +326,7 @@ async fn records_are_written_in_batches_and_skip_flags_come_back() {
         assert!(Instant::now() < deadline, "skip flag not seen");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    log.unwatch(&k);
+    drop(watch);
     assert!(!log.is_skipped(&k));
     log.shutdown(Duration::from_secs(10)).await;
     let rows = all_rows(&db).await;
@@ -416,4 +416,37 @@ fn long_errors_are_cut_on_a_character_boundary() {
     let cut = cut_error(&long);
     assert_eq!(cut.chars().count(), MAX_ERROR_CHARS + 3);
     assert_eq!(cut_error("short"), "short");
+}
+
+/// Issue 18 item 3: after a rebalance gives a retrying partition back to
+/// the same worker, the revoked lane's delivery and the new lane's one
+/// watch the same key; the first to end must not stop the other's watch.
+#[tokio::test]
+async fn a_watch_belongs_to_one_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = DispatchLogTarget::Sqlite(dir.path().join("log.db"));
+    let log = DispatchLog::start(&target, 100, false);
+    let k = key("t", 0, 7, "m");
+    log.record(record(k.clone(), Status::Retrying, 0, b"{}"));
+    let revoked = log.watch(&k); // the revoked lane's delivery
+    let new = log.watch(&k); // the new lane's delivery of the same message
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while log.written() < 1 {
+        assert!(Instant::now() < deadline, "record not written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let db = Db::lazy(&target).unwrap();
+    drop(revoked); // the revoked lane ends
+    db.set_skip("t", 0, 7, Some("m")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log.is_skipped(&k) {
+        assert!(
+            Instant::now() < deadline,
+            "skip flag not seen 10 s after it was set, with one delivery still watching"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(new); // the new lane ends (skipped)
+    assert!(!log.is_skipped(&k), "a key nobody watches is not skipped");
+    log.shutdown(Duration::from_secs(10)).await;
 }
