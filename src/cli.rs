@@ -5,7 +5,7 @@
 //! Parses flags, loads the configuration, and either starts the master,
 //! tests the configuration (`-t`, like `nginx -t`), controls a running
 //! master through its pid file (`-s`) or works on the dispatch log
-//! ([`crate::replay`]). Returns the process exit code; errors are printed
+//! ([`crate::record::replay`]). Returns the process exit code; errors are printed
 //! once, with their chain.
 
 use std::path::{Path, PathBuf};
@@ -17,9 +17,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::config::{self, Diagnostic, Loaded};
-use crate::dispatch::Cancel;
-use crate::dispatch_log::{ReplayFilter, Since, Status};
-use crate::master;
+use crate::daemon::master;
+use crate::pipeline::dispatch::Cancel;
+use crate::record::dispatch_log::{ReplayFilter, Since, Status};
 
 const DEFAULT_CONF: &str = "/usr/local/mkc/conf/server.conf";
 
@@ -156,13 +156,13 @@ fn subcommand(conf: &Path, command: Sub) -> anyhow::Result<ExitCode> {
             exit_after_delivery,
             timeout,
         } => {
-            crate::demo::run(crate::demo::DemoOptions {
+            crate::ops::demo::run(crate::ops::demo::DemoOptions {
                 messages,
                 exit_after_delivery,
                 timeout: Duration::from_secs(timeout),
             })?;
         }
-        Sub::DemoBroker => crate::demo::broker()?,
+        Sub::DemoBroker => crate::ops::demo::broker()?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -234,7 +234,7 @@ fn dispatch_log_command(conf: &Path, command: Command) -> anyhow::Result<ExitCod
                 offset,
                 module,
             } => {
-                crate::replay::skip(
+                crate::record::replay::skip(
                     &config,
                     &topic,
                     partition,
@@ -276,7 +276,8 @@ fn dispatch_log_command(conf: &Path, command: Command) -> anyhow::Result<ExitCod
                     stop.cancel();
                 });
                 let summary =
-                    crate::replay::replay(&config, &filter, dry_run, &cancel, &mut out).await?;
+                    crate::record::replay::replay(&config, &filter, dry_run, &cancel, &mut out)
+                        .await?;
                 Ok(if summary.failed > 0 || summary.interrupted {
                     ExitCode::FAILURE
                 } else {
@@ -358,7 +359,7 @@ fn control(conf: &Path, control: Control) -> anyhow::Result<ExitCode> {
             match config::load(conf) {
                 Ok(loaded) => print!(
                     "{}",
-                    crate::status::text(&crate::status::gather(&loaded.config))
+                    crate::ops::status::text(&crate::ops::status::gather(&loaded.config))
                 ),
                 Err(_) => status(pid),
             }

@@ -19,46 +19,35 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: command line → exit code (start, `-t`, `-s stop|reload|status`).
+//! Folders follow a message's path; a dependency points down the list
+//! (daemon → pipeline → source / record → process / config).
+//!
+//! - [`cli`]: command line → exit code (start, `-t`, `-s stop|reload|status`,
+//!   `skip`, `replay`, `demo`).
+//! - [`daemon`]: the master process: pid file, daemonize, fork and supervise
+//!   workers and the admin process, reload ([`daemon::master`]).
+//! - [`pipeline`]: a worker's runtime and lanes ([`pipeline::worker`]), the
+//!   one JSON parse of the envelope ([`pipeline::envelope`]), commandId →
+//!   modules ([`pipeline::router`]), HTTP delivery → `Outcome`
+//!   ([`pipeline::dispatch`]).
+//! - [`source`]: where messages come from and how they are acknowledged:
+//!   the Kafka consumer, rebalances and commits ([`source::kafka`]), offset
+//!   tracking and the offset file store ([`source::offsets`]).
+//! - [`record`]: the dispatch log table and its writer
+//!   ([`record::dispatch_log`]), dead-letter topics ([`record::dead_letter`]),
+//!   `mkc replay` ([`record::replay`]).
+//! - [`ops`]: what an operator sees and steers: a worker's figures and
+//!   controls ([`ops::figures`]), the aggregated status ([`ops::status`]), the
+//!   admin process ([`ops::admin`]), `mkc demo` ([`ops::demo`]).
+//! - [`process`]: what every process uses: signals, process titles, the
+//!   state directory, logging.
 //! - [`config`]: server.conf / module.conf reader and validation.
-//! - [`master`]: pid file, daemonize, fork and supervise workers, reload.
-//! - [`signals`]: the only place Unix signals are mapped.
-//! - [`proctitle`]: process titles as `ps` shows them.
-//! - [`worker`]: one worker process: runtime, consume → route → dispatch → commit.
-//! - [`kafka`]: consumer construction, rebalance handling, commits.
-//! - [`envelope`]: the one JSON parse of a message's envelope.
-//! - [`router`]: commandId → modules.
-//! - [`dispatch`]: HTTP delivery of one message to one module → `Outcome`.
-//! - [`offsets`]: out-of-order-safe offset tracking and the offset file store.
-//! - [`dispatch_log`]: the `mkc_queue_log` table (MySQL/MariaDB or SQLite),
-//!   batched writes off the dispatch path, skip flags.
-//! - [`dead_letter`]: producing exhausted and invalid messages to
-//!   dead-letter topics.
-//! - [`replay`]: the `replay` command: re-sending logged messages.
-//! - [`logging`]: tracing setup and log reopen.
-//! - [`demo`]: `mkc demo`, an embedded broker and receiver around the real mkc.
-//! - [`state`]: the state directory shared by master, workers, admin, `-s status`.
-//! - [`figures`]: a worker's counters, gauges, stuck list; pause and skip controls.
-//! - [`status`]: aggregation of the state directory; Prometheus and text renderings.
-//! - [`admin`]: the admin process: metrics, health, status API and page.
 
-pub mod admin;
 pub mod cli;
 pub mod config;
-pub mod dead_letter;
-pub mod demo;
-pub mod dispatch;
-pub mod dispatch_log;
-pub mod envelope;
-pub mod figures;
-pub mod kafka;
-pub mod logging;
-pub mod master;
-pub mod offsets;
-pub mod proctitle;
-pub mod replay;
-pub mod router;
-pub mod signals;
-pub mod state;
-pub mod status;
-pub mod worker;
+pub mod daemon;
+pub mod ops;
+pub mod pipeline;
+pub mod process;
+pub mod record;
+pub mod source;

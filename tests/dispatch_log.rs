@@ -842,7 +842,7 @@ fn a_database_outage_slows_nothing_and_rows_are_written_after_it() {
 #[test]
 fn an_old_mysql_table_is_migrated_in_place() {
     use mkc::config::DispatchLogTarget;
-    use mkc::dispatch_log::{Db, Key, LogRecord, ReplayFilter, Status};
+    use mkc::record::dispatch_log::{Db, Key, LogRecord, ReplayFilter, Status};
     use std::sync::Arc;
 
     let db = TestDb::mysql();

@@ -4,7 +4,7 @@
 //! atomics and small maps updated where outcomes happen (no allocation per
 //! message once a (module, commandId) pair was seen, no I/O). A
 //! [`Reporter`] task turns them into a [`WorkerSnapshot`] every 500 ms and
-//! writes it to the state directory (see [`crate::state`]); it also asks
+//! writes it to the state directory (see [`crate::process::state`]); it also asks
 //! the broker for high watermarks (for lag) and reads the control file
 //! (paused modules, skip requests) every 250 ms.
 //!
@@ -23,12 +23,12 @@ use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{CommandId, ServerConfig};
-use crate::dispatch::{DeliveryWatch, Message, Outcome, SkipCheck};
-use crate::kafka::{CommitTarget, WorkerConsumer};
-use crate::state::{
+use crate::pipeline::dispatch::{DeliveryWatch, Message, Outcome, SkipCheck};
+use crate::process::state::{
     self, CounterFigures, DispatchLogFigures, LastError, ModuleFigures, PartitionFigures,
     StuckMessage, WorkerSnapshot, LATENCY_BUCKETS, STUCK_LIST_MAX,
 };
+use crate::source::kafka::{CommitTarget, WorkerConsumer};
 
 /// How often the control file is looked at.
 const CONTROL_TICK: Duration = Duration::from_millis(250);

@@ -5,9 +5,9 @@
 //! restart backoff, dies with the master); it builds its own small tokio
 //! runtime after the fork, so the master stays thread-free. It shares
 //! nothing in memory with the workers: it reads their snapshots from the
-//! state directory on every request ([`crate::status::gather`]) and keeps
+//! state directory on every request ([`crate::ops::status::gather`]) and keeps
 //! a ring of samples for the page's charts. Operator actions go to the
-//! control file, which every worker polls ([`crate::figures`]).
+//! control file, which every worker polls ([`crate::ops::figures`]).
 //!
 //! | route                              | what                                   |
 //! |------------------------------------|----------------------------------------|
@@ -38,9 +38,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ServerConfig;
-use crate::signals::{WorkerEvent, WorkerSignals};
-use crate::state::{self, AdminState, Control, SkipRequest};
-use crate::status::{self, Status};
+use crate::ops::status::{self, Status};
+use crate::process::signals::{WorkerEvent, WorkerSignals};
+use crate::process::state::{self, AdminState, Control, SkipRequest};
 
 /// How often a sample is taken for the charts.
 const SAMPLE_EVERY: Duration = Duration::from_secs(2);
@@ -99,7 +99,7 @@ pub fn run(config: Arc<ServerConfig>, master: i32) -> i32 {
             return 1;
         }
     };
-    let _log_guard = crate::logging::go_non_blocking();
+    let _log_guard = crate::process::logging::go_non_blocking();
     runtime.block_on(async {
         match serve(config, listen, master).await {
             Ok(()) => 0,
@@ -145,7 +145,7 @@ async fn serve(config: Arc<ServerConfig>, listen: SocketAddr, master: i32) -> an
             event = signals.next() => match event {
                 WorkerEvent::Stop => break,
                 WorkerEvent::ReopenLogs => {
-                    if let Err(e) = crate::logging::reopen() {
+                    if let Err(e) = crate::process::logging::reopen() {
                         tracing::error!("cannot reopen the log file: {e}");
                     }
                 }

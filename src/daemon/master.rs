@@ -5,7 +5,7 @@
 //! `fork` is safe: each worker builds its own runtime after the fork. Work
 //! that needs librdkafka (asking the broker for partition counts) runs in a
 //! short-lived child. Signals arrive as [`MasterEvent`]s from
-//! [`crate::signals`]; everything is handled in this one loop.
+//! [`crate::process::signals`]; everything is handled in this one loop.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -22,7 +22,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
 use crate::config::{self, Loaded, ServerConfig};
-use crate::signals::{MasterEvent, MasterSignals};
+use crate::process::signals::{MasterEvent, MasterSignals};
 
 /// First restart delay; doubles per consecutive failure.
 const RESTART_MIN: Duration = Duration::from_secs(1);
@@ -59,7 +59,7 @@ struct Master {
     pid: Pid,
     reload_seq: u64,
     /// master.json in the state directory (`None` if it cannot be written).
-    state: Option<crate::state::MasterPublisher>,
+    state: Option<crate::process::state::MasterPublisher>,
     /// The admin process (`admin-listen`), supervised like a worker.
     admin: AdminSlot,
 }
@@ -96,7 +96,7 @@ pub fn run(loaded: Loaded) -> anyhow::Result<()> {
     } else {
         None
     };
-    crate::proctitle::init();
+    crate::process::proctitle::init();
     let report = |ready: &Option<OwnedFd>, text: &str| {
         if let Some(fd) = ready {
             let _ = nix::unistd::write(fd, text.as_bytes());
@@ -120,19 +120,21 @@ pub fn run(loaded: Loaded) -> anyhow::Result<()> {
 
 /// Logging, pid file, signals, title, workers.
 fn start(config: Arc<ServerConfig>, warnings: Vec<config::Diagnostic>) -> anyhow::Result<Master> {
-    crate::logging::init(config.log_level, config.log_file.as_deref()).with_context(|| {
-        format!(
-            "cannot open log file {}",
-            config
-                .log_file
-                .as_deref()
-                .unwrap_or(Path::new(""))
-                .display()
-        )
-    })?;
+    crate::process::logging::init(config.log_level, config.log_file.as_deref()).with_context(
+        || {
+            format!(
+                "cannot open log file {}",
+                config
+                    .log_file
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display()
+            )
+        },
+    )?;
     if config.daemonize {
         // From now on stray writes to standard error land in the log.
-        if let Some(fd) = crate::logging::log_file_fd() {
+        if let Some(fd) = crate::process::logging::log_file_fd() {
             // SAFETY: dup2 onto fd 2 of an fd we own; no other thread runs.
             unsafe { libc::dup2(fd, 2) };
         }
@@ -142,9 +144,9 @@ fn start(config: Arc<ServerConfig>, warnings: Vec<config::Diagnostic>) -> anyhow
     }
     let pid_lock = lock_pid_file(&config.pid_file)?;
     let pid = nix::unistd::getpid();
-    crate::proctitle::set(&format!("mkc: master process -c {}", config.path.display()));
+    crate::process::proctitle::set(&format!("mkc: master process -c {}", config.path.display()));
     let signals = MasterSignals::install().context("cannot install signal handlers")?;
-    let state = crate::state::MasterPublisher::new(&config.pid_file, pid.as_raw())
+    let state = crate::process::state::MasterPublisher::new(&config.pid_file, pid.as_raw())
         .map_err(|e| tracing::warn!("cannot prepare the state directory: {e}"))
         .ok();
     let mut master = Master {
@@ -239,7 +241,7 @@ impl Master {
     fn child(&self, topic: &str, index: u32) -> ! {
         // Stop signals wait for the worker's own handlers (not lost to the
         // master's, dropped below).
-        crate::signals::hold_in_child();
+        crate::process::signals::hold_in_child();
         // Die with the master, even when it is killed with SIGKILL.
         let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
         if nix::unistd::getppid() != self.pid {
@@ -251,8 +253,13 @@ impl Master {
         // SAFETY: closing our copy of the lock's fd; the master's copy keeps
         // the lock, and this process never uses the fd again.
         unsafe { libc::close(self.pid_lock.as_raw_fd()) };
-        crate::proctitle::set(&format!("mkc: worker process [{topic}] #{index}"));
-        let code = crate::worker::run(self.config.clone(), topic, index, Some(self.pid.as_raw()));
+        crate::process::proctitle::set(&format!("mkc: worker process [{topic}] #{index}"));
+        let code = crate::pipeline::worker::run(
+            self.config.clone(),
+            topic,
+            index,
+            Some(self.pid.as_raw()),
+        );
         std::process::exit(code)
     }
 
@@ -265,7 +272,7 @@ impl Master {
         // SAFETY: as in `spawn`: the master is single-threaded.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
-                crate::signals::hold_in_child();
+                crate::process::signals::hold_in_child();
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
                 if nix::unistd::getppid() != self.pid {
                     std::process::exit(0);
@@ -273,8 +280,11 @@ impl Master {
                 self.signals.forget_in_child();
                 // SAFETY: as in `child`: our copy of the lock's fd only.
                 unsafe { libc::close(self.pid_lock.as_raw_fd()) };
-                crate::proctitle::set("mkc: admin process");
-                std::process::exit(crate::admin::run(self.config.clone(), self.pid.as_raw()))
+                crate::process::proctitle::set("mkc: admin process");
+                std::process::exit(crate::ops::admin::run(
+                    self.config.clone(),
+                    self.pid.as_raw(),
+                ))
             }
             Ok(ForkResult::Parent { child }) => {
                 self.admin.pid = Some(child);
@@ -344,7 +354,7 @@ impl Master {
                 break;
             }
             if events.contains(&MasterEvent::ReopenLogs) {
-                if let Err(e) = crate::logging::reopen() {
+                if let Err(e) = crate::process::logging::reopen() {
                     tracing::error!("cannot reopen the log file: {e}");
                 }
                 self.signal_workers(Signal::SIGUSR1);
@@ -463,7 +473,7 @@ impl Master {
         self.stop_workers(&all);
         self.stop_admin();
         if let Some(state) = &self.state {
-            let _ = std::fs::remove_file(crate::state::master_file(state.dir()));
+            let _ = std::fs::remove_file(crate::process::state::master_file(state.dir()));
         }
         if let Err(e) = std::fs::remove_file(&self.config.pid_file) {
             tracing::warn!(
@@ -506,7 +516,7 @@ impl Master {
             .map(|w| format!("warning: {w}"))
             .collect();
         self.write_reload_status(ReloadState::Accepted, &warnings);
-        if let Err(e) = crate::logging::set_target(new.log_file.as_deref()) {
+        if let Err(e) = crate::process::logging::set_target(new.log_file.as_deref()) {
             tracing::error!("cannot open the new log file: {e}");
         }
         let old_topics: Vec<String> = dedup_topics(&self.slots);
@@ -644,9 +654,9 @@ fn probe_partition_counts(config: &ServerConfig) -> Option<HashMap<String, usize
         Ok(ForkResult::Child) => {
             drop(read);
             let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-            crate::proctitle::set("mkc: partition probe");
+            crate::process::proctitle::set("mkc: partition probe");
             let mut out = File::from(write);
-            let code = match crate::kafka::partition_counts(config, PROBE_TIMEOUT / 2) {
+            let code = match crate::source::kafka::partition_counts(config, PROBE_TIMEOUT / 2) {
                 Ok(counts) => {
                     for (topic, n) in counts {
                         let _ = writeln!(out, "{topic}\t{n}");

@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ServerConfig;
-use crate::state::{
+use crate::process::state::{
     self, Control, CounterFigures, DispatchLogFigures, LastError, MasterState, StuckMessage,
     WorkerSnapshot, LATENCY_BUCKETS,
 };
@@ -773,7 +773,7 @@ pub fn text(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{ModuleFigures, PartitionFigures, SlotState};
+    use crate::process::state::{ModuleFigures, PartitionFigures, SlotState};
 
     fn config(dir: &Path) -> ServerConfig {
         let conf = dir.join("server.conf");

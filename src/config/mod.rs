@@ -1417,13 +1417,15 @@ fn dispatch_log_target(
                 );
                 None
             }
-            Ok(url) if url.has_host() => match crate::dispatch_log::mysql_options_from_url(value) {
-                Ok(_) => Some(DispatchLogTarget::MysqlUrl(value.to_string())),
-                Err(err) => {
-                    report.error(&d.location, format!("dispatch-log: {err}"));
-                    None
+            Ok(url) if url.has_host() => {
+                match crate::record::dispatch_log::mysql_options_from_url(value) {
+                    Ok(_) => Some(DispatchLogTarget::MysqlUrl(value.to_string())),
+                    Err(err) => {
+                        report.error(&d.location, format!("dispatch-log: {err}"));
+                        None
+                    }
                 }
-            },
+            }
             Ok(_) => {
                 report.error(&d.location, "dispatch-log: the URL names no host");
                 None

@@ -16,9 +16,9 @@ use anyhow::Context;
 use bytes::Bytes;
 
 use crate::config::ServerConfig;
-use crate::dispatch::{Cancel, Endpoint, Message, Outcome};
-use crate::dispatch_log::{Db, LoggedRow, ReplayFilter, Status};
-use crate::envelope;
+use crate::pipeline::dispatch::{Cancel, Endpoint, Message, Outcome};
+use crate::pipeline::envelope;
+use crate::record::dispatch_log::{Db, LoggedRow, ReplayFilter, Status};
 
 /// How long the commands wait for the database to answer one query.
 const DB_WAIT: Duration = Duration::from_secs(30);

@@ -1,7 +1,7 @@
 //! The Kafka side of a worker: consumer construction, rebalances, commits.
 //!
 //! Offsets are mkc's: `enable.auto.commit` and `enable.auto.offset.store`
-//! are off, and positions come from [`crate::offsets::Tracker`]s. With the
+//! are off, and positions come from [`crate::source::offsets::Tracker`]s. With the
 //! broker store they are committed to the group; with the file store they
 //! are written to offset files and, on assignment, the consumer starts from
 //! the stored position.
@@ -24,7 +24,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::config::{OffsetStore, ServerConfig};
-use crate::offsets::FileStore;
+use crate::source::offsets::FileStore;
 
 /// The worker's tick (offsets, rejoin watch, master check), in ms;
 /// librdkafka's fetch queue backoff follows it.

@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HttpMethod, ModuleConfig};
-use crate::envelope::Envelope;
+use crate::pipeline::envelope::Envelope;
 
 /// One Kafka message, owned, as the lanes of a partition share it.
 #[derive(Debug)]
@@ -90,7 +90,7 @@ pub trait SkipCheck: Send + Sync + 'static {
 }
 
 /// What a delivery reports to the worker's figures and the operator's
-/// pause switch it obeys (see `crate::figures`).
+/// pause switch it obeys (see `crate::ops::figures`).
 pub trait DeliveryWatch: Send + Sync + 'static {
     /// The delivery of `msg` started (it is in flight until `finished`).
     fn started(&self, msg: &Message);

@@ -18,7 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
 use crate::config::ServerConfig;
-use crate::dispatch::Cancel;
+use crate::pipeline::dispatch::Cancel;
 
 /// First wait after a failed produce; doubles up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(500);

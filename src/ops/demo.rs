@@ -160,12 +160,14 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     wait_for_log(&log, "partitions assigned", Duration::from_secs(30))
         .context("mkc did not start consuming; see its log")?;
     println!("mkc demo: mkc is consuming (log: {})", log.display());
-    let admin = crate::state::admin_file(&crate::state::state_dir(&dir.path().join("mkc.pid")));
+    let admin = crate::process::state::admin_file(&crate::process::state::state_dir(
+        &dir.path().join("mkc.pid"),
+    ));
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let listen = std::fs::read(&admin)
             .ok()
-            .and_then(|b| serde_json::from_slice::<crate::state::AdminState>(&b).ok())
+            .and_then(|b| serde_json::from_slice::<crate::process::state::AdminState>(&b).ok())
             .map(|a| a.listen);
         if let Some(listen) = listen {
             println!("mkc demo: status page http://{listen}/ (metrics at /metrics)");

@@ -55,15 +55,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DeliveryMode, ServerConfig};
-use crate::dead_letter::{DeadLetters, Letter};
-use crate::dispatch::{Cancel, Controls, Endpoint, Message, Observer, Outcome};
-use crate::dispatch_log::{DispatchLog, Key, LogRecord, SkipWatch, Status};
-use crate::envelope;
-use crate::figures::{PartitionSource, PartitionView, Reporter, WorkerFigures};
-use crate::kafka::{self, PartitionOwner, WorkerConsumer, WorkerContext};
-use crate::offsets::{Arrival, Tracker};
-use crate::router::Router;
-use crate::signals::{WorkerEvent, WorkerSignals};
+use crate::ops::figures::{PartitionSource, PartitionView, Reporter, WorkerFigures};
+use crate::pipeline::dispatch::{Cancel, Controls, Endpoint, Message, Observer, Outcome};
+use crate::pipeline::envelope;
+use crate::pipeline::router::Router;
+use crate::process::signals::{WorkerEvent, WorkerSignals};
+use crate::record::dead_letter::{DeadLetters, Letter};
+use crate::record::dispatch_log::{DispatchLog, Key, LogRecord, SkipWatch, Status};
+use crate::source::kafka::{self, PartitionOwner, WorkerConsumer, WorkerContext};
+use crate::source::offsets::{Arrival, Tracker};
 
 /// How often offsets are considered and the rejoin watch and master checked.
 const TICK: Duration = Duration::from_millis(kafka::TICK_MS);
@@ -93,7 +93,7 @@ pub fn run(config: Arc<ServerConfig>, topic: &str, index: u32, master: Option<i3
             return 1;
         }
     };
-    let _log_guard = crate::logging::go_non_blocking();
+    let _log_guard = crate::process::logging::go_non_blocking();
     let code = runtime.block_on(async {
         match run_async(config, topic, index, master).await {
             Ok(()) => 0,
@@ -565,7 +565,7 @@ async fn run_async(
                     break;
                 }
                 WorkerEvent::ReopenLogs => {
-                    if let Err(e) = crate::logging::reopen() {
+                    if let Err(e) = crate::process::logging::reopen() {
                         tracing::error!("cannot reopen the log file: {e}");
                     }
                 }

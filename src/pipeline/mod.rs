@@ -1,0 +1,11 @@
+//! What happens to a message once a worker has it: the envelope parse,
+//! routing by commandId, the lanes of a worker, and HTTP delivery.
+//!
+//! ```text
+//! worker (lanes) ─► envelope::parse ─► router ─► dispatch (HTTP, delay, retry) ─► Outcome
+//! ```
+
+pub mod dispatch;
+pub mod envelope;
+pub mod router;
+pub mod worker;
