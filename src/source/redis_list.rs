@@ -16,6 +16,12 @@
 //! | `<KEY>:mkc:processing:<group>:<instance>:<slot>` | list | what a worker slot holds, newest on the left |
 //! | `<KEY>:mkc:heartbeat:<group>:<instance>:<slot>` | string with a TTL | refreshed while the slot lives |
 //! | `<KEY>:mkc:slots:<group>` | set | the processing lists of the group, for reclaiming |
+//! | `<KEY>:mkc:taken` | counter | elements taken so far: each element's take number |
+//!
+//! Each element taken gets the next take number of the list, shared by
+//! every slot and instance: it is the element's `offset` in the dispatch
+//! log, the status page and `mkc skip`. An element given back and taken
+//! again gets a new one.
 //!
 //! A slot that starts gives back what its processing list still holds
 //! (left to right onto the source's right end, so the oldest is taken
@@ -41,6 +47,8 @@ pub struct ListKeys {
     pub heartbeat: String,
     /// The set of every processing list of the group.
     pub slots: String,
+    /// The take counter of the list.
+    pub taken: String,
 }
 
 impl ListKeys {
@@ -52,6 +60,7 @@ impl ListKeys {
             processing: format!("{}{id}", processing_prefix(key)),
             heartbeat: format!("{}{id}", heartbeat_prefix(key)),
             slots: format!("{key}:mkc:slots:{group}"),
+            taken: format!("{key}:mkc:taken"),
         }
     }
 }
@@ -65,14 +74,18 @@ fn heartbeat_prefix(key: &str) -> String {
 }
 
 /// Moves up to ARGV[1] elements from the right of the source (KEYS[1]) to
-/// the left of the processing list (KEYS[2]); returns them, oldest first.
+/// the left of the processing list (KEYS[2]) and counts them on the take
+/// counter (KEYS[3]); returns the counter's value after the first, then
+/// the elements, oldest first. `{0}` when nothing was taken.
 const TAKE: &str = r#"
-local taken = {}
+local taken = {0}
 for i = 1, tonumber(ARGV[1]) do
   local e = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
   if not e then break end
-  taken[i] = e
+  taken[i + 1] = e
 end
+local n = #taken - 1
+if n > 0 then taken[1] = redis.call('INCRBY', KEYS[3], n) - n + 1 end
 return taken
 "#;
 
@@ -111,8 +124,10 @@ pub struct RedisList {
     keys: ListKeys,
     /// Commands that answer at once (take, ack, heartbeat, reclaim).
     conn: MultiplexedConnection,
-    /// `BLMOVE`, which holds its connection while it waits.
-    blocking: MultiplexedConnection,
+    /// `BLMOVE`, which holds its connection while it waits; opened on
+    /// first use.
+    blocking: Option<MultiplexedConnection>,
+    client: Client,
     take: Script,
     give_back: Script,
     reclaim: Script,
@@ -132,15 +147,11 @@ impl RedisList {
         let conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        // BLMOVE answers only when an element arrives or its own timeout
-        // passes: the response timeout is handled per call.
-        let blocking = client
-            .get_multiplexed_async_connection_with_config(&config.set_response_timeout(None))
-            .await?;
         Ok(RedisList {
             keys,
             conn,
-            blocking,
+            blocking: None,
+            client: client.clone(),
             take: Script::new(TAKE),
             give_back: Script::new(GIVE_BACK),
             reclaim: Script::new(RECLAIM),
@@ -193,20 +204,52 @@ impl RedisList {
             .await
     }
 
-    /// Takes up to `max` elements, oldest first, into the processing list.
-    /// When the source is empty, waits up to `wait` (whole seconds or
-    /// fractions, as `BLMOVE` takes them) for one.
-    pub async fn take(&mut self, max: usize, wait: Duration) -> redis::RedisResult<Vec<Bytes>> {
-        let taken: Vec<Vec<u8>> = self
-            .take
-            .key(&self.keys.source)
-            .key(&self.keys.processing)
-            .arg(max.max(1))
-            .invoke_async(&mut self.conn)
-            .await?;
+    /// Takes up to `max` elements, oldest first, into the processing list,
+    /// with the take number of the first (the others follow it). When the
+    /// source is empty, waits up to `wait` for one.
+    pub async fn take(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> redis::RedisResult<(i64, Vec<Bytes>)> {
+        let (first, taken): (i64, Vec<Vec<u8>>) = {
+            let mut reply: Vec<redis::Value> = self
+                .take
+                .key(&self.keys.source)
+                .key(&self.keys.processing)
+                .key(&self.keys.taken)
+                .arg(max.max(1))
+                .invoke_async(&mut self.conn)
+                .await?;
+            let elements = reply.split_off(1.min(reply.len()));
+            let first = match reply.first() {
+                Some(v) => redis::from_redis_value_ref(v)?,
+                None => 0,
+            };
+            let elements = elements
+                .iter()
+                .map(redis::from_redis_value_ref)
+                .collect::<Result<_, _>>()?;
+            (first, elements)
+        };
         if !taken.is_empty() || wait.is_zero() {
-            return Ok(taken.into_iter().map(Bytes::from).collect());
+            return Ok((first, taken.into_iter().map(Bytes::from).collect()));
         }
+        if self.blocking.is_none() {
+            // BLMOVE answers only when an element arrives or its own
+            // timeout passes: the response timeout is handled here.
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(None);
+            self.blocking = Some(
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            );
+        }
+        let Some(blocking) = self.blocking.as_mut() else {
+            return Ok((0, Vec::new()));
+        };
         let mut blmove = redis::cmd("BLMOVE");
         blmove
             .arg(&self.keys.source)
@@ -214,26 +257,55 @@ impl RedisList {
             .arg("RIGHT")
             .arg("LEFT")
             .arg(wait.as_secs_f64());
-        let blocked = blmove.query_async::<Option<Vec<u8>>>(&mut self.blocking);
-        match tokio::time::timeout(wait + RESPONSE_TIMEOUT, blocked).await {
-            Ok(r) => Ok(r?.map(Bytes::from).into_iter().collect()),
-            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "BLMOVE did not answer",
-            ))),
-        }
+        let blocked = blmove.query_async::<Option<Vec<u8>>>(blocking);
+        let element = match tokio::time::timeout(wait + RESPONSE_TIMEOUT, blocked).await {
+            Ok(r) => r.inspect_err(|_| self.blocking = None)?,
+            Err(_) => {
+                self.blocking = None;
+                return Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "BLMOVE did not answer",
+                )));
+            }
+        };
+        let Some(element) = element else {
+            return Ok((0, Vec::new()));
+        };
+        let number: i64 = redis::cmd("INCR")
+            .arg(&self.keys.taken)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok((number, vec![Bytes::from(element)]))
     }
 
-    /// Removes one finished element from the processing list (the oldest
-    /// copy, should identical elements be in flight together).
-    pub async fn ack(&mut self, element: &[u8]) -> redis::RedisResult<()> {
-        redis::cmd("LREM")
+    /// Removes finished elements from the processing list, one copy each
+    /// (the oldest, should identical elements be in flight together), in
+    /// one round trip.
+    pub async fn ack(&mut self, elements: &[Bytes]) -> redis::RedisResult<()> {
+        let mut pipe = redis::pipe();
+        for e in elements {
+            pipe.cmd("LREM")
+                .arg(&self.keys.processing)
+                .arg(-1)
+                .arg(&e[..])
+                .ignore();
+        }
+        pipe.query_async(&mut self.conn).await
+    }
+
+    /// A clean stop: the slot leaves the group's set and its heartbeat
+    /// goes (call after [`RedisList::give_back`]).
+    pub async fn leave(&mut self) -> redis::RedisResult<()> {
+        redis::pipe()
+            .cmd("SREM")
+            .arg(&self.keys.slots)
             .arg(&self.keys.processing)
-            .arg(-1)
-            .arg(element)
-            .query_async::<i64>(&mut self.conn)
+            .ignore()
+            .cmd("DEL")
+            .arg(&self.keys.heartbeat)
+            .ignore()
+            .query_async(&mut self.conn)
             .await
-            .map(drop)
     }
 
     /// Elements waiting in the source list (the source's lag).
@@ -326,11 +398,17 @@ mod tests {
         let mut list = RedisList::connect(&client, ListKeys::new(&key, "g", "i", 0))
             .await
             .unwrap();
-        let taken = list.take(2, Duration::ZERO).await.unwrap();
+        let (first, taken) = list.take(2, Duration::ZERO).await.unwrap();
         assert_eq!(strings(&taken), ["a", "b"]);
+        assert_eq!(first, 1);
+        let (first, _) = list.take(1, Duration::ZERO).await.unwrap();
+        assert_eq!(first, 3, "take numbers follow on");
+        lpush(&client, &key, &["c"]).await;
         assert_eq!(lrange(&client, &key).await, ["c"]);
         assert_eq!(lrange(&client, &list.keys().processing).await, ["b", "a"]);
-        list.ack(b"a").await.unwrap();
+        list.ack(&[Bytes::from_static(b"a"), Bytes::from_static(b"c")])
+            .await
+            .unwrap();
         assert_eq!(lrange(&client, &list.keys().processing).await, ["b"]);
         assert_eq!(list.backlog().await.unwrap(), 1);
         cleanup(&client, &key).await;
@@ -343,15 +421,16 @@ mod tests {
         let mut list = RedisList::connect(&client, ListKeys::new(&key, "g", "i", 0))
             .await
             .unwrap();
-        let none = list.take(10, Duration::from_millis(100)).await.unwrap();
+        let (_, none) = list.take(10, Duration::from_millis(100)).await.unwrap();
         assert!(none.is_empty());
         let (c, k) = (client.clone(), key.clone());
         let producer = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
             lpush(&c, &k, &["late"]).await;
         });
-        let taken = list.take(10, Duration::from_secs(5)).await.unwrap();
+        let (first, taken) = list.take(10, Duration::from_secs(5)).await.unwrap();
         assert_eq!(strings(&taken), ["late"]);
+        assert_eq!(first, 1);
         producer.await.unwrap();
         cleanup(&client, &key).await;
     }
@@ -364,13 +443,13 @@ mod tests {
         let mut list = RedisList::connect(&client, ListKeys::new(&key, "g", "i", 0))
             .await
             .unwrap();
-        let taken = list.take(3, Duration::ZERO).await.unwrap();
+        let (_, taken) = list.take(3, Duration::ZERO).await.unwrap();
         assert_eq!(strings(&taken), ["1", "2", "3"]);
-        list.ack(b"2").await.unwrap();
+        list.ack(&[Bytes::from_static(b"2")]).await.unwrap();
         assert_eq!(list.give_back().await.unwrap(), 2);
         assert!(lrange(&client, &list.keys().processing).await.is_empty());
         // A new slot takes the returned ones first, oldest first.
-        let taken = list.take(10, Duration::ZERO).await.unwrap();
+        let (_, taken) = list.take(10, Duration::ZERO).await.unwrap();
         assert_eq!(strings(&taken), ["1", "3", "4"]);
         cleanup(&client, &key).await;
     }
@@ -389,10 +468,10 @@ mod tests {
         dead.heartbeat(Duration::from_millis(300)).await.unwrap();
         live.heartbeat(Duration::from_secs(30)).await.unwrap();
         assert_eq!(
-            strings(&dead.take(2, Duration::ZERO).await.unwrap()),
+            strings(&dead.take(2, Duration::ZERO).await.unwrap().1),
             ["x", "y"]
         );
-        assert_eq!(strings(&live.take(1, Duration::ZERO).await.unwrap()), ["z"]);
+        assert_eq!(strings(&live.take(1, Duration::ZERO).await.unwrap().1), ["z"]);
         // Heartbeat still fresh: nothing moves.
         assert_eq!(live.reclaim().await.unwrap(), 0);
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -401,7 +480,7 @@ mod tests {
         // The live slot's own elements stay where they are.
         assert_eq!(lrange(&client, &live.keys().processing).await, ["z"]);
         assert_eq!(
-            strings(&live.take(10, Duration::ZERO).await.unwrap()),
+            strings(&live.take(10, Duration::ZERO).await.unwrap().1),
             ["x", "y"]
         );
         // Reclaiming again finds nothing: the dead slot left the set.
