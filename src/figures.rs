@@ -74,6 +74,10 @@ struct StuckLive {
     last_error: String,
 }
 
+/// Per (partition, offset): the modules to skip, each with when its
+/// request expires (ms since the epoch).
+type SkipMap = HashMap<(i32, i64), Vec<(String, i64)>>;
+
 /// One worker's counters and gauges.
 #[derive(Debug)]
 pub struct WorkerFigures {
@@ -92,9 +96,13 @@ pub struct WorkerFigures {
     /// (partition, offset, module) of deliveries that failed an attempt.
     stuck: Mutex<HashMap<(i32, i64, usize), StuckLive>>,
     stuck_len: AtomicUsize,
-    /// Skip requests of the control file for this topic.
-    skips: RwLock<HashMap<(i32, i64), Vec<String>>>,
+    /// Skip requests of the control file for this topic that have not
+    /// expired.
+    skips: RwLock<SkipMap>,
     any_skip: AtomicBool,
+    /// When the earliest of `skips` expires (`i64::MAX`: none): the
+    /// control is applied again then, even if the file did not change.
+    skips_expire_ms: AtomicI64,
     /// The dispatch log's writer queue: set by the dispatch log.
     pub dispatch_log_queued: AtomicU64,
     pub dispatch_log_dropped: AtomicU64,
@@ -165,6 +173,7 @@ impl WorkerFigures {
             stuck_len: AtomicUsize::new(0),
             skips: RwLock::new(HashMap::new()),
             any_skip: AtomicBool::new(false),
+            skips_expire_ms: AtomicI64::new(i64::MAX),
             dispatch_log_queued: AtomicU64::new(0),
             dispatch_log_dropped: AtomicU64::new(0),
         }
@@ -202,8 +211,12 @@ impl WorkerFigures {
         }
     }
 
-    /// Reads the control file if it changed: paused modules, skips.
-    fn apply_control(&self, control: &state::Control) {
+    /// Applies the control file at `now_ms`: paused modules, and the skip
+    /// requests for this topic that have not expired. A skip request
+    /// applies for [`state::SKIP_REQUEST_TTL_MS`] after it was asked, here
+    /// as in the admin process: an old control file (kept across restarts)
+    /// must not drop a message that arrives later at a requested offset.
+    fn apply_control(&self, control: &state::Control, now_ms: i64) {
         for m in &self.modules {
             let paused = control.paused.iter().any(|p| p == &m.name);
             if m.paused.swap(paused, Ordering::AcqRel) != paused {
@@ -214,15 +227,37 @@ impl WorkerFigures {
                 }
             }
         }
-        let mut skips: HashMap<(i32, i64), Vec<String>> = HashMap::new();
+        let mut skips = SkipMap::new();
+        let mut earliest = i64::MAX;
         for s in control.skips.iter().filter(|s| s.topic == self.topic) {
+            let expires = s.at_ms.saturating_add(state::SKIP_REQUEST_TTL_MS);
+            if expires <= now_ms {
+                continue;
+            }
+            earliest = earliest.min(expires);
             skips
                 .entry((s.partition, s.offset))
                 .or_default()
-                .push(s.module.clone());
+                .push((s.module.clone(), expires));
         }
         self.any_skip.store(!skips.is_empty(), Ordering::Release);
         *self.skips.write().unwrap_or_else(|p| p.into_inner()) = skips;
+        self.skips_expire_ms.store(earliest, Ordering::Release);
+    }
+
+    /// Whether a skip request for `msg` and `module` holds at `now_ms`.
+    fn skip_at(&self, msg: &Message, module: &str, now_ms: i64) -> bool {
+        if !self.any_skip.load(Ordering::Acquire) {
+            return false;
+        }
+        let skips = self.skips.read().unwrap_or_else(|p| p.into_inner());
+        skips
+            .get(&(msg.partition, msg.offset))
+            .is_some_and(|modules| {
+                modules
+                    .iter()
+                    .any(|(m, expires)| m == module && now_ms < *expires)
+            })
     }
 
     fn stuck_list(&self) -> (Vec<StuckMessage>, usize) {
@@ -278,13 +313,7 @@ impl WorkerFigures {
 
 impl SkipCheck for WorkerFigures {
     fn skip(&self, msg: &Message, module: &str) -> bool {
-        if !self.any_skip.load(Ordering::Acquire) {
-            return false;
-        }
-        let skips = self.skips.read().unwrap_or_else(|p| p.into_inner());
-        skips
-            .get(&(msg.partition, msg.offset))
-            .is_some_and(|modules| modules.iter().any(|m| m == module))
+        self.skip_at(msg, module, state::now_ms())
     }
 }
 
@@ -456,6 +485,13 @@ impl Reporter {
     }
 }
 
+/// The control file as last applied: its (mtime, length) and content.
+#[derive(Default)]
+struct ControlSeen {
+    stamp: Option<(SystemTime, u64)>,
+    control: state::Control,
+}
+
 /// The reporter's shared parts, one clone per task.
 struct Parts {
     figures: Arc<WorkerFigures>,
@@ -469,7 +505,7 @@ impl Parts {
     async fn snapshots(self) {
         let mut tick = tokio::time::interval(CONTROL_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut control_seen: Option<(SystemTime, u64)> = None;
+        let mut control_seen = ControlSeen::default();
         let mut n = 0u32;
         loop {
             tick.tick().await;
@@ -488,12 +524,18 @@ impl Parts {
         }
     }
 
-    fn read_control(&self, seen: &mut Option<(SystemTime, u64)>) {
+    /// Applies the control file when it changed, and again when one of
+    /// its skip requests expired.
+    fn read_control(&self, seen: &mut ControlSeen) {
         let path = &self.figures.control_path;
+        let now = state::now_ms();
         let stamp = std::fs::metadata(path)
             .ok()
             .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
-        if stamp == *seen {
+        if stamp == seen.stamp {
+            if now >= self.figures.skips_expire_ms.load(Ordering::Acquire) {
+                self.figures.apply_control(&seen.control, now);
+            }
             return;
         }
         let control: state::Control = match stamp {
@@ -504,8 +546,8 @@ impl Parts {
             },
             None => state::Control::default(),
         };
-        *seen = stamp;
-        self.figures.apply_control(&control);
+        self.figures.apply_control(&control, now);
+        *seen = ControlSeen { stamp, control };
     }
 
     /// High watermarks of the assigned partitions: librdkafka's cached
@@ -781,4 +823,93 @@ fn stored_positions(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Control, SkipRequest, SKIP_REQUEST_TTL_MS};
+
+    fn config(dir: &std::path::Path) -> ServerConfig {
+        for name in ["a", "b"] {
+            std::fs::write(
+                dir.join(format!("{name}.conf")),
+                format!("name {name}\nuri http://127.0.0.1:1/{name}\nfilters 7\n"),
+            )
+            .unwrap();
+        }
+        let conf = dir.join("server.conf");
+        std::fs::write(
+            &conf,
+            "brokers 127.0.0.1:9092\ntopic t\nmodule a.conf\nmodule b.conf\n",
+        )
+        .unwrap();
+        crate::config::load(&conf).unwrap().config
+    }
+
+    fn message(partition: i32, offset: i64) -> Message {
+        let payload = bytes::Bytes::from_static(br#"{"commandId": 7}"#);
+        Message {
+            topic: Arc::from("t"),
+            partition,
+            offset,
+            timestamp_ms: None,
+            key: None,
+            envelope: crate::envelope::parse(&payload, 1 << 20).unwrap(),
+            payload,
+        }
+    }
+
+    fn skip(topic: &str, partition: i32, offset: i64, module: &str, at_ms: i64) -> SkipRequest {
+        SkipRequest {
+            topic: topic.into(),
+            partition,
+            offset,
+            module: module.into(),
+            at_ms,
+        }
+    }
+
+    /// A skip request holds for SKIP_REQUEST_TTL_MS after it was asked,
+    /// and stops holding then although the control file did not change.
+    #[test]
+    fn skip_requests_expire_in_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let figures = WorkerFigures::new(&config(dir.path()), "t", 0);
+        let now = 1_700_000_000_000;
+        let control = Control {
+            paused: vec![],
+            skips: vec![
+                // Asked 14:59 ago: one second left.
+                skip("t", 0, 5, "a", now - SKIP_REQUEST_TTL_MS + 1000),
+                // Asked 15 minutes and 1 ms ago: expired.
+                skip("t", 0, 6, "a", now - SKIP_REQUEST_TTL_MS - 1),
+                // Another topic's.
+                skip("u", 0, 7, "a", now),
+            ],
+        };
+        figures.apply_control(&control, now);
+        assert!(figures.skip_at(&message(0, 5), "a", now));
+        assert!(!figures.skip_at(&message(0, 5), "b", now), "other module");
+        assert!(
+            !figures.skip_at(&message(1, 5), "a", now),
+            "other partition"
+        );
+        assert!(
+            !figures.skip_at(&message(0, 6), "a", now),
+            "a skip asked more than 15 minutes ago"
+        );
+        assert!(!figures.skip_at(&message(0, 7), "a", now), "other topic");
+        assert!(figures.skip_at(&message(0, 5), "a", now + 999));
+        assert!(
+            !figures.skip_at(&message(0, 5), "a", now + 1000),
+            "expired, though the control file did not change"
+        );
+        // The reporter applies the same file again once the earliest
+        // request expires; then no skip is left to look at.
+        assert_eq!(figures.skips_expire_ms.load(Ordering::Acquire), now + 1000);
+        figures.apply_control(&control, now + 1000);
+        assert!(!figures.any_skip.load(Ordering::Acquire));
+        assert_eq!(figures.skips_expire_ms.load(Ordering::Acquire), i64::MAX);
+    }
 }

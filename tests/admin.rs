@@ -406,6 +406,88 @@ fn failing_module_is_stuck_not_ready_and_skip_finishes_it() {
     );
 }
 
+/// Skip requests are for messages that arrived. One for an offset the
+/// partition has not reached is refused (409); one asked more than 15
+/// minutes ago (a control file kept from an earlier run) is ignored by the
+/// workers. The messages at both offsets are delivered when they come.
+#[test]
+fn skips_of_offsets_not_reached_are_refused_and_old_skips_expire() {
+    let topic = unique_name("adm-future-skip");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .module(Module::new("a", sink.url("/a")).filter(7))
+            .line(&format!("admin-token {TOKEN}")),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+    produce(&topic, messages(1, &[0], "7", 0));
+    sink.wait_for_distinct(1, Duration::from_secs(60));
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(30),
+        "offset 0 committed",
+        |st| partitions(st, &topic).get(&0) == Some(&(Some(1), Some(1), Some(0))),
+    );
+
+    // Offset 1 has not arrived: a skip for it is a typo or meant for a
+    // topic that no longer exists.
+    let skip = json!({"topic": topic, "partition": 0, "offset": 1, "module": "a"});
+    let (code, text) = http("POST", &format!("{base}/api/skip"), Some(TOKEN), Some(skip));
+
+    // A skip for offset 2 asked 16 minutes ago, as a control file kept
+    // across a restart holds it: added to whatever the file has now.
+    let control_path = mkc.dir().join("mkc-state/control.json");
+    let mut control: Value = std::fs::read(&control_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| json!({"paused": [], "skips": []}));
+    control["skips"].as_array_mut().expect("skips").push(
+        json!({"topic": topic, "partition": 0, "offset": 2, "module": "a",
+                     "at_ms": now_ms() - 16 * 60 * 1000}),
+    );
+    let tmp = control_path.with_extension("json.test-tmp");
+    std::fs::write(&tmp, control.to_string()).expect("write control file");
+    std::fs::rename(&tmp, &control_path).expect("replace control file");
+    // Workers look at the control file every 250 ms.
+    std::thread::sleep(Duration::from_secs(1));
+
+    produce(&topic, messages(2, &[0], "7", 1));
+    let arrived = sink.wait_until(Duration::from_secs(30), |r| {
+        [1, 2].iter().all(|&o| r.iter().any(|r| r.offset() == o))
+    });
+    let mut problems = Problems::default();
+    if code != 409 || !text.contains("has not reached offset 1") {
+        problems.add(format!(
+            "skip of offset 1 before it arrived: HTTP {code} {text}, expected 409 \
+             \"has not reached offset 1\""
+        ));
+    }
+    if !arrived {
+        let got: Vec<i64> = sink.requests().iter().map(|r| r.offset()).collect();
+        problems.add(format!(
+            "offsets 1 and 2 not both delivered within 30 s: the sink got offsets {got:?}"
+        ));
+    }
+    let skipped = mkc.log_lines("skipped by the operator");
+    if !skipped.is_empty() {
+        problems.add(format!("messages skipped: {skipped:?}"));
+    }
+    problems.check(&mkc, "skips of offsets not reached");
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(30),
+        "3 delivered, none skipped",
+        |st| {
+            module(st, "a")["delivered"] == 3
+                && module(st, "a")["skipped"] == 0
+                && partitions(st, &topic).get(&0) == Some(&(Some(3), Some(3), Some(0)))
+        },
+    );
+}
+
 #[test]
 fn counters_survive_a_worker_restart_and_actions_need_a_token() {
     let topic = unique_name("adm-restart");
