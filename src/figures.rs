@@ -260,8 +260,15 @@ impl WorkerFigures {
             })
     }
 
-    fn stuck_list(&self) -> (Vec<StuckMessage>, usize) {
+    /// The stuck messages, oldest first and at most [`STUCK_LIST_MAX`];
+    /// their total; and their count per module (config order), counted
+    /// before the list is cut so that no module's count is lost.
+    fn stuck_list(&self) -> (Vec<StuckMessage>, usize, Vec<usize>) {
         let stuck = lock(&self.stuck);
+        let mut per_module = vec![0; self.modules.len()];
+        for &(_, _, module) in stuck.keys() {
+            per_module[module] += 1;
+        }
         let mut list: Vec<StuckMessage> = stuck
             .iter()
             .map(|(&(partition, offset, module), s)| StuckMessage {
@@ -278,7 +285,7 @@ impl WorkerFigures {
         let total = list.len();
         list.sort_by_key(|s| (s.first_failure_ms, s.partition, s.offset));
         list.truncate(STUCK_LIST_MAX);
-        (list, total)
+        (list, total, per_module)
     }
 
     fn counter_list(&self) -> Vec<CounterFigures> {
@@ -707,6 +714,7 @@ impl Parts {
         sampler.heads = heads;
         drop(broker);
         drop(sampler);
+        let (stuck, stuck_total, stuck_per_module) = f.stuck_list();
         let modules = f
             .modules
             .iter()
@@ -727,10 +735,10 @@ impl Parts {
                     last_error: lock(&m.last_error).clone(),
                     delivered_rate: rate(delivered, old_delivered),
                     failed_rate: rate(failed, old_failed),
+                    stuck: stuck_per_module[i],
                 }
             })
             .collect();
-        let (stuck, stuck_total) = f.stuck_list();
         WorkerSnapshot {
             pid: std::process::id() as i32,
             topic: f.topic.clone(),

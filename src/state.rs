@@ -290,6 +290,11 @@ pub struct ModuleFigures {
     pub delivered_rate: f64,
     /// Failed attempts per second over the last minute.
     pub failed_rate: f64,
+    /// Messages of this module that failed at least one attempt and have
+    /// no final outcome yet (all of them, not only those in the
+    /// snapshot's `stuck` list).
+    #[serde(default)]
+    pub stuck: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -111,7 +111,8 @@ pub struct ModuleStatus {
     /// Per bucket of [`LATENCY_BUCKETS`] then `+Inf`, not cumulative.
     pub latency_buckets: Vec<u64>,
     pub latency_sum_s: f64,
-    /// Messages of this module in the stuck list.
+    /// Messages of this module that failed an attempt and are not
+    /// finished, in live workers (all of them: the `stuck` list is cut).
     pub stuck: usize,
 }
 
@@ -333,12 +334,8 @@ pub fn gather_from(
                 m.in_flight += f.in_flight;
                 m.delivered_rate += f.delivered_rate;
                 m.failed_rate += f.failed_rate;
+                m.stuck += f.stuck;
             }
-        }
-    }
-    for s in &status.stuck {
-        if let Some(&i) = index.get(&s.module) {
-            modules[i].stuck += 1;
         }
     }
     status.modules = modules;
@@ -817,6 +814,7 @@ mod tests {
                 in_flight: 2,
                 latency_buckets: vec![1; LATENCY_BUCKETS.len() + 1],
                 latency_sum_s: 1.5,
+                stuck: 1,
                 ..ModuleFigures::default()
             }],
             counters: vec![CounterFigures {
@@ -909,6 +907,7 @@ mod tests {
             (30, 6, 3, 3)
         );
         assert_eq!(a.in_flight, 4, "in flight of live workers only");
+        assert_eq!(a.stuck, 2, "stuck messages of live workers only");
         assert_eq!(a.latency_buckets[0], 3);
         assert_eq!(status.stuck.len(), 2);
         assert_eq!(status.workers[1].restarts, 1);

@@ -488,6 +488,63 @@ fn skips_of_offsets_not_reached_are_refused_and_old_skips_expire() {
     );
 }
 
+/// `mkc_module_stuck_messages` counts every stuck message of a module,
+/// although a worker's snapshot lists only its 200 oldest: a module that
+/// starts failing after another has 250 stuck messages reads 1, not 0.
+#[test]
+fn stuck_messages_are_counted_per_module_beyond_the_listed_ones() {
+    let topic = unique_name("adm-stuck-count");
+    create_topic(&topic, 1);
+    let bad_a = Sink::with(Behavior::status(500));
+    let bad_b = Sink::with(Behavior::status(500));
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .module(
+                Module::new("a", bad_a.url("/a"))
+                    .filter(7)
+                    .retrynum(0)
+                    .retry_delay(2000)
+                    .line("mode unordered")
+                    .line("concurrency 300"),
+            )
+            .module(
+                Module::new("b", bad_b.url("/b"))
+                    .filter(8)
+                    .retrynum(0)
+                    .retry_delay(2000),
+            ),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+    produce(&topic, messages(250, &[0], "7", 0));
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(60),
+        "250 stuck for a",
+        |st| st["stuck_total"] == 250,
+    );
+    // Later, b starts failing: its message is newer than a's 250.
+    produce(&topic, messages(1, &[0], "8", 250));
+    let gauge = |scrape: &prometheus_parse::Scrape, m: &str| {
+        metric(scrape, "mkc_module_stuck_messages", &[("module", m)])
+    };
+    let mut seen = (None, None);
+    if !wait_until(Duration::from_secs(20), || {
+        let scrape = metrics(&base);
+        seen = (gauge(&scrape, "a"), gauge(&scrape, "b"));
+        seen == (Some(250.0), Some(1.0))
+    }) {
+        mkc.fail(&format!(
+            "mkc_module_stuck_messages a, b: {seen:?}, expected 250 and 1 \
+             (b's endpoint got {} requests)",
+            bad_b.count()
+        ));
+    }
+    let st = status(&base);
+    assert_eq!(module(&st, "b")["stuck"], 1, "/api/status");
+    assert_eq!(st["stuck_total"], 251);
+}
+
 #[test]
 fn counters_survive_a_worker_restart_and_actions_need_a_token() {
     let topic = unique_name("adm-restart");
