@@ -93,6 +93,9 @@ pub struct WorkerFigures {
     carried: Vec<CounterFigures>,
     invalid: AtomicU64,
     unrouted: AtomicU64,
+    /// `stuck-threshold`: how long a partition may wait before the worker
+    /// logs that its fetching stalls.
+    stuck_threshold: Duration,
     /// (partition, offset, module) of deliveries that failed an attempt.
     stuck: Mutex<HashMap<(i32, i64, usize), StuckLive>>,
     stuck_len: AtomicUsize,
@@ -169,6 +172,7 @@ impl WorkerFigures {
             carried,
             invalid: AtomicU64::new(previous.invalid),
             unrouted: AtomicU64::new(previous.unrouted),
+            stuck_threshold: config.stuck_threshold,
             stuck: Mutex::new(HashMap::new()),
             stuck_len: AtomicUsize::new(0),
             skips: RwLock::new(HashMap::new()),
@@ -431,6 +435,11 @@ type HistoryPoint = (Instant, Vec<(u64, u64)>, HashMap<i32, i64>);
 struct Sampler {
     /// Per partition: the oldest unfinished offset and since when it is.
     heads: HashMap<i32, (i64, Instant)>,
+    /// Per partition with lag and nothing received: its position and
+    /// since when it has not moved.
+    waits: HashMap<i32, (i64, Instant)>,
+    /// Partitions whose stalled fetching was logged (once per episode).
+    stall_logged: std::collections::HashSet<i32>,
     history: VecDeque<HistoryPoint>,
 }
 
@@ -438,6 +447,8 @@ struct Sampler {
 /// snapshot.
 pub struct Reporter {
     figures: Arc<WorkerFigures>,
+    /// The consumer's `fetch.max.bytes`, for the stall reason.
+    fetch_max_bytes: Option<u64>,
     source: Arc<dyn PartitionSource>,
     consumer: Arc<WorkerConsumer>,
     broker: Arc<Mutex<BrokerView>>,
@@ -457,8 +468,11 @@ impl Reporter {
                 tracing::warn!("cannot create the state directory {}: {e}", dir.display());
             }
         }
+        let fetch_max_bytes =
+            consumer_setting(&consumer, "fetch.max.bytes").and_then(|v| v.parse().ok());
         let mut r = Reporter {
             figures,
+            fetch_max_bytes,
             source,
             consumer,
             broker: Arc::default(),
@@ -473,6 +487,7 @@ impl Reporter {
     fn clone_parts(&self) -> Parts {
         Parts {
             figures: self.figures.clone(),
+            fetch_max_bytes: self.fetch_max_bytes,
             source: self.source.clone(),
             consumer: self.consumer.clone(),
             broker: self.broker.clone(),
@@ -502,6 +517,7 @@ struct ControlSeen {
 /// The reporter's shared parts, one clone per task.
 struct Parts {
     figures: Arc<WorkerFigures>,
+    fetch_max_bytes: Option<u64>,
     source: Arc<dyn PartitionSource>,
     consumer: Arc<WorkerConsumer>,
     broker: Arc<Mutex<BrokerView>>,
@@ -663,6 +679,8 @@ impl Parts {
         };
         let broker = lock(&self.broker);
         let mut heads = std::mem::take(&mut sampler.heads);
+        let mut waits = std::mem::take(&mut sampler.waits);
+        let mut stall_logged = std::mem::take(&mut sampler.stall_logged);
         let mut out_partitions = Vec::new();
         let mut numbers: Vec<i32> = assigned.clone();
         numbers.extend(partitions.iter().map(|p| p.partition));
@@ -693,6 +711,20 @@ impl Parts {
                 }
                 None => 0.0,
             };
+            // Lag with nothing received: the partition waits for a fetch.
+            // Its position not moving for long means fetching stalls
+            // (nothing is in flight, so it is never stuck on a message).
+            let waiting_s = match (committed, lag) {
+                (Some(position), Some(l)) if l > 0 && view.in_flight == 0 => {
+                    let since = head_since(&mut waits, number, position, now);
+                    now.duration_since(since).as_secs_f64()
+                }
+                _ => {
+                    waits.remove(&number);
+                    0.0
+                }
+            };
+            self.log_stall(number, committed, lag, waiting_s, &mut stall_logged);
             let throughput = match (view.committed, old_committed.get(&number)) {
                 (Some(c), Some(&old)) => rate(c.max(0) as u64, old.max(0) as u64),
                 _ => 0.0,
@@ -707,11 +739,16 @@ impl Parts {
                 in_flight: view.in_flight,
                 fetch_paused: view.fetch_paused,
                 throughput,
+                waiting_s,
             });
         }
         // Heads of partitions no longer here are forgotten.
         heads.retain(|p, _| out_partitions.iter().any(|o| o.partition == *p));
+        waits.retain(|p, _| out_partitions.iter().any(|o| o.partition == *p));
+        stall_logged.retain(|p| waits.contains_key(p));
         sampler.heads = heads;
+        sampler.waits = waits;
+        sampler.stall_logged = stall_logged;
         drop(broker);
         drop(sampler);
         let (stuck, stuck_total, stuck_per_module) = f.stuck_list();
@@ -753,12 +790,56 @@ impl Parts {
             unrouted: f.unrouted.load(Ordering::Relaxed),
             stuck,
             stuck_total,
+            fetch_max_bytes: self.fetch_max_bytes,
             dispatch_log: DispatchLogFigures {
                 queued: f.dispatch_log_queued.load(Ordering::Relaxed),
                 dropped: f.dispatch_log_dropped.load(Ordering::Relaxed),
             },
         }
     }
+}
+
+impl Parts {
+    /// Logs once per episode that partition `number`'s fetching stalls:
+    /// at warning when it has waited `stuck-threshold` with lag and
+    /// nothing received, at info when it moves again.
+    fn log_stall(
+        &self,
+        number: i32,
+        position: Option<i64>,
+        lag: Option<i64>,
+        waiting_s: f64,
+        logged: &mut std::collections::HashSet<i32>,
+    ) {
+        let topic = &self.figures.topic;
+        if waiting_s == 0.0 {
+            if logged.remove(&number) {
+                tracing::info!(topic = %topic, partition = number, position = ?position,
+                    "partition fetching again: its position moves");
+            }
+            return;
+        }
+        if waiting_s < self.figures.stuck_threshold.as_secs_f64() || !logged.insert(number) {
+            return;
+        }
+        tracing::warn!(
+            topic = %topic, partition = number, position = ?position, lag = ?lag,
+            waiting_s = waiting_s.round(), fetch_max_bytes = ?self.fetch_max_bytes,
+            "partition stuck: {}", stall_reason(self.fetch_max_bytes)
+        );
+    }
+}
+
+/// Why a partition with lag receives nothing, as the log, `/readyz`,
+/// `-s status` and the page say it.
+pub fn stall_reason(fetch_max_bytes: Option<u64>) -> String {
+    let limit = fetch_max_bytes.map_or_else(|| "?".to_string(), |b| b.to_string());
+    format!(
+        "lag but nothing received and the position has not moved: fetching stalls, likely \
+         behind a record larger than fetch.max.bytes ({limit}) that the broker does not serve \
+         alone (tansu 0.6, brokers without KIP-74); raise `property fetch.max.bytes` above \
+         the largest record"
+    )
 }
 
 /// Since when `offset` has been partition `number`'s oldest unfinished
@@ -795,6 +876,34 @@ fn cached_high_watermark(consumer: &WorkerConsumer, topic: &str, partition: i32)
     };
     (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
         .then_some(high)
+}
+
+/// A setting of the consumer's configuration as librdkafka holds it
+/// (mkc's default or a `property` line): no request.
+fn consumer_setting(consumer: &WorkerConsumer, name: &str) -> Option<String> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 64];
+    let mut size = buf.len();
+    // SAFETY: the client pointer is valid while `consumer` lives, and
+    // rd_kafka_conf returns its configuration, owned by the client and
+    // valid as long as it is; `name` is NUL-terminated and outlives the
+    // call; `buf` holds `size` writable bytes and `size` is a valid
+    // in/out pointer (librdkafka writes at most `size` bytes, NUL
+    // included, and sets `size` to the length the value needs).
+    let result = unsafe {
+        let conf = rdkafka::bindings::rd_kafka_conf(consumer.client().native_ptr());
+        rdkafka::bindings::rd_kafka_conf_get(
+            conf,
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            &mut size,
+        )
+    };
+    if result != rdkafka::bindings::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK || size > buf.len() {
+        return None;
+    }
+    let text = std::ffi::CStr::from_bytes_until_nul(&buf).ok()?;
+    Some(text.to_string_lossy().into_owned())
 }
 
 /// The committed positions of `partitions` as the group (or the offset

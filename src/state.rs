@@ -247,6 +247,9 @@ pub struct WorkerSnapshot {
     /// yet, oldest first, at most [`STUCK_LIST_MAX`].
     pub stuck: Vec<StuckMessage>,
     pub stuck_total: usize,
+    /// The consumer's `fetch.max.bytes` (for the reason of a stall).
+    #[serde(default)]
+    pub fetch_max_bytes: Option<u64>,
     pub dispatch_log: DispatchLogFigures,
 }
 
@@ -271,6 +274,10 @@ pub struct PartitionFigures {
     /// Messages finished per second over the last minute (commit position
     /// movement).
     pub throughput: f64,
+    /// Seconds the partition has had lag with nothing received and its
+    /// position not moving (0 otherwise): fetching may be stalled.
+    #[serde(default)]
+    pub waiting_s: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -89,8 +89,14 @@ pub struct PartitionStatus {
     pub in_flight: usize,
     pub fetch_paused: bool,
     pub throughput: f64,
-    /// Held back longer than `stuck-threshold`.
+    /// Seconds with lag, nothing received and the position not moving.
+    pub waiting_s: f64,
+    /// Held back longer than `stuck-threshold` by its oldest unfinished
+    /// message, or waiting (fetching stalled) longer than that.
     pub stuck: bool,
+    /// Why it is stuck when nothing is unfinished: the likely cause of a
+    /// stalled fetch.
+    pub stuck_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -202,6 +208,8 @@ pub fn gather_from(
                 {
                     continue;
                 }
+                let held = p.oldest_unfinished.is_some() && p.oldest_unfinished_age_s > threshold;
+                let stalled = !held && p.waiting_s > threshold;
                 let entry = PartitionStatus {
                     partition: p.partition,
                     worker: s.index,
@@ -213,7 +221,9 @@ pub fn gather_from(
                     in_flight: p.in_flight,
                     fetch_paused: p.fetch_paused,
                     throughput: p.throughput,
-                    stuck: p.oldest_unfinished.is_some() && p.oldest_unfinished_age_s > threshold,
+                    waiting_s: p.waiting_s,
+                    stuck: held || stalled,
+                    stuck_reason: stalled.then(|| crate::figures::stall_reason(s.fetch_max_bytes)),
                 };
                 partitions.insert(p.partition, (s.written_ms, entry));
             }
@@ -241,14 +251,26 @@ pub fn gather_from(
             }
         }
         for p in t.partitions.iter().filter(|p| p.stuck) {
-            status.not_ready.push(format!(
-                "topic {} partition {}: offset {} unfinished for {:.0} s (stuck-threshold {:.0} s)",
-                t.name,
-                p.partition,
-                p.oldest_unfinished.unwrap_or(-1),
-                p.oldest_unfinished_age_s,
-                threshold
-            ));
+            match &p.stuck_reason {
+                Some(reason) => status.not_ready.push(format!(
+                    "topic {} partition {}: position {} with lag {} has not moved for {:.0} s \
+                     (stuck-threshold {:.0} s): {reason}",
+                    t.name,
+                    p.partition,
+                    opt(p.committed),
+                    opt(p.lag),
+                    p.waiting_s,
+                    threshold
+                )),
+                None => status.not_ready.push(format!(
+                    "topic {} partition {}: offset {} unfinished for {:.0} s (stuck-threshold {:.0} s)",
+                    t.name,
+                    p.partition,
+                    p.oldest_unfinished.unwrap_or(-1),
+                    p.oldest_unfinished_age_s,
+                    threshold
+                )),
+            }
         }
         status.topics.push(t);
     }
@@ -714,7 +736,14 @@ pub fn text(status: &Status) -> String {
                     "-".to_string()
                 },
                 p.throughput,
-                if p.stuck { "  STUCK" } else { "" }
+                match (p.stuck, &p.stuck_reason) {
+                    (true, Some(_)) => format!(
+                        "  STUCK: fetching stalled for {}",
+                        short_duration(p.waiting_s)
+                    ),
+                    (true, None) => "  STUCK".to_string(),
+                    (false, _) => String::new(),
+                }
             );
         }
     }
@@ -926,6 +955,65 @@ mod tests {
             "{:?}",
             status.not_ready
         );
+    }
+
+    /// A partition with lag, nothing in flight and a position that has
+    /// not moved for longer than stuck-threshold is stuck, with a reason.
+    #[test]
+    fn a_stalled_partition_is_stuck_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let state = state::state_dir(&config.pid_file);
+        std::fs::create_dir_all(&state).unwrap();
+        let now = 1_000_000;
+        let master = MasterState {
+            pid: 1,
+            started_ms: now - 60_000,
+            workers: vec![SlotState {
+                topic: "t".into(),
+                index: 0,
+                pid: Some(10),
+                started_ms: now - 5000,
+                restarts: 0,
+            }],
+            admin_pid: None,
+        };
+        state::write_json(&state::master_file(&state), &master).unwrap();
+        let mut s = snapshot(0, 10, now - 100);
+        s.stuck.clear();
+        s.stuck_total = 0;
+        s.fetch_max_bytes = Some(1_048_576);
+        s.partitions[0] = PartitionFigures {
+            partition: 0,
+            committed: Some(3),
+            high_watermark: Some(5),
+            lag: Some(2),
+            waiting_s: 11.0,
+            ..PartitionFigures::default()
+        };
+        state::write_json(&state::worker_file(&state, "t", 0), &s).unwrap();
+        let status = gather_from(&config, &state, now, &|_| true);
+        let p = &status.topics[0].partitions[0];
+        assert!(p.stuck, "11 s > stuck-threshold 10 s");
+        let reason = p.stuck_reason.as_deref().unwrap_or("");
+        assert!(reason.contains("fetch.max.bytes (1048576)"), "{reason}");
+        assert!(
+            status
+                .not_ready
+                .iter()
+                .any(|r| r.contains("partition 0: position 3 with lag 2")
+                    && r.contains("fetch.max.bytes")),
+            "{:?}",
+            status.not_ready
+        );
+        assert!(text(&status).contains("STUCK: fetching stalled for 11s"));
+
+        // Under the threshold: waiting, not stuck.
+        s.partitions[0].waiting_s = 9.0;
+        state::write_json(&state::worker_file(&state, "t", 0), &s).unwrap();
+        let status = gather_from(&config, &state, now, &|_| true);
+        assert!(!status.topics[0].partitions[0].stuck);
+        assert_eq!(status.topics[0].partitions[0].stuck_reason, None);
     }
 
     #[test]

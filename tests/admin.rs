@@ -545,6 +545,78 @@ fn stuck_messages_are_counted_per_module_beyond_the_listed_ones() {
     assert_eq!(st["stuck_total"], 251);
 }
 
+/// A partition behind a record larger than `fetch.max.bytes` receives
+/// nothing on a broker that does not serve such a record alone (tansu 0.6,
+/// the test broker): nothing is in flight, but the partition has lag and
+/// its position does not move. After `stuck-threshold` it is stuck, with
+/// a reason naming fetch.max.bytes, in `/readyz`, `/api/status`,
+/// `-s status` and the log (once).
+#[test]
+fn a_partition_whose_fetching_stalls_is_reported_stuck() {
+    let topic = unique_name("adm-stall");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .module(Module::new("a", sink.url("/a")).filter(7))
+            .line("stuck-threshold 2")
+            .property("fetch.max.bytes", 1_048_576),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+    produce(&topic, messages(3, &[0], "7", 0));
+    sink.wait_for_distinct(3, Duration::from_secs(60));
+    wait_status(&mkc, &base, Duration::from_secs(30), "3 committed", |st| {
+        partitions(st, &topic).get(&0) == Some(&(Some(3), Some(3), Some(0)))
+    });
+
+    // 1.5 MB, valid and routable (under max-message-bytes), then a small
+    // one behind it.
+    let pad = "x".repeat(1_500_000);
+    produce(
+        &topic,
+        vec![
+            Record::new(0, envelope(3, "7", &format!(r#"{{"pad": "{pad}"}}"#))),
+            Record::new(0, envelope(4, "7", "{}")),
+        ],
+    );
+    let mut body = String::new();
+    if !wait_until(Duration::from_secs(30), || {
+        let (code, text) = http("GET", &format!("{base}/readyz"), None, None);
+        body = format!("{code} {text}");
+        code == 503 && text.contains("partition 0") && text.contains("fetch.max.bytes (1048576)")
+    }) {
+        mkc.fail(&format!(
+            "/readyz never reported partition 0 stalled behind the large record: {body}\n\
+             (sink got {} requests; /api/status partitions {:?})",
+            sink.count(),
+            partitions(&status(&base), &topic)
+        ));
+    }
+    assert_eq!(sink.count(), 3, "nothing past offset 2 arrived: {body}");
+    let st = status(&base);
+    let p = &st["topics"][0]["partitions"][0];
+    assert_eq!(p["stuck"], true, "{p}");
+    assert_eq!(p["lag"], 2, "{p}");
+    assert_eq!(p["in_flight"], 0, "{p}");
+    assert!(
+        p["stuck_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("fetch.max.bytes")),
+        "{p}"
+    );
+    let text = mkc_status_text(mkc.conf_path());
+    assert!(text.contains("STUCK: fetching stalled"), "{text}");
+    assert!(text.contains("fetch.max.bytes (1048576)"), "{text}");
+    mkc.wait_log_contains("partition stuck", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        mkc.log_count("partition stuck"),
+        1,
+        "logged once per episode: {:?}",
+        mkc.log_lines("partition stuck")
+    );
+}
+
 #[test]
 fn counters_survive_a_worker_restart_and_actions_need_a_token() {
     let topic = unique_name("adm-restart");
