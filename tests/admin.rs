@@ -406,6 +406,217 @@ fn failing_module_is_stuck_not_ready_and_skip_finishes_it() {
     );
 }
 
+/// Skip requests are for messages that arrived. One for an offset the
+/// partition has not reached is refused (409); one asked more than 15
+/// minutes ago (a control file kept from an earlier run) is ignored by the
+/// workers. The messages at both offsets are delivered when they come.
+#[test]
+fn skips_of_offsets_not_reached_are_refused_and_old_skips_expire() {
+    let topic = unique_name("adm-future-skip");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .module(Module::new("a", sink.url("/a")).filter(7))
+            .line(&format!("admin-token {TOKEN}")),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+    produce(&topic, messages(1, &[0], "7", 0));
+    sink.wait_for_distinct(1, Duration::from_secs(60));
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(30),
+        "offset 0 committed",
+        |st| partitions(st, &topic).get(&0) == Some(&(Some(1), Some(1), Some(0))),
+    );
+
+    // Offset 1 has not arrived: a skip for it is a typo or meant for a
+    // topic that no longer exists.
+    let skip = json!({"topic": topic, "partition": 0, "offset": 1, "module": "a"});
+    let (code, text) = http("POST", &format!("{base}/api/skip"), Some(TOKEN), Some(skip));
+
+    // A skip for offset 2 asked 16 minutes ago, as a control file kept
+    // across a restart holds it: added to whatever the file has now.
+    let control_path = mkc.dir().join("mkc-state/control.json");
+    let mut control: Value = std::fs::read(&control_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| json!({"paused": [], "skips": []}));
+    control["skips"].as_array_mut().expect("skips").push(
+        json!({"topic": topic, "partition": 0, "offset": 2, "module": "a",
+                     "at_ms": now_ms() - 16 * 60 * 1000}),
+    );
+    let tmp = control_path.with_extension("json.test-tmp");
+    std::fs::write(&tmp, control.to_string()).expect("write control file");
+    std::fs::rename(&tmp, &control_path).expect("replace control file");
+    // Workers look at the control file every 250 ms.
+    std::thread::sleep(Duration::from_secs(1));
+
+    produce(&topic, messages(2, &[0], "7", 1));
+    let arrived = sink.wait_until(Duration::from_secs(30), |r| {
+        [1, 2].iter().all(|&o| r.iter().any(|r| r.offset() == o))
+    });
+    let mut problems = Problems::default();
+    if code != 409 || !text.contains("has not reached offset 1") {
+        problems.add(format!(
+            "skip of offset 1 before it arrived: HTTP {code} {text}, expected 409 \
+             \"has not reached offset 1\""
+        ));
+    }
+    if !arrived {
+        let got: Vec<i64> = sink.requests().iter().map(|r| r.offset()).collect();
+        problems.add(format!(
+            "offsets 1 and 2 not both delivered within 30 s: the sink got offsets {got:?}"
+        ));
+    }
+    let skipped = mkc.log_lines("skipped by the operator");
+    if !skipped.is_empty() {
+        problems.add(format!("messages skipped: {skipped:?}"));
+    }
+    problems.check(&mkc, "skips of offsets not reached");
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(30),
+        "3 delivered, none skipped",
+        |st| {
+            module(st, "a")["delivered"] == 3
+                && module(st, "a")["skipped"] == 0
+                && partitions(st, &topic).get(&0) == Some(&(Some(3), Some(3), Some(0)))
+        },
+    );
+}
+
+/// `mkc_module_stuck_messages` counts every stuck message of a module,
+/// although a worker's snapshot lists only its 200 oldest: a module that
+/// starts failing after another has 250 stuck messages reads 1, not 0.
+#[test]
+fn stuck_messages_are_counted_per_module_beyond_the_listed_ones() {
+    let topic = unique_name("adm-stuck-count");
+    create_topic(&topic, 1);
+    let bad_a = Sink::with(Behavior::status(500));
+    let bad_b = Sink::with(Behavior::status(500));
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .module(
+                Module::new("a", bad_a.url("/a"))
+                    .filter(7)
+                    .retrynum(0)
+                    .retry_delay(2000)
+                    .line("mode unordered")
+                    .line("concurrency 300"),
+            )
+            .module(
+                Module::new("b", bad_b.url("/b"))
+                    .filter(8)
+                    .retrynum(0)
+                    .retry_delay(2000),
+            ),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+    produce(&topic, messages(250, &[0], "7", 0));
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(60),
+        "250 stuck for a",
+        |st| st["stuck_total"] == 250,
+    );
+    // Later, b starts failing: its message is newer than a's 250.
+    produce(&topic, messages(1, &[0], "8", 250));
+    let gauge = |scrape: &prometheus_parse::Scrape, m: &str| {
+        metric(scrape, "mkc_module_stuck_messages", &[("module", m)])
+    };
+    let mut seen = (None, None);
+    if !wait_until(Duration::from_secs(20), || {
+        let scrape = metrics(&base);
+        seen = (gauge(&scrape, "a"), gauge(&scrape, "b"));
+        seen == (Some(250.0), Some(1.0))
+    }) {
+        mkc.fail(&format!(
+            "mkc_module_stuck_messages a, b: {seen:?}, expected 250 and 1 \
+             (b's endpoint got {} requests)",
+            bad_b.count()
+        ));
+    }
+    let st = status(&base);
+    assert_eq!(module(&st, "b")["stuck"], 1, "/api/status");
+    assert_eq!(st["stuck_total"], 251);
+}
+
+/// A partition behind a record larger than `fetch.max.bytes` receives
+/// nothing on a broker that does not serve such a record alone (tansu 0.6,
+/// the test broker): nothing is in flight, but the partition has lag and
+/// its position does not move. After `stuck-threshold` it is stuck, with
+/// a reason naming fetch.max.bytes, in `/readyz`, `/api/status`,
+/// `-s status` and the log (once).
+#[test]
+fn a_partition_whose_fetching_stalls_is_reported_stuck() {
+    let topic = unique_name("adm-stall");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .module(Module::new("a", sink.url("/a")).filter(7))
+            .line("stuck-threshold 2")
+            .property("fetch.max.bytes", 1_048_576),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+    produce(&topic, messages(3, &[0], "7", 0));
+    sink.wait_for_distinct(3, Duration::from_secs(60));
+    wait_status(&mkc, &base, Duration::from_secs(30), "3 committed", |st| {
+        partitions(st, &topic).get(&0) == Some(&(Some(3), Some(3), Some(0)))
+    });
+
+    // 1.5 MB, valid and routable (under max-message-bytes), then a small
+    // one behind it.
+    let pad = "x".repeat(1_500_000);
+    produce(
+        &topic,
+        vec![
+            Record::new(0, envelope(3, "7", &format!(r#"{{"pad": "{pad}"}}"#))),
+            Record::new(0, envelope(4, "7", "{}")),
+        ],
+    );
+    let mut body = String::new();
+    if !wait_until(Duration::from_secs(30), || {
+        let (code, text) = http("GET", &format!("{base}/readyz"), None, None);
+        body = format!("{code} {text}");
+        code == 503 && text.contains("partition 0") && text.contains("fetch.max.bytes (1048576)")
+    }) {
+        mkc.fail(&format!(
+            "/readyz never reported partition 0 stalled behind the large record: {body}\n\
+             (sink got {} requests; /api/status partitions {:?})",
+            sink.count(),
+            partitions(&status(&base), &topic)
+        ));
+    }
+    assert_eq!(sink.count(), 3, "nothing past offset 2 arrived: {body}");
+    let st = status(&base);
+    let p = &st["topics"][0]["partitions"][0];
+    assert_eq!(p["stuck"], true, "{p}");
+    assert_eq!(p["lag"], 2, "{p}");
+    assert_eq!(p["in_flight"], 0, "{p}");
+    assert!(
+        p["stuck_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("fetch.max.bytes")),
+        "{p}"
+    );
+    let text = mkc_status_text(mkc.conf_path());
+    assert!(text.contains("STUCK: fetching stalled"), "{text}");
+    assert!(text.contains("fetch.max.bytes (1048576)"), "{text}");
+    mkc.wait_log_contains("partition stuck", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        mkc.log_count("partition stuck"),
+        1,
+        "logged once per episode: {:?}",
+        mkc.log_lines("partition stuck")
+    );
+}
+
 #[test]
 fn counters_survive_a_worker_restart_and_actions_need_a_token() {
     let topic = unique_name("adm-restart");

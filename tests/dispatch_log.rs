@@ -894,6 +894,81 @@ fn an_old_mysql_table_is_migrated_in_place() {
     assert_eq!(rows[0].status, "exhausted");
 }
 
+// ─── the old `mysql` lines without a password ────────────────────────────
+
+/// `mysql password ""` (how the old program's configurations name a user
+/// without a password) means no password: MariaDB's passwordless root
+/// accepts mkc, rows are written, and an operator's `is_skip` is seen.
+#[test]
+fn old_style_mysql_lines_with_an_empty_password_reach_mariadb() {
+    let topic = unique_name("dlog-nopass");
+    let group = unique_name("dlog-nopass-group");
+    create_topic(&topic, 1);
+    let db = TestDb::mysql();
+    // db.url() is mysql://USER@HOST:PORT/NAME (MKC_TEST_MYSQL + the test's
+    // database): the same server, written the old way.
+    let url = reqwest::Url::parse(&db.url()).expect("database URL");
+    assert!(
+        url.password().is_none(),
+        "MKC_TEST_MYSQL names a password; this test needs a user without one"
+    );
+    let sink = Sink::start();
+    // Offset 0 fails until an operator sets is_skip on its row.
+    sink.fail_always(&format!("{topic}-0-0"));
+    let config = MkcConfig::new(&topic, &group)
+        .module(
+            Module::new("a", sink.url("/a"))
+                .filter(1001)
+                .retrynum(0)
+                .retry_delay(100),
+        )
+        .line(&format!(
+            "mysql host {}",
+            url.host_str().unwrap_or("127.0.0.1")
+        ))
+        .line(&format!("mysql port {}", url.port().unwrap_or(3306)))
+        .line(&format!("mysql user_name {}", url.username()))
+        .line("mysql password \"\"")
+        .line(&format!(
+            "mysql db_name {}",
+            url.path().trim_start_matches('/')
+        ));
+    let mkc = Mkc::start(&config);
+    mkc.wait_log_contains("partitions assigned", Duration::from_secs(60));
+    produce(
+        &topic,
+        vec![
+            Record::new(0, envelope(1, "1001", "{}")),
+            Record::new(0, envelope(2, "1001", "{}")),
+        ],
+    );
+    let mut rows = Vec::new();
+    if !wait_until(Duration::from_secs(30), || {
+        rows = db.rows();
+        rows.iter().any(|r| r.offset == 0 && r.status == "retrying")
+    }) {
+        mkc.fail(&format!(
+            "no retrying row for offset 0 within 30 s (rows {rows:?}); log lines about the \
+             database: {:?}",
+            mkc.log_lines("dispatch log database")
+        ));
+    }
+    db.execute(
+        "UPDATE mkc_queue_log SET is_skip = 1 WHERE topic_name = ? AND `offset` = 0",
+        &[&topic],
+    );
+    db.wait_rows(Duration::from_secs(30), |rows| {
+        rows.iter().any(|r| r.offset == 0 && r.status == "skipped")
+    });
+    let next = sink.wait_until(Duration::from_secs(30), |r| {
+        r.iter().any(|r| r.offset() == 1 && r.answered == 200)
+    });
+    mkc.check(next, || "offset 1 not delivered after the skip".to_string());
+    mkc.check(mkc.log_count("Access denied") == 0, || {
+        format!("{:?}", mkc.log_lines("Access denied"))
+    });
+}
+
 // ─── a missing dead-letter topic ─────────────────────────────────────────
 
 /// Until the dead-letter topic exists, an exhausted message is not

@@ -382,6 +382,40 @@ async fn api_skip(
     if !app.config.modules.iter().any(|m| m.name == skip.module) {
         return error(StatusCode::NOT_FOUND, "no such module");
     }
+    // A skip is for a message that arrived and is retrying. One for an
+    // offset the partition has not reached yet (a typo, a recreated
+    // topic) would drop that future message without an attempt when it
+    // comes within the request's 15 minutes: refused.
+    let status = app.gather().await;
+    let reached = status
+        .topics
+        .iter()
+        .filter(|t| t.name == skip.topic)
+        .flat_map(|t| t.partitions.iter())
+        .find(|p| p.partition == skip.partition)
+        .and_then(|p| p.high_watermark);
+    let retrying = status
+        .stuck
+        .iter()
+        .any(|s| (&s.topic, s.partition, s.offset) == (&skip.topic, skip.partition, skip.offset));
+    let warning = match reached {
+        Some(high) if skip.offset >= high && !retrying => {
+            return error(
+                StatusCode::CONFLICT,
+                &format!(
+                    "topic {} partition {} has not reached offset {} (high watermark {high}): \
+                     a skip is for a message that arrived; this one would be dropped \
+                     without an attempt when it comes",
+                    skip.topic, skip.partition, skip.offset
+                ),
+            );
+        }
+        Some(_) => None,
+        None => Some(format!(
+            "no running worker reports topic {} partition {}: the offset was not checked",
+            skip.topic, skip.partition
+        )),
+    };
     let request = SkipRequest {
         topic: skip.topic,
         partition: skip.partition,
@@ -404,7 +438,10 @@ async fn api_skip(
         c.skips.push(request);
     });
     match result {
-        Ok(()) => Json(serde_json::json!({ "ok": true })).into_response(),
+        Ok(()) => match warning {
+            Some(w) => Json(serde_json::json!({ "ok": true, "warning": w })).into_response(),
+            None => Json(serde_json::json!({ "ok": true })).into_response(),
+        },
         Err(r) => *r,
     }
 }

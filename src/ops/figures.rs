@@ -74,6 +74,10 @@ struct StuckLive {
     last_error: String,
 }
 
+/// Per (partition, offset): the modules to skip, each with when its
+/// request expires (ms since the epoch).
+type SkipMap = HashMap<(i32, i64), Vec<(String, i64)>>;
+
 /// One worker's counters and gauges.
 #[derive(Debug)]
 pub struct WorkerFigures {
@@ -89,12 +93,19 @@ pub struct WorkerFigures {
     carried: Vec<CounterFigures>,
     invalid: AtomicU64,
     unrouted: AtomicU64,
+    /// `stuck-threshold`: how long a partition may wait before the worker
+    /// logs that its fetching stalls.
+    stuck_threshold: Duration,
     /// (partition, offset, module) of deliveries that failed an attempt.
     stuck: Mutex<HashMap<(i32, i64, usize), StuckLive>>,
     stuck_len: AtomicUsize,
-    /// Skip requests of the control file for this topic.
-    skips: RwLock<HashMap<(i32, i64), Vec<String>>>,
+    /// Skip requests of the control file for this topic that have not
+    /// expired.
+    skips: RwLock<SkipMap>,
     any_skip: AtomicBool,
+    /// When the earliest of `skips` expires (`i64::MAX`: none): the
+    /// control is applied again then, even if the file did not change.
+    skips_expire_ms: AtomicI64,
     /// The dispatch log's writer queue: set by the dispatch log.
     pub dispatch_log_queued: AtomicU64,
     pub dispatch_log_dropped: AtomicU64,
@@ -161,10 +172,12 @@ impl WorkerFigures {
             carried,
             invalid: AtomicU64::new(previous.invalid),
             unrouted: AtomicU64::new(previous.unrouted),
+            stuck_threshold: config.stuck_threshold,
             stuck: Mutex::new(HashMap::new()),
             stuck_len: AtomicUsize::new(0),
             skips: RwLock::new(HashMap::new()),
             any_skip: AtomicBool::new(false),
+            skips_expire_ms: AtomicI64::new(i64::MAX),
             dispatch_log_queued: AtomicU64::new(0),
             dispatch_log_dropped: AtomicU64::new(0),
         }
@@ -202,8 +215,12 @@ impl WorkerFigures {
         }
     }
 
-    /// Reads the control file if it changed: paused modules, skips.
-    fn apply_control(&self, control: &state::Control) {
+    /// Applies the control file at `now_ms`: paused modules, and the skip
+    /// requests for this topic that have not expired. A skip request
+    /// applies for [`state::SKIP_REQUEST_TTL_MS`] after it was asked, here
+    /// as in the admin process: an old control file (kept across restarts)
+    /// must not drop a message that arrives later at a requested offset.
+    fn apply_control(&self, control: &state::Control, now_ms: i64) {
         for m in &self.modules {
             let paused = control.paused.iter().any(|p| p == &m.name);
             if m.paused.swap(paused, Ordering::AcqRel) != paused {
@@ -214,19 +231,48 @@ impl WorkerFigures {
                 }
             }
         }
-        let mut skips: HashMap<(i32, i64), Vec<String>> = HashMap::new();
+        let mut skips = SkipMap::new();
+        let mut earliest = i64::MAX;
         for s in control.skips.iter().filter(|s| s.topic == self.topic) {
+            let expires = s.at_ms.saturating_add(state::SKIP_REQUEST_TTL_MS);
+            if expires <= now_ms {
+                continue;
+            }
+            earliest = earliest.min(expires);
             skips
                 .entry((s.partition, s.offset))
                 .or_default()
-                .push(s.module.clone());
+                .push((s.module.clone(), expires));
         }
         self.any_skip.store(!skips.is_empty(), Ordering::Release);
         *self.skips.write().unwrap_or_else(|p| p.into_inner()) = skips;
+        self.skips_expire_ms.store(earliest, Ordering::Release);
     }
 
-    fn stuck_list(&self) -> (Vec<StuckMessage>, usize) {
+    /// Whether a skip request for `msg` and `module` holds at `now_ms`.
+    fn skip_at(&self, msg: &Message, module: &str, now_ms: i64) -> bool {
+        if !self.any_skip.load(Ordering::Acquire) {
+            return false;
+        }
+        let skips = self.skips.read().unwrap_or_else(|p| p.into_inner());
+        skips
+            .get(&(msg.partition, msg.offset))
+            .is_some_and(|modules| {
+                modules
+                    .iter()
+                    .any(|(m, expires)| m == module && now_ms < *expires)
+            })
+    }
+
+    /// The stuck messages, oldest first and at most [`STUCK_LIST_MAX`];
+    /// their total; and their count per module (config order), counted
+    /// before the list is cut so that no module's count is lost.
+    fn stuck_list(&self) -> (Vec<StuckMessage>, usize, Vec<usize>) {
         let stuck = lock(&self.stuck);
+        let mut per_module = vec![0; self.modules.len()];
+        for &(_, _, module) in stuck.keys() {
+            per_module[module] += 1;
+        }
         let mut list: Vec<StuckMessage> = stuck
             .iter()
             .map(|(&(partition, offset, module), s)| StuckMessage {
@@ -243,7 +289,7 @@ impl WorkerFigures {
         let total = list.len();
         list.sort_by_key(|s| (s.first_failure_ms, s.partition, s.offset));
         list.truncate(STUCK_LIST_MAX);
-        (list, total)
+        (list, total, per_module)
     }
 
     fn counter_list(&self) -> Vec<CounterFigures> {
@@ -278,13 +324,7 @@ impl WorkerFigures {
 
 impl SkipCheck for WorkerFigures {
     fn skip(&self, msg: &Message, module: &str) -> bool {
-        if !self.any_skip.load(Ordering::Acquire) {
-            return false;
-        }
-        let skips = self.skips.read().unwrap_or_else(|p| p.into_inner());
-        skips
-            .get(&(msg.partition, msg.offset))
-            .is_some_and(|modules| modules.iter().any(|m| m == module))
+        self.skip_at(msg, module, state::now_ms())
     }
 }
 
@@ -395,6 +435,11 @@ type HistoryPoint = (Instant, Vec<(u64, u64)>, HashMap<i32, i64>);
 struct Sampler {
     /// Per partition: the oldest unfinished offset and since when it is.
     heads: HashMap<i32, (i64, Instant)>,
+    /// Per partition with lag and nothing received: its position and
+    /// since when it has not moved.
+    waits: HashMap<i32, (i64, Instant)>,
+    /// Partitions whose stalled fetching was logged (once per episode).
+    stall_logged: std::collections::HashSet<i32>,
     history: VecDeque<HistoryPoint>,
 }
 
@@ -402,6 +447,8 @@ struct Sampler {
 /// snapshot.
 pub struct Reporter {
     figures: Arc<WorkerFigures>,
+    /// The consumer's `fetch.max.bytes`, for the stall reason.
+    fetch_max_bytes: Option<u64>,
     source: Arc<dyn PartitionSource>,
     consumer: Arc<WorkerConsumer>,
     broker: Arc<Mutex<BrokerView>>,
@@ -421,8 +468,11 @@ impl Reporter {
                 tracing::warn!("cannot create the state directory {}: {e}", dir.display());
             }
         }
+        let fetch_max_bytes =
+            consumer_setting(&consumer, "fetch.max.bytes").and_then(|v| v.parse().ok());
         let mut r = Reporter {
             figures,
+            fetch_max_bytes,
             source,
             consumer,
             broker: Arc::default(),
@@ -437,6 +487,7 @@ impl Reporter {
     fn clone_parts(&self) -> Parts {
         Parts {
             figures: self.figures.clone(),
+            fetch_max_bytes: self.fetch_max_bytes,
             source: self.source.clone(),
             consumer: self.consumer.clone(),
             broker: self.broker.clone(),
@@ -456,9 +507,17 @@ impl Reporter {
     }
 }
 
+/// The control file as last applied: its (mtime, length) and content.
+#[derive(Default)]
+struct ControlSeen {
+    stamp: Option<(SystemTime, u64)>,
+    control: state::Control,
+}
+
 /// The reporter's shared parts, one clone per task.
 struct Parts {
     figures: Arc<WorkerFigures>,
+    fetch_max_bytes: Option<u64>,
     source: Arc<dyn PartitionSource>,
     consumer: Arc<WorkerConsumer>,
     broker: Arc<Mutex<BrokerView>>,
@@ -469,7 +528,7 @@ impl Parts {
     async fn snapshots(self) {
         let mut tick = tokio::time::interval(CONTROL_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut control_seen: Option<(SystemTime, u64)> = None;
+        let mut control_seen = ControlSeen::default();
         let mut n = 0u32;
         loop {
             tick.tick().await;
@@ -488,12 +547,18 @@ impl Parts {
         }
     }
 
-    fn read_control(&self, seen: &mut Option<(SystemTime, u64)>) {
+    /// Applies the control file when it changed, and again when one of
+    /// its skip requests expired.
+    fn read_control(&self, seen: &mut ControlSeen) {
         let path = &self.figures.control_path;
+        let now = state::now_ms();
         let stamp = std::fs::metadata(path)
             .ok()
             .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
-        if stamp == *seen {
+        if stamp == seen.stamp {
+            if now >= self.figures.skips_expire_ms.load(Ordering::Acquire) {
+                self.figures.apply_control(&seen.control, now);
+            }
             return;
         }
         let control: state::Control = match stamp {
@@ -504,8 +569,8 @@ impl Parts {
             },
             None => state::Control::default(),
         };
-        *seen = stamp;
-        self.figures.apply_control(&control);
+        self.figures.apply_control(&control, now);
+        *seen = ControlSeen { stamp, control };
     }
 
     /// High watermarks of the assigned partitions: librdkafka's cached
@@ -614,6 +679,8 @@ impl Parts {
         };
         let broker = lock(&self.broker);
         let mut heads = std::mem::take(&mut sampler.heads);
+        let mut waits = std::mem::take(&mut sampler.waits);
+        let mut stall_logged = std::mem::take(&mut sampler.stall_logged);
         let mut out_partitions = Vec::new();
         let mut numbers: Vec<i32> = assigned.clone();
         numbers.extend(partitions.iter().map(|p| p.partition));
@@ -644,6 +711,20 @@ impl Parts {
                 }
                 None => 0.0,
             };
+            // Lag with nothing received: the partition waits for a fetch.
+            // Its position not moving for long means fetching stalls
+            // (nothing is in flight, so it is never stuck on a message).
+            let waiting_s = match (committed, lag) {
+                (Some(position), Some(l)) if l > 0 && view.in_flight == 0 => {
+                    let since = head_since(&mut waits, number, position, now);
+                    now.duration_since(since).as_secs_f64()
+                }
+                _ => {
+                    waits.remove(&number);
+                    0.0
+                }
+            };
+            self.log_stall(number, committed, lag, waiting_s, &mut stall_logged);
             let throughput = match (view.committed, old_committed.get(&number)) {
                 (Some(c), Some(&old)) => rate(c.max(0) as u64, old.max(0) as u64),
                 _ => 0.0,
@@ -658,13 +739,19 @@ impl Parts {
                 in_flight: view.in_flight,
                 fetch_paused: view.fetch_paused,
                 throughput,
+                waiting_s,
             });
         }
         // Heads of partitions no longer here are forgotten.
         heads.retain(|p, _| out_partitions.iter().any(|o| o.partition == *p));
+        waits.retain(|p, _| out_partitions.iter().any(|o| o.partition == *p));
+        stall_logged.retain(|p| waits.contains_key(p));
         sampler.heads = heads;
+        sampler.waits = waits;
+        sampler.stall_logged = stall_logged;
         drop(broker);
         drop(sampler);
+        let (stuck, stuck_total, stuck_per_module) = f.stuck_list();
         let modules = f
             .modules
             .iter()
@@ -685,10 +772,10 @@ impl Parts {
                     last_error: lock(&m.last_error).clone(),
                     delivered_rate: rate(delivered, old_delivered),
                     failed_rate: rate(failed, old_failed),
+                    stuck: stuck_per_module[i],
                 }
             })
             .collect();
-        let (stuck, stuck_total) = f.stuck_list();
         WorkerSnapshot {
             pid: std::process::id() as i32,
             topic: f.topic.clone(),
@@ -703,12 +790,56 @@ impl Parts {
             unrouted: f.unrouted.load(Ordering::Relaxed),
             stuck,
             stuck_total,
+            fetch_max_bytes: self.fetch_max_bytes,
             dispatch_log: DispatchLogFigures {
                 queued: f.dispatch_log_queued.load(Ordering::Relaxed),
                 dropped: f.dispatch_log_dropped.load(Ordering::Relaxed),
             },
         }
     }
+}
+
+impl Parts {
+    /// Logs once per episode that partition `number`'s fetching stalls:
+    /// at warning when it has waited `stuck-threshold` with lag and
+    /// nothing received, at info when it moves again.
+    fn log_stall(
+        &self,
+        number: i32,
+        position: Option<i64>,
+        lag: Option<i64>,
+        waiting_s: f64,
+        logged: &mut std::collections::HashSet<i32>,
+    ) {
+        let topic = &self.figures.topic;
+        if waiting_s == 0.0 {
+            if logged.remove(&number) {
+                tracing::info!(topic = %topic, partition = number, position = ?position,
+                    "partition fetching again: its position moves");
+            }
+            return;
+        }
+        if waiting_s < self.figures.stuck_threshold.as_secs_f64() || !logged.insert(number) {
+            return;
+        }
+        tracing::warn!(
+            topic = %topic, partition = number, position = ?position, lag = ?lag,
+            waiting_s = waiting_s.round(), fetch_max_bytes = ?self.fetch_max_bytes,
+            "partition stuck: {}", stall_reason(self.fetch_max_bytes)
+        );
+    }
+}
+
+/// Why a partition with lag receives nothing, as the log, `/readyz`,
+/// `-s status` and the page say it.
+pub fn stall_reason(fetch_max_bytes: Option<u64>) -> String {
+    let limit = fetch_max_bytes.map_or_else(|| "?".to_string(), |b| b.to_string());
+    format!(
+        "lag but nothing received and the position has not moved: fetching stalls, likely \
+         behind a record larger than fetch.max.bytes ({limit}) that the broker does not serve \
+         alone (tansu 0.6, brokers without KIP-74); raise `property fetch.max.bytes` above \
+         the largest record"
+    )
 }
 
 /// Since when `offset` has been partition `number`'s oldest unfinished
@@ -747,6 +878,34 @@ fn cached_high_watermark(consumer: &WorkerConsumer, topic: &str, partition: i32)
         .then_some(high)
 }
 
+/// A setting of the consumer's configuration as librdkafka holds it
+/// (mkc's default or a `property` line): no request.
+fn consumer_setting(consumer: &WorkerConsumer, name: &str) -> Option<String> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 64];
+    let mut size = buf.len();
+    // SAFETY: the client pointer is valid while `consumer` lives, and
+    // rd_kafka_conf returns its configuration, owned by the client and
+    // valid as long as it is; `name` is NUL-terminated and outlives the
+    // call; `buf` holds `size` writable bytes and `size` is a valid
+    // in/out pointer (librdkafka writes at most `size` bytes, NUL
+    // included, and sets `size` to the length the value needs).
+    let result = unsafe {
+        let conf = rdkafka::bindings::rd_kafka_conf(consumer.client().native_ptr());
+        rdkafka::bindings::rd_kafka_conf_get(
+            conf,
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            &mut size,
+        )
+    };
+    if result != rdkafka::bindings::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK || size > buf.len() {
+        return None;
+    }
+    let text = std::ffi::CStr::from_bytes_until_nul(&buf).ok()?;
+    Some(text.to_string_lossy().into_owned())
+}
+
 /// The committed positions of `partitions` as the group (or the offset
 /// files) hold them. Blocking: call from a blocking task.
 fn stored_positions(
@@ -781,4 +940,93 @@ fn stored_positions(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::state::{Control, SkipRequest, SKIP_REQUEST_TTL_MS};
+
+    fn config(dir: &std::path::Path) -> ServerConfig {
+        for name in ["a", "b"] {
+            std::fs::write(
+                dir.join(format!("{name}.conf")),
+                format!("name {name}\nuri http://127.0.0.1:1/{name}\nfilters 7\n"),
+            )
+            .unwrap();
+        }
+        let conf = dir.join("server.conf");
+        std::fs::write(
+            &conf,
+            "brokers 127.0.0.1:9092\ntopic t\nmodule a.conf\nmodule b.conf\n",
+        )
+        .unwrap();
+        crate::config::load(&conf).unwrap().config
+    }
+
+    fn message(partition: i32, offset: i64) -> Message {
+        let payload = bytes::Bytes::from_static(br#"{"commandId": 7}"#);
+        Message {
+            topic: Arc::from("t"),
+            partition,
+            offset,
+            timestamp_ms: None,
+            key: None,
+            envelope: crate::pipeline::envelope::parse(&payload, 1 << 20).unwrap(),
+            payload,
+        }
+    }
+
+    fn skip(topic: &str, partition: i32, offset: i64, module: &str, at_ms: i64) -> SkipRequest {
+        SkipRequest {
+            topic: topic.into(),
+            partition,
+            offset,
+            module: module.into(),
+            at_ms,
+        }
+    }
+
+    /// A skip request holds for SKIP_REQUEST_TTL_MS after it was asked,
+    /// and stops holding then although the control file did not change.
+    #[test]
+    fn skip_requests_expire_in_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let figures = WorkerFigures::new(&config(dir.path()), "t", 0);
+        let now = 1_700_000_000_000;
+        let control = Control {
+            paused: vec![],
+            skips: vec![
+                // Asked 14:59 ago: one second left.
+                skip("t", 0, 5, "a", now - SKIP_REQUEST_TTL_MS + 1000),
+                // Asked 15 minutes and 1 ms ago: expired.
+                skip("t", 0, 6, "a", now - SKIP_REQUEST_TTL_MS - 1),
+                // Another topic's.
+                skip("u", 0, 7, "a", now),
+            ],
+        };
+        figures.apply_control(&control, now);
+        assert!(figures.skip_at(&message(0, 5), "a", now));
+        assert!(!figures.skip_at(&message(0, 5), "b", now), "other module");
+        assert!(
+            !figures.skip_at(&message(1, 5), "a", now),
+            "other partition"
+        );
+        assert!(
+            !figures.skip_at(&message(0, 6), "a", now),
+            "a skip asked more than 15 minutes ago"
+        );
+        assert!(!figures.skip_at(&message(0, 7), "a", now), "other topic");
+        assert!(figures.skip_at(&message(0, 5), "a", now + 999));
+        assert!(
+            !figures.skip_at(&message(0, 5), "a", now + 1000),
+            "expired, though the control file did not change"
+        );
+        // The reporter applies the same file again once the earliest
+        // request expires; then no skip is left to look at.
+        assert_eq!(figures.skips_expire_ms.load(Ordering::Acquire), now + 1000);
+        figures.apply_control(&control, now + 1000);
+        assert!(!figures.any_skip.load(Ordering::Acquire));
+        assert_eq!(figures.skips_expire_ms.load(Ordering::Acquire), i64::MAX);
+    }
 }

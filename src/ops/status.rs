@@ -89,8 +89,14 @@ pub struct PartitionStatus {
     pub in_flight: usize,
     pub fetch_paused: bool,
     pub throughput: f64,
-    /// Held back longer than `stuck-threshold`.
+    /// Seconds with lag, nothing received and the position not moving.
+    pub waiting_s: f64,
+    /// Held back longer than `stuck-threshold` by its oldest unfinished
+    /// message, or waiting (fetching stalled) longer than that.
     pub stuck: bool,
+    /// Why it is stuck when nothing is unfinished: the likely cause of a
+    /// stalled fetch.
+    pub stuck_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -111,7 +117,8 @@ pub struct ModuleStatus {
     /// Per bucket of [`LATENCY_BUCKETS`] then `+Inf`, not cumulative.
     pub latency_buckets: Vec<u64>,
     pub latency_sum_s: f64,
-    /// Messages of this module in the stuck list.
+    /// Messages of this module that failed an attempt and are not
+    /// finished, in live workers (all of them: the `stuck` list is cut).
     pub stuck: usize,
 }
 
@@ -201,6 +208,8 @@ pub fn gather_from(
                 {
                     continue;
                 }
+                let held = p.oldest_unfinished.is_some() && p.oldest_unfinished_age_s > threshold;
+                let stalled = !held && p.waiting_s > threshold;
                 let entry = PartitionStatus {
                     partition: p.partition,
                     worker: s.index,
@@ -212,7 +221,10 @@ pub fn gather_from(
                     in_flight: p.in_flight,
                     fetch_paused: p.fetch_paused,
                     throughput: p.throughput,
-                    stuck: p.oldest_unfinished.is_some() && p.oldest_unfinished_age_s > threshold,
+                    waiting_s: p.waiting_s,
+                    stuck: held || stalled,
+                    stuck_reason: stalled
+                        .then(|| crate::ops::figures::stall_reason(s.fetch_max_bytes)),
                 };
                 partitions.insert(p.partition, (s.written_ms, entry));
             }
@@ -240,14 +252,26 @@ pub fn gather_from(
             }
         }
         for p in t.partitions.iter().filter(|p| p.stuck) {
-            status.not_ready.push(format!(
-                "topic {} partition {}: offset {} unfinished for {:.0} s (stuck-threshold {:.0} s)",
-                t.name,
-                p.partition,
-                p.oldest_unfinished.unwrap_or(-1),
-                p.oldest_unfinished_age_s,
-                threshold
-            ));
+            match &p.stuck_reason {
+                Some(reason) => status.not_ready.push(format!(
+                    "topic {} partition {}: position {} with lag {} has not moved for {:.0} s \
+                     (stuck-threshold {:.0} s): {reason}",
+                    t.name,
+                    p.partition,
+                    opt(p.committed),
+                    opt(p.lag),
+                    p.waiting_s,
+                    threshold
+                )),
+                None => status.not_ready.push(format!(
+                    "topic {} partition {}: offset {} unfinished for {:.0} s (stuck-threshold {:.0} s)",
+                    t.name,
+                    p.partition,
+                    p.oldest_unfinished.unwrap_or(-1),
+                    p.oldest_unfinished_age_s,
+                    threshold
+                )),
+            }
         }
         status.topics.push(t);
     }
@@ -333,12 +357,8 @@ pub fn gather_from(
                 m.in_flight += f.in_flight;
                 m.delivered_rate += f.delivered_rate;
                 m.failed_rate += f.failed_rate;
+                m.stuck += f.stuck;
             }
-        }
-    }
-    for s in &status.stuck {
-        if let Some(&i) = index.get(&s.module) {
-            modules[i].stuck += 1;
         }
     }
     status.modules = modules;
@@ -717,7 +737,14 @@ pub fn text(status: &Status) -> String {
                     "-".to_string()
                 },
                 p.throughput,
-                if p.stuck { "  STUCK" } else { "" }
+                match (p.stuck, &p.stuck_reason) {
+                    (true, Some(_)) => format!(
+                        "  STUCK: fetching stalled for {}",
+                        short_duration(p.waiting_s)
+                    ),
+                    (true, None) => "  STUCK".to_string(),
+                    (false, _) => String::new(),
+                }
             );
         }
     }
@@ -817,6 +844,7 @@ mod tests {
                 in_flight: 2,
                 latency_buckets: vec![1; LATENCY_BUCKETS.len() + 1],
                 latency_sum_s: 1.5,
+                stuck: 1,
                 ..ModuleFigures::default()
             }],
             counters: vec![CounterFigures {
@@ -909,6 +937,7 @@ mod tests {
             (30, 6, 3, 3)
         );
         assert_eq!(a.in_flight, 4, "in flight of live workers only");
+        assert_eq!(a.stuck, 2, "stuck messages of live workers only");
         assert_eq!(a.latency_buckets[0], 3);
         assert_eq!(status.stuck.len(), 2);
         assert_eq!(status.workers[1].restarts, 1);
@@ -927,6 +956,65 @@ mod tests {
             "{:?}",
             status.not_ready
         );
+    }
+
+    /// A partition with lag, nothing in flight and a position that has
+    /// not moved for longer than stuck-threshold is stuck, with a reason.
+    #[test]
+    fn a_stalled_partition_is_stuck_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let state = state::state_dir(&config.pid_file);
+        std::fs::create_dir_all(&state).unwrap();
+        let now = 1_000_000;
+        let master = MasterState {
+            pid: 1,
+            started_ms: now - 60_000,
+            workers: vec![SlotState {
+                topic: "t".into(),
+                index: 0,
+                pid: Some(10),
+                started_ms: now - 5000,
+                restarts: 0,
+            }],
+            admin_pid: None,
+        };
+        state::write_json(&state::master_file(&state), &master).unwrap();
+        let mut s = snapshot(0, 10, now - 100);
+        s.stuck.clear();
+        s.stuck_total = 0;
+        s.fetch_max_bytes = Some(1_048_576);
+        s.partitions[0] = PartitionFigures {
+            partition: 0,
+            committed: Some(3),
+            high_watermark: Some(5),
+            lag: Some(2),
+            waiting_s: 11.0,
+            ..PartitionFigures::default()
+        };
+        state::write_json(&state::worker_file(&state, "t", 0), &s).unwrap();
+        let status = gather_from(&config, &state, now, &|_| true);
+        let p = &status.topics[0].partitions[0];
+        assert!(p.stuck, "11 s > stuck-threshold 10 s");
+        let reason = p.stuck_reason.as_deref().unwrap_or("");
+        assert!(reason.contains("fetch.max.bytes (1048576)"), "{reason}");
+        assert!(
+            status
+                .not_ready
+                .iter()
+                .any(|r| r.contains("partition 0: position 3 with lag 2")
+                    && r.contains("fetch.max.bytes")),
+            "{:?}",
+            status.not_ready
+        );
+        assert!(text(&status).contains("STUCK: fetching stalled for 11s"));
+
+        // Under the threshold: waiting, not stuck.
+        s.partitions[0].waiting_s = 9.0;
+        state::write_json(&state::worker_file(&state, "t", 0), &s).unwrap();
+        let status = gather_from(&config, &state, now, &|_| true);
+        assert!(!status.topics[0].partitions[0].stuck);
+        assert_eq!(status.topics[0].partitions[0].stuck_reason, None);
     }
 
     #[test]

@@ -247,6 +247,9 @@ pub struct WorkerSnapshot {
     /// yet, oldest first, at most [`STUCK_LIST_MAX`].
     pub stuck: Vec<StuckMessage>,
     pub stuck_total: usize,
+    /// The consumer's `fetch.max.bytes` (for the reason of a stall).
+    #[serde(default)]
+    pub fetch_max_bytes: Option<u64>,
     pub dispatch_log: DispatchLogFigures,
 }
 
@@ -271,6 +274,10 @@ pub struct PartitionFigures {
     /// Messages finished per second over the last minute (commit position
     /// movement).
     pub throughput: f64,
+    /// Seconds the partition has had lag with nothing received and its
+    /// position not moving (0 otherwise): fetching may be stalled.
+    #[serde(default)]
+    pub waiting_s: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -290,6 +297,11 @@ pub struct ModuleFigures {
     pub delivered_rate: f64,
     /// Failed attempts per second over the last minute.
     pub failed_rate: f64,
+    /// Messages of this module that failed at least one attempt and have
+    /// no final outcome yet (all of them, not only those in the
+    /// snapshot's `stuck` list).
+    #[serde(default)]
+    pub stuck: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -200,6 +200,41 @@ struct Shared {
     closing: CancellationToken,
 }
 
+impl Shared {
+    fn new(capacity: usize, success: bool) -> Shared {
+        Shared {
+            queue: Mutex::new(Queue::default()),
+            capacity: capacity.max(1),
+            arrived: Notify::new(),
+            success,
+            dropped: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            last_drop_warning: Mutex::new(None),
+            watched: Mutex::new(HashMap::new()),
+            skipped: Mutex::new(HashSet::new()),
+            closing: CancellationToken::new(),
+        }
+    }
+
+    /// Queues `record`, dropping (and counting) the oldest while the queue
+    /// is full; returns how many were dropped.
+    fn push(&self, record: LogRecord) -> u64 {
+        let mut queue = lock(&self.queue);
+        let mut dropped = 0u64;
+        while queue.records.len() >= self.capacity {
+            queue.records.pop_front();
+            dropped += 1;
+        }
+        let seq = queue.next_seq;
+        queue.next_seq += 1;
+        queue.records.push_back((seq, record));
+        drop(queue);
+        self.dropped.fetch_add(dropped, Ordering::Relaxed);
+        dropped
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -226,19 +261,7 @@ impl DispatchLog {
     /// (a worker's: never call this in the master). Connects to nothing
     /// yet: an unreachable database is a warning and retries, later.
     pub fn start(target: &DispatchLogTarget, capacity: usize, success: bool) -> DispatchLog {
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
-            capacity: capacity.max(1),
-            arrived: Notify::new(),
-            success,
-            dropped: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
-            last_drop_warning: Mutex::new(None),
-            watched: Mutex::new(HashMap::new()),
-            skipped: Mutex::new(HashSet::new()),
-            closing: CancellationToken::new(),
-        });
+        let shared = Arc::new(Shared::new(capacity, success));
         let tasks = tokio_util::task::TaskTracker::new();
         let shown: Arc<str> = Arc::from(target.to_string());
         match Db::lazy(target) {
@@ -263,20 +286,9 @@ impl DispatchLog {
     /// oldest record is dropped (counted, and warned about now and then).
     pub fn record(&self, record: LogRecord) {
         let shared = &self.shared;
-        let dropped_now = {
-            let mut queue = lock(&shared.queue);
-            let mut dropped = 0u64;
-            while queue.records.len() >= shared.capacity {
-                queue.records.pop_front();
-                dropped += 1;
-            }
-            let seq = queue.next_seq;
-            queue.next_seq += 1;
-            queue.records.push_back((seq, record));
-            dropped
-        };
+        let dropped_now = shared.push(record);
         if dropped_now > 0 {
-            let total = shared.dropped.fetch_add(dropped_now, Ordering::Relaxed) + dropped_now;
+            let total = shared.dropped.load(Ordering::Relaxed);
             let mut last = lock(&shared.last_drop_warning);
             if last.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                 *last = Some(Instant::now());
@@ -392,10 +404,16 @@ impl Drop for SkipWatch {
 /// Takes (copies of) the oldest records, up to the batch limits; returns
 /// them and the sequence number of the last one.
 fn take_batch(queue: &Mutex<Queue>) -> (Vec<LogRecord>, u64) {
+    let taken = take_numbered(queue);
+    let last = taken.last().map_or(0, |(seq, _)| *seq);
+    (taken.into_iter().map(|(_, r)| r).collect(), last)
+}
+
+/// [`take_batch`], each record with its sequence number.
+fn take_numbered(queue: &Mutex<Queue>) -> Vec<(u64, LogRecord)> {
     let queue = lock(queue);
     let mut batch = Vec::new();
     let mut bytes = 0usize;
-    let mut last = 0;
     for (seq, record) in &queue.records {
         if !batch.is_empty()
             && (batch.len() >= BATCH_ROWS || bytes + record.content.len() > BATCH_BYTES)
@@ -403,10 +421,9 @@ fn take_batch(queue: &Mutex<Queue>) -> (Vec<LogRecord>, u64) {
             break;
         }
         bytes += record.content.len();
-        batch.push(record.clone());
-        last = *seq;
+        batch.push((*seq, record.clone()));
     }
-    (batch, last)
+    batch
 }
 
 /// Removes the written records (those up to `seq` still queued).
@@ -504,25 +521,26 @@ async fn writer(shared: Arc<Shared>, db: Db, target: Arc<str>) {
 /// on those the database refuses. Returns false when the database became
 /// unreachable (the rest stays queued).
 async fn write_one_by_one(shared: &Shared, db: &Db, target: &str) -> bool {
-    let (batch, _) = take_batch(&shared.queue);
-    for record in batch {
-        let seq = {
-            let queue = lock(&shared.queue);
-            match queue.records.front() {
-                Some((seq, _)) => *seq,
-                None => return true,
+    write_each(shared, target, |record| {
+        let db = db.clone();
+        async move {
+            match tokio::time::timeout(DB_TIMEOUT, db.upsert(std::slice::from_ref(&record))).await {
+                Ok(r) => r,
+                Err(_) => Err(sqlx::Error::PoolTimedOut),
             }
-        };
-        let result = match tokio::time::timeout(
-            DB_TIMEOUT,
-            db.upsert(std::slice::from_ref(&record)),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(sqlx::Error::PoolTimedOut),
-        };
-        match result {
+        }
+    })
+    .await
+}
+
+/// [`write_one_by_one`] with the write given: `write` stores one record.
+async fn write_each<F, Fut>(shared: &Shared, target: &str, mut write: F) -> bool
+where
+    F: FnMut(LogRecord) -> Fut,
+    Fut: std::future::Future<Output = Result<(), sqlx::Error>>,
+{
+    for (seq, record) in take_numbered(&shared.queue) {
+        match write(record.clone()).await {
             Ok(()) => {
                 shared.written.fetch_add(1, Ordering::Relaxed);
             }
@@ -535,7 +553,11 @@ async fn write_one_by_one(shared: &Shared, db: &Db, target: &str) -> bool {
             }
             Err(_) => return false,
         }
-        // The front may have been dropped meanwhile; remove only this one.
+        // Remove this record by its own number: records that arrived
+        // meanwhile may have dropped it (and others of the batch) from a
+        // full queue, and the queue's front is then a record not written.
+        // What is older than it and still queued was written or refused
+        // by this loop already.
         remove_through(&shared.queue, seq);
     }
     true

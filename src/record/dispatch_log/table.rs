@@ -328,12 +328,18 @@ impl Db {
                 )
             }
             DispatchLogTarget::Mysql(m) => {
-                let options = MySqlConnectOptions::new()
+                let mut options = MySqlConnectOptions::new()
                     .host(&m.host)
                     .port(m.port)
                     .username(&m.user)
-                    .password(&m.password)
                     .database(&m.database);
+                // An empty password (`mysql password ""`, or no password
+                // line) means a user without one. Given to the client, it
+                // would authenticate "using password: YES" and the server
+                // would refuse a passwordless user.
+                if !m.password.is_empty() {
+                    options = options.password(&m.password);
+                }
                 Db::mysql(options)
             }
             DispatchLogTarget::MysqlUrl(url) => Db::mysql(mysql_options_from_url(url)?),

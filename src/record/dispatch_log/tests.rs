@@ -368,6 +368,49 @@ fn batches_respect_row_and_byte_limits() {
     assert_eq!((batch.len(), last), (1, 0));
 }
 
+/// Records that arrive while the one-by-one writer is busy overflow the
+/// queue and drop its oldest (and already taken) records: the writer must
+/// then remove only what it wrote, never a newer record it did not write.
+#[tokio::test]
+async fn the_one_by_one_writer_removes_only_what_it_wrote() {
+    let shared = Shared::new(3, false);
+    let offsets = |shared: &Shared| -> Vec<i64> {
+        lock(&shared.queue)
+            .records
+            .iter()
+            .map(|(_, r)| r.key.offset)
+            .collect()
+    };
+    for offset in 0..3 {
+        shared.push(record(key("t", 0, offset, "m"), Status::Retrying, 0, b"x"));
+    }
+    let mut written = Vec::new();
+    let ok = write_each(&shared, "test", |r| {
+        written.push(r.key.offset);
+        if r.key.offset == 0 {
+            // Two records arrive during the first write: the full queue
+            // drops offsets 0 and 1 to make room for 3 and 4.
+            for offset in 3..5 {
+                shared.push(record(key("t", 0, offset, "m"), Status::Retrying, 0, b"x"));
+            }
+        }
+        async { Ok(()) }
+    })
+    .await;
+    assert!(ok);
+    assert_eq!(
+        written,
+        vec![0, 1, 2],
+        "the batch taken before the overflow"
+    );
+    assert_eq!(
+        offsets(&shared),
+        vec![3, 4],
+        "records 3 and 4 were never written and must still be queued"
+    );
+    assert_eq!(shared.dropped.load(Ordering::Relaxed), 2);
+}
+
 #[test]
 fn status_names_round_trip() {
     for s in Status::ALL {
