@@ -376,7 +376,10 @@ async fn api_skip(
             )
         }
     };
-    if !app.config.topics.iter().any(|t| t.name == skip.topic) {
+    if !crate::source::planned(&app.config)
+        .iter()
+        .any(|p| p.source.id() == skip.topic)
+    {
         return error(StatusCode::NOT_FOUND, "no such topic");
     }
     if !app.config.modules.iter().any(|m| m.name == skip.module) {

@@ -187,16 +187,21 @@ pub fn gather_from(
     }
 
     let threshold = config.stuck_threshold.as_secs_f64();
-    for topic in &config.topics {
+    // Every source, named as its workers are (a topic, `redis-list:KEY`,
+    // `redis-subscribe:CHANNEL`).
+    for name in crate::source::planned(config)
+        .iter()
+        .map(|p| p.source.id())
+    {
         let mut t = TopicStatus {
-            name: topic.name.clone(),
-            workers: slots.iter().filter(|s| s.topic == topic.name).count(),
-            workers_up: live.iter().filter(|s| s.topic == topic.name).count(),
+            name: name.clone(),
+            workers: slots.iter().filter(|s| s.topic == name).count(),
+            workers_up: live.iter().filter(|s| s.topic == name).count(),
             ..TopicStatus::default()
         };
         // Per partition, the freshest live worker that holds it.
         let mut partitions: BTreeMap<i32, (i64, PartitionStatus)> = BTreeMap::new();
-        for s in live.iter().filter(|s| s.topic == topic.name) {
+        for s in live.iter().filter(|s| s.topic == name) {
             for p in s
                 .partitions
                 .iter()
@@ -232,7 +237,7 @@ pub fn gather_from(
         t.partitions = partitions.into_values().map(|(_, p)| p).collect();
         t.lag = t.partitions.iter().filter_map(|p| p.lag).sum();
         t.throughput = t.partitions.iter().map(|p| p.throughput).sum();
-        for s in snapshots.iter().filter(|s| s.topic == topic.name) {
+        for s in snapshots.iter().filter(|s| s.topic == name) {
             t.invalid += s.invalid;
             t.unrouted += s.unrouted;
         }
@@ -244,7 +249,7 @@ pub fn gather_from(
                 ));
             } else if !live
                 .iter()
-                .any(|s| s.topic == topic.name && !s.assigned.is_empty())
+                .any(|s| s.topic == name && !s.assigned.is_empty())
             {
                 status
                     .not_ready

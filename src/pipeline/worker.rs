@@ -144,8 +144,9 @@ fn release_large_allocations() {
     }
 }
 
-/// One partition's state inside a worker.
-struct Partition {
+/// One partition's state inside a worker (a Redis source has one,
+/// number 0).
+pub(crate) struct Partition {
     number: i32,
     tracker: Mutex<Tracker>,
     /// One sender per module (index = module index), feeding its lane.
@@ -408,7 +409,7 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    fn partition(self: &Arc<Self>, number: i32) -> Arc<Partition> {
+    pub(crate) fn partition(self: &Arc<Self>, number: i32) -> Arc<Partition> {
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         partitions
             .entry(number)
@@ -634,7 +635,7 @@ async fn run_async(
     }
     let consumer = kafka::consumer(&config, topic, index, pipeline.clone())?;
     let _ = pipeline.consumer.set(Arc::downgrade(&consumer));
-    let reporter = Reporter::start(figures, pipeline.clone(), consumer.clone());
+    let reporter = Reporter::start(figures, pipeline.clone(), Some(consumer.clone()), None);
     tracing::info!(topic, index, group = %config.group_id, "worker consuming");
 
     let mut tick = tokio::time::interval(TICK);
@@ -1189,6 +1190,54 @@ fn commit(pipeline: &Pipeline, consumer: &WorkerConsumer, mode: CommitMode) {
     }
 }
 
+/// How many messages `partition` may take now: waits while its window is
+/// full (until it drained to half). `None` once `stop`, the worker's stop
+/// or the partition's abort is signalled. For the Redis sources' readers.
+pub(crate) async fn room(
+    pipeline: &Pipeline,
+    partition: &Partition,
+    stop: &CancellationToken,
+) -> Option<usize> {
+    let window = pipeline.window();
+    if !partition.below(window) {
+        partition.paused.store(true, Ordering::Release);
+        let resume_at = (window.0 / 2 + 1, window.1 / 2 + 1);
+        while !partition.below(resume_at) {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return None,
+                _ = pipeline.stop.cancelled() => return None,
+                _ = partition.abort.cancelled() => return None,
+                _ = partition.drained.notified() => {}
+            }
+        }
+        partition.paused.store(false, Ordering::Release);
+    }
+    Some(window.0.saturating_sub(partition.in_flight()).max(1))
+}
+
+/// The first steps of a graceful stop, for every source: no new attempt,
+/// attempts on the wire finish within `deadline`, then the rest is
+/// abandoned (not final: delivered again later).
+pub(crate) async fn finish_lanes(pipeline: &Pipeline, deadline: Duration) {
+    pipeline.stop.cancel();
+    pipeline.lanes.close();
+    if tokio::time::timeout(deadline, pipeline.lanes.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(topic = %pipeline.topic, "shutdown_timeout reached: abandoning attempts in flight");
+        pipeline.abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), pipeline.lanes.wait()).await;
+    }
+}
+
+/// The last step of a graceful stop: what the dispatch log still queues
+/// is written (for a bounded time).
+pub(crate) async fn finish_log(pipeline: &Pipeline) {
+    pipeline.log.shutdown(DISPATCH_LOG_DRAIN).await;
+}
+
 /// Graceful stop: no more fetching, let attempts on the wire finish within
 /// `deadline`, commit what is finished, leave the group.
 async fn shutdown(pipeline: &Arc<Pipeline>, consumer: &Arc<WorkerConsumer>, deadline: Duration) {
@@ -1265,7 +1314,8 @@ mod tests {
         .unwrap()
         .config;
         let figures = Arc::new(WorkerFigures::new(&config, "t", 0));
-        Pipeline::new(&config, "t", 0, figures).unwrap()
+        let planned = crate::source::planned(&config).remove(0);
+        Pipeline::new(&config, &planned, 0, figures, None).unwrap()
     }
 
     fn kafka_message(offset: i64, data: &str) -> rdkafka::message::OwnedMessage {
