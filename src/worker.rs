@@ -569,6 +569,8 @@ async fn run_async(
                 if last_commit.elapsed() >= config.offset_sync_interval {
                     commit(&pipeline, &consumer, CommitMode::Async);
                     last_commit = Instant::now();
+                } else {
+                    take_confirmed(&pipeline, &consumer);
                 }
                 if master.is_some_and(|m| nix::unistd::getppid().as_raw() != m) {
                     tracing::warn!(topic, index, "master process is gone; stopping");
@@ -1043,18 +1045,37 @@ fn order_key(module: &crate::config::ModuleConfig, msg: &Message) -> Option<u64>
     }
 }
 
+/// Takes the positions the group (or the offset files) confirmed into the
+/// partitions: only those count as committed (figures, lag, and what the
+/// revoke and stop commits may leave out).
+fn take_confirmed(pipeline: &Pipeline, consumer: &WorkerConsumer) {
+    let confirmed = consumer.context().take_confirmed();
+    if !confirmed.is_empty() {
+        pipeline.mark_committed(&confirmed);
+        tracing::debug!(topic = %pipeline.topic, positions = ?confirmed, "committed");
+    }
+}
+
+/// Commits every position that moved past what is confirmed, including
+/// ones committed before whose confirmation never came (a failed commit is
+/// retried here, on the next sync interval).
 fn commit(pipeline: &Pipeline, consumer: &WorkerConsumer, mode: CommitMode) {
+    take_confirmed(pipeline, consumer);
     let positions = pipeline.positions_to_commit();
     if positions.is_empty() {
         return;
     }
-    let target = &consumer.context().target;
-    match kafka::commit(consumer, &pipeline.topic, target, &positions, mode) {
+    match kafka::commit(consumer, &positions, mode) {
         Ok(()) => {
-            pipeline.mark_committed(&positions);
-            tracing::debug!(topic = %pipeline.topic, positions = ?positions, "committed");
+            tracing::debug!(topic = %pipeline.topic, positions = ?positions, mode = ?mode, "commit sent");
+            take_confirmed(pipeline, consumer);
         }
-        Err(e) => tracing::warn!(topic = %pipeline.topic, "commit failed: {e}"),
+        // An asynchronous commit's failure is logged (rate-limited) by
+        // kafka::commit or the commit callback.
+        Err(e) if matches!(mode, CommitMode::Sync) => {
+            tracing::warn!(topic = %pipeline.topic, positions = ?positions, "commit failed: {e}")
+        }
+        Err(_) => {}
     }
 }
 
