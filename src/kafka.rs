@@ -55,6 +55,11 @@ pub trait PartitionOwner: Send + Sync + 'static {
     fn assign(self: Arc<Self>, partitions: &[i32]);
 }
 
+/// How long the assign path waits for the group's committed offsets and a
+/// partition's watermarks (to say where a partition without a committed
+/// offset starts).
+const OFFSET_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A commit failure is logged at once, then at most once per this while
 /// commits keep failing (each sync interval retries).
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -69,6 +74,8 @@ pub struct WorkerContext {
     /// Positions confirmed since the worker last looked, and how commits
     /// have been failing.
     commits: Mutex<Commits>,
+    /// `auto.offset.reset` as configured (mkc's default: `earliest`).
+    offset_reset: String,
 }
 
 /// What became of a worker's commits.
@@ -117,13 +124,66 @@ impl FailureLog {
 }
 
 impl WorkerContext {
-    pub fn new(topic: &str, target: CommitTarget, owner: Arc<dyn PartitionOwner>) -> Self {
+    pub fn new(
+        topic: &str,
+        target: CommitTarget,
+        owner: Arc<dyn PartitionOwner>,
+        offset_reset: &str,
+    ) -> Self {
         WorkerContext {
             topic: topic.to_string(),
             target,
             owner,
             assigned: Mutex::new(Vec::new()),
             commits: Mutex::new(Commits::default()),
+            offset_reset: offset_reset.to_string(),
+        }
+    }
+
+    /// Warns about each of `partitions` (assigned, to start from the
+    /// group's committed position) that has none: librdkafka then resets
+    /// it as `auto.offset.reset` says and logs that only at debug. An
+    /// offset out of range (below the log start, beyond its end) is
+    /// librdkafka's own warning ("offset reset ... Offset out of range").
+    fn warn_uncommitted(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
+        if partitions.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+        for &p in partitions {
+            let _ = tpl.add_partition_offset(&self.topic, p, Offset::Invalid);
+        }
+        let committed = match consumer.committed_offsets(tpl, OFFSET_QUERY_TIMEOUT) {
+            Ok(committed) => committed,
+            Err(e) => {
+                tracing::debug!(topic = %self.topic, "cannot read the group's committed offsets: {e}");
+                return;
+            }
+        };
+        let policy = self.offset_reset.to_ascii_lowercase();
+        let (start, end) = match policy.as_str() {
+            "smallest" | "earliest" | "beginning" => (true, false),
+            "largest" | "latest" | "end" => (false, true),
+            // `error`: librdkafka stops the partition with an error instead.
+            _ => return,
+        };
+        for e in committed.elements_for_topic(&self.topic) {
+            if matches!(e.offset(), Offset::Offset(_)) {
+                continue;
+            }
+            let p = e.partition();
+            let watermarks = consumer.fetch_watermarks(&self.topic, p, OFFSET_QUERY_TIMEOUT);
+            let to = match watermarks {
+                Ok((low, _)) if start => low.to_string(),
+                Ok((_, high)) if end => high.to_string(),
+                _ => format!("{policy} (offset unknown)"),
+            };
+            tracing::warn!(
+                topic = %self.topic, partition = p, from = %"none", to = %to,
+                auto_offset_reset = %self.offset_reset,
+                "offset reset: no committed offset for this partition; starting at the {} of the log",
+                if start { "beginning" } else { "end (skipping what is there)" }
+            );
         }
     }
 
@@ -259,6 +319,8 @@ impl ConsumerContext for WorkerContext {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // Partitions that start from the group's committed position.
+                let mut from_group = Vec::new();
                 if let CommitTarget::File(store) = &self.target {
                     for &p in &partitions {
                         match store.load(&self.topic, p) {
@@ -270,14 +332,20 @@ impl ConsumerContext for WorkerContext {
                                 );
                                 tracing::info!(topic = %self.topic, partition = p, offset, "resuming from offset file");
                             }
-                            Ok(None) => {}
-                            Err(e) => tracing::error!(
-                                topic = %self.topic, partition = p,
-                                "cannot read offset file, using the group's position: {e}"
-                            ),
+                            Ok(None) => from_group.push(p),
+                            Err(e) => {
+                                tracing::error!(
+                                    topic = %self.topic, partition = p,
+                                    "cannot read offset file, using the group's position: {e}"
+                                );
+                                from_group.push(p);
+                            }
                         }
                     }
+                } else {
+                    from_group.clone_from(&partitions);
                 }
+                self.warn_uncommitted(base_consumer, &from_group);
                 self.owner.clone().assign(&partitions);
                 let result = if cooperative {
                     base_consumer.incremental_assign(tpl)
@@ -368,6 +436,10 @@ pub fn client_config(config: &ServerConfig, topic: &str, index: u32) -> ClientCo
     // lanes of a partition that drained meanwhile would run dry. Look again
     // on mkc's own tick.
     c.set("fetch.queue.backoff.ms", TICK_MS.to_string());
+    // A partition without a usable committed offset starts at the
+    // beginning of its log, not at its end (librdkafka's default): nothing
+    // already in the topic is skipped. A `property` line may say otherwise.
+    c.set("auto.offset.reset", DEFAULT_OFFSET_RESET);
     for (k, v) in &config.properties {
         c.set(k, v);
     }
@@ -375,6 +447,19 @@ pub fn client_config(config: &ServerConfig, topic: &str, index: u32) -> ClientCo
     c.set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     c
+}
+
+/// mkc's `auto.offset.reset` when the configuration does not set it.
+pub const DEFAULT_OFFSET_RESET: &str = "earliest";
+
+/// The `auto.offset.reset` a worker's consumer uses.
+pub fn offset_reset(config: &ServerConfig) -> &str {
+    config
+        .properties
+        .iter()
+        .rev()
+        .find(|(k, _)| k.eq_ignore_ascii_case("auto.offset.reset"))
+        .map_or(DEFAULT_OFFSET_RESET, |(_, v)| v.as_str())
 }
 
 /// Builds and subscribes a worker's consumer.
@@ -391,7 +476,7 @@ pub fn consumer(
                 .map_err(|e| anyhow::anyhow!("offset store {}: {e}", dir.display()))?,
         ),
     };
-    let context = WorkerContext::new(topic, target, owner);
+    let context = WorkerContext::new(topic, target, owner, offset_reset(config));
     let consumer: WorkerConsumer = client_config(config, topic, index)
         .create_with_context(context)
         .map_err(|e| anyhow::anyhow!("cannot create the Kafka consumer: {e}"))?;
@@ -547,6 +632,36 @@ pub fn partition_counts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server(extra: &str) -> ServerConfig {
+        let text = format!("brokers 127.0.0.1:9092\ntopic t\nmodule m.conf\n{extra}");
+        crate::config::load_str(std::path::Path::new("/etc/mkc/server.conf"), &text, |_| {
+            Ok(b"name m\nuri http://127.0.0.1:8080/m\nfilters 1\n".to_vec())
+        })
+        .map_err(|e| format!("{e:?}"))
+        .unwrap()
+        .config
+    }
+
+    #[test]
+    fn a_partition_without_a_committed_offset_starts_at_the_beginning() {
+        let config = server("");
+        assert_eq!(offset_reset(&config), "earliest");
+        assert_eq!(
+            client_config(&config, "t", 0).get("auto.offset.reset"),
+            Some("earliest")
+        );
+    }
+
+    #[test]
+    fn a_configured_auto_offset_reset_wins() {
+        let config = server("property auto.offset.reset latest\n");
+        assert_eq!(offset_reset(&config), "latest");
+        assert_eq!(
+            client_config(&config, "t", 0).get("auto.offset.reset"),
+            Some("latest")
+        );
+    }
 
     #[test]
     fn a_failure_that_repeats_is_logged_once_per_period() {
