@@ -1115,13 +1115,6 @@ fn offset_file_write_failures_are_retried_not_taken_as_done() {
     let mut mkc = Mkc::start(&config);
     sink.wait_for(TOTAL, Duration::from_secs(60));
     mkc.wait_log_contains("cannot write offset file", Duration::from_secs(10));
-    let path = file.display().to_string();
-    mkc.check(
-        mkc.log_lines("cannot write offset file")
-            .iter()
-            .any(|l| l.contains(&path)),
-        || format!("the offset file error does not name {path}"),
-    );
     // A second of failing writes (10 sync intervals) ...
     std::thread::sleep(Duration::from_secs(1));
     // ... then the store works again: the next tick must write.
@@ -1139,6 +1132,13 @@ fn offset_file_write_failures_are_retried_not_taken_as_done() {
             content.trim()
         )
     });
+    let path = file.display().to_string();
+    mkc.check(
+        mkc.log_lines("cannot write offset file")
+            .iter()
+            .any(|l| l.contains("ERROR") && l.contains(&path)),
+        || format!("no error line names {path}"),
+    );
     mkc.stop_clean();
     mkc.start_again();
     produce_plain(&topic, TOTAL, 1);
@@ -1234,6 +1234,7 @@ fn a_new_group_starts_at_the_beginning_of_the_log_by_default() {
             .into_iter()
             .filter(|l| l.contains("WARN") && l.contains(&format!("partition={partition}")))
             .collect();
+        eprintln!("partition {partition}: {lines:#?}");
         mkc.check(
             lines
                 .iter()
@@ -1245,30 +1246,34 @@ fn a_new_group_starts_at_the_beginning_of_the_log_by_default() {
 
 /// Issue 18 item 9: an offset file beyond the end of the log (a topic
 /// deleted and created again) starts the partition over at the beginning,
-/// with a warning, instead of skipping to the end.
+/// with a warning, instead of skipping to the end. The broker is
+/// librdkafka's mock cluster: tansu 0.6 never answers a fetch with
+/// OFFSET_OUT_OF_RANGE (it returns nothing), as Kafka does.
 #[test]
 fn an_offset_beyond_the_log_end_starts_over_at_the_beginning() {
     const TOTAL: usize = 10;
+    let cluster =
+        rdkafka::mocking::MockCluster::new(1).expect("cannot start the mock cluster");
     let topic = unique_name("resetrange");
     let group = unique_name("resetrange-group");
-    create_topic(&topic, 1);
+    cluster
+        .create_topic(&topic, 1, 1)
+        .expect("cannot create the topic on the mock cluster");
+    produce_to(&cluster.bootstrap_servers(), &topic, TOTAL);
     let offsets = tempfile::tempdir().expect("temporary directory");
     std::fs::create_dir_all(offsets.path().join(&group)).expect("offset directory");
     std::fs::write(
-        offsets
-            .path()
-            .join(&group)
-            .join(format!("{topic}-0.offset")),
+        offsets.path().join(&group).join(format!("{topic}-0.offset")),
         "1000\n",
     )
     .expect("offset file");
-    produce_plain(&topic, 0, TOTAL);
     let sink = Sink::start();
-    let config = MkcConfig::new(&topic, &group)
+    let mut config = MkcConfig::new(&topic, &group)
         .without_offset_reset()
         .offset_store(OffsetStore::File)
         .property("offset.store.path", offsets.path().display())
         .module(Module::new("m", sink.url("/m")).filter(1001));
+    config.brokers = cluster.bootstrap_servers();
     let mkc = Mkc::start(&config);
     if !sink.wait_until(Duration::from_secs(30), |r| r.len() >= TOTAL) {
         mkc.fail(&format!(
@@ -1276,10 +1281,14 @@ fn an_offset_beyond_the_log_end_starts_over_at_the_beginning() {
             sink.count()
         ));
     }
+    let warnings: Vec<String> = mkc
+        .log_lines("offset reset")
+        .into_iter()
+        .filter(|l| l.contains("WARN"))
+        .collect();
+    eprintln!("offset reset warnings: {warnings:#?}");
     mkc.check(
-        mkc.log_lines("offset reset")
-            .iter()
-            .any(|l| l.contains("WARN")),
-        || "no warning about the offset reset".to_string(),
+        warnings.iter().any(|l| l.contains("[0]") && l.contains("1000")),
+        || "no warning names the partition and the offset it was reset from".to_string(),
     );
 }
