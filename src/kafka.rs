@@ -76,6 +76,10 @@ pub struct WorkerContext {
     commits: Mutex<Commits>,
     /// `auto.offset.reset` as configured (mkc's default: `earliest`).
     offset_reset: String,
+    /// Since when the worker waits for the group: set when partitions are
+    /// revoked or lost (the member rejoins), cleared by the next
+    /// assignment, even an empty one (the group answered).
+    waiting_since: Mutex<Option<Instant>>,
 }
 
 /// What became of a worker's commits.
@@ -137,7 +141,29 @@ impl WorkerContext {
             assigned: Mutex::new(Vec::new()),
             commits: Mutex::new(Commits::default()),
             offset_reset: offset_reset.to_string(),
+            waiting_since: Mutex::new(None),
         }
+    }
+
+    /// Since when the worker has been waiting for the group to assign it
+    /// partitions after a revoke or a lost assignment; `None` once an
+    /// assignment (maybe empty: more members than partitions) came, and
+    /// before the first revoke.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        *self.waiting_since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Partitions were revoked or lost: the member rejoins, and waits.
+    fn rejoining(&self) {
+        self.waiting_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// The group assigned partitions (maybe none): it answered.
+    fn answered(&self) {
+        *self.waiting_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Warns about each of `partitions` (assigned, to start from the
@@ -365,9 +391,14 @@ impl ConsumerContext for WorkerContext {
                 assigned.extend(&partitions);
                 assigned.sort_unstable();
                 assigned.dedup();
+                drop(assigned);
+                self.answered();
                 tracing::info!(topic = %self.topic, partitions = ?partitions, "partitions assigned");
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // With the eager protocol a member that holds nothing is
+                // called too (with no partitions) before it rejoins.
+                self.rejoining();
                 let positions = self.owner.revoke(&partitions);
                 if !base_consumer.assignment_lost() {
                     commit_sync(base_consumer, &positions);
@@ -392,6 +423,8 @@ impl ConsumerContext for WorkerContext {
                 self.owner.revoke(&assigned);
                 let _ = base_consumer.unassign();
                 assigned.clear();
+                drop(assigned);
+                self.rejoining();
             }
         }
     }
@@ -641,6 +674,35 @@ mod tests {
         .map_err(|e| format!("{e:?}"))
         .unwrap()
         .config
+    }
+
+    struct NoOwner;
+
+    impl PartitionOwner for NoOwner {
+        fn revoke(&self, _: &[i32]) -> Vec<(i32, i64)> {
+            Vec::new()
+        }
+        fn assign(self: Arc<Self>, _: &[i32]) {}
+    }
+
+    #[test]
+    fn an_assignment_even_empty_ends_the_wait_for_the_group() {
+        let context = WorkerContext::new("t", CommitTarget::Broker, Arc::new(NoOwner), "earliest");
+        assert_eq!(
+            context.waiting_since(),
+            None,
+            "no wait before the first revoke"
+        );
+        context.rejoining();
+        let since = context.waiting_since().expect("waiting after a revoke");
+        context.rejoining();
+        assert_eq!(
+            context.waiting_since(),
+            Some(since),
+            "a second revoke does not restart the wait"
+        );
+        context.answered();
+        assert_eq!(context.waiting_since(), None);
     }
 
     #[test]

@@ -1252,8 +1252,7 @@ fn a_new_group_starts_at_the_beginning_of_the_log_by_default() {
 #[test]
 fn an_offset_beyond_the_log_end_starts_over_at_the_beginning() {
     const TOTAL: usize = 10;
-    let cluster =
-        rdkafka::mocking::MockCluster::new(1).expect("cannot start the mock cluster");
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("cannot start the mock cluster");
     let topic = unique_name("resetrange");
     let group = unique_name("resetrange-group");
     cluster
@@ -1263,7 +1262,10 @@ fn an_offset_beyond_the_log_end_starts_over_at_the_beginning() {
     let offsets = tempfile::tempdir().expect("temporary directory");
     std::fs::create_dir_all(offsets.path().join(&group)).expect("offset directory");
     std::fs::write(
-        offsets.path().join(&group).join(format!("{topic}-0.offset")),
+        offsets
+            .path()
+            .join(&group)
+            .join(format!("{topic}-0.offset")),
         "1000\n",
     )
     .expect("offset file");
@@ -1288,7 +1290,9 @@ fn an_offset_beyond_the_log_end_starts_over_at_the_beginning() {
         .collect();
     eprintln!("offset reset warnings: {warnings:#?}");
     mkc.check(
-        warnings.iter().any(|l| l.contains("[0]") && l.contains("1000")),
+        warnings
+            .iter()
+            .any(|l| l.contains("[0]") && l.contains("1000")),
         || "no warning names the partition and the offset it was reset from".to_string(),
     );
 }
