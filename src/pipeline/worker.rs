@@ -555,7 +555,7 @@ async fn run_async(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_commit = Instant::now();
-    let mut rejoin = RejoinWatch::new(&config);
+    let rejoin = RejoinWatch::new(&config);
     let orphaned;
     loop {
         tokio::select! {
@@ -577,11 +577,12 @@ async fn run_async(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .is_empty();
-                if let Some(waited) = rejoin.stalled(assigned) {
+                let waiting_since = consumer.context().waiting_since();
+                if let Some(waited) = rejoin.stalled(assigned, waiting_since, Instant::now()) {
                     // A consumer stuck rejoining (seen with brokers that lose
                     // a member's join) would idle silently: start afresh.
                     return Err(anyhow::anyhow!(
-                        "no partitions assigned for {waited:?} after losing them; restarting the consumer"
+                        "no answer from the group for {waited:?} after losing the partitions; restarting the consumer"
                     ));
                 }
                 let figures = &pipeline.figures;
@@ -590,6 +591,8 @@ async fn run_async(
                 if last_commit.elapsed() >= config.offset_sync_interval {
                     commit(&pipeline, &consumer, CommitMode::Async);
                     last_commit = Instant::now();
+                } else {
+                    take_confirmed(&pipeline, &consumer);
                 }
                 if master.is_some_and(|m| nix::unistd::getppid().as_raw() != m) {
                     tracing::warn!(topic, index, "master process is gone; stopping");
@@ -621,12 +624,20 @@ async fn run_async(
     Ok(())
 }
 
-/// Notices a consumer that lost its partitions and never got any back.
+/// The rejoin watchdog's limit is never below this (a tiny session timeout
+/// must not restart workers while a rebalance runs its course).
+const REJOIN_LIMIT_MIN: Duration = Duration::from_secs(10);
+
+/// Notices a consumer that lost its partitions (revoked or lost) and never
+/// heard from the group again, as with brokers that lose a member's join.
+/// A worker the group answered with no partitions (more members than
+/// partitions: two mkc hosts on a group, or `topic T N` beyond the
+/// partition count) is fine and stays: restarting it would make the whole
+/// group rebalance, again and again.
 struct RejoinWatch {
-    /// How long a rejoin may take: twice the session timeout, at least 30 s.
+    /// How long a rejoin may take: twice the session timeout, at least
+    /// [`REJOIN_LIMIT_MIN`].
     limit: Duration,
-    had_partitions: bool,
-    lost_since: Option<Instant>,
 }
 
 impl RejoinWatch {
@@ -634,30 +645,30 @@ impl RejoinWatch {
         let session_ms = config
             .properties
             .iter()
-            .find(|(k, _)| k == "session.timeout.ms")
+            .rev()
+            .find(|(k, _)| k.eq_ignore_ascii_case("session.timeout.ms"))
             .and_then(|(_, v)| v.parse::<u64>().ok())
             .unwrap_or(45_000);
         RejoinWatch {
-            limit: Duration::from_millis(session_ms.saturating_mul(2)).max(Duration::from_secs(30)),
-            had_partitions: false,
-            lost_since: None,
+            limit: Duration::from_millis(session_ms.saturating_mul(2)).max(REJOIN_LIMIT_MIN),
         }
     }
 
-    /// Called every tick; `Some(waited)` once the partitions have been gone
-    /// longer than the limit. A worker that never had any (more workers than
-    /// partitions) is left alone.
-    fn stalled(&mut self, assigned: bool) -> Option<Duration> {
+    /// Called every tick with whether partitions are assigned and since
+    /// when the worker has been waiting for the group (see
+    /// [`WorkerContext::waiting_since`]); `Some(waited)` once it has waited
+    /// longer than the limit with no partitions.
+    fn stalled(
+        &self,
+        assigned: bool,
+        waiting_since: Option<Instant>,
+        now: Instant,
+    ) -> Option<Duration> {
         if assigned {
-            self.had_partitions = true;
-            self.lost_since = None;
             return None;
         }
-        if !self.had_partitions {
-            return None;
-        }
-        let since = *self.lost_since.get_or_insert_with(Instant::now);
-        (since.elapsed() > self.limit).then(|| since.elapsed())
+        let waited = now.saturating_duration_since(waiting_since?);
+        (waited > self.limit).then_some(waited)
     }
 }
 
@@ -1078,18 +1089,37 @@ fn order_key(module: &crate::config::ModuleConfig, msg: &Message) -> Option<u64>
     }
 }
 
+/// Takes the positions the group (or the offset files) confirmed into the
+/// partitions: only those count as committed (figures, lag, and what the
+/// revoke and stop commits may leave out).
+fn take_confirmed(pipeline: &Pipeline, consumer: &WorkerConsumer) {
+    let confirmed = consumer.context().take_confirmed();
+    if !confirmed.is_empty() {
+        pipeline.mark_committed(&confirmed);
+        tracing::debug!(topic = %pipeline.topic, positions = ?confirmed, "committed");
+    }
+}
+
+/// Commits every position that moved past what is confirmed, including
+/// ones committed before whose confirmation never came (a failed commit is
+/// retried here, on the next sync interval).
 fn commit(pipeline: &Pipeline, consumer: &WorkerConsumer, mode: CommitMode) {
+    take_confirmed(pipeline, consumer);
     let positions = pipeline.positions_to_commit();
     if positions.is_empty() {
         return;
     }
-    let target = &consumer.context().target;
-    match kafka::commit(consumer, &pipeline.topic, target, &positions, mode) {
+    match kafka::commit(consumer, &positions, mode) {
         Ok(()) => {
-            pipeline.mark_committed(&positions);
-            tracing::debug!(topic = %pipeline.topic, positions = ?positions, "committed");
+            tracing::debug!(topic = %pipeline.topic, positions = ?positions, mode = ?mode, "commit sent");
+            take_confirmed(pipeline, consumer);
         }
-        Err(e) => tracing::warn!(topic = %pipeline.topic, "commit failed: {e}"),
+        // An asynchronous commit's failure is logged (rate-limited) by
+        // kafka::commit or the commit callback.
+        Err(e) if matches!(mode, CommitMode::Sync) => {
+            tracing::warn!(topic = %pipeline.topic, positions = ?positions, "commit failed: {e}")
+        }
+        Err(_) => {}
     }
 }
 
@@ -1256,27 +1286,69 @@ mod tests {
     fn watch(limit_ms: u64) -> RejoinWatch {
         RejoinWatch {
             limit: Duration::from_millis(limit_ms),
-            had_partitions: false,
-            lost_since: None,
         }
     }
 
     #[test]
     fn a_worker_that_never_had_partitions_is_left_alone() {
-        let mut w = watch(0);
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(w.stalled(false), None);
+        let w = watch(0);
+        let now = Instant::now();
+        assert_eq!(
+            w.stalled(false, None, now + Duration::from_secs(3600)),
+            None
+        );
     }
 
     #[test]
     fn partitions_lost_longer_than_the_limit_stall() {
-        let mut w = watch(20);
-        assert_eq!(w.stalled(true), None);
-        assert_eq!(w.stalled(false), None);
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(w.stalled(false).is_some());
+        let w = watch(20);
+        let lost = Instant::now();
+        assert_eq!(w.stalled(false, Some(lost), lost), None);
+        assert_eq!(
+            w.stalled(false, Some(lost), lost + Duration::from_millis(20)),
+            None
+        );
+        assert_eq!(
+            w.stalled(false, Some(lost), lost + Duration::from_millis(30)),
+            Some(Duration::from_millis(30))
+        );
         // Getting partitions back resets it.
-        assert_eq!(w.stalled(true), None);
-        assert_eq!(w.stalled(false), None);
+        assert_eq!(w.stalled(true, None, lost + Duration::from_secs(1)), None);
+        assert_eq!(w.stalled(false, None, lost + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn partitions_assigned_are_never_a_stall() {
+        let w = watch(20);
+        let lost = Instant::now();
+        assert_eq!(
+            w.stalled(true, Some(lost), lost + Duration::from_secs(60)),
+            None
+        );
+    }
+
+    #[test]
+    fn the_limit_follows_the_session_timeout() {
+        let limit = |extra: &str| {
+            let text = format!("brokers 127.0.0.1:9092\ntopic t\nmodule m.conf\n{extra}");
+            let config = crate::config::load_str(
+                std::path::Path::new("/etc/mkc/server.conf"),
+                &text,
+                |_| Ok(b"name m\nuri http://127.0.0.1:8080/m\nfilters 1\n".to_vec()),
+            )
+            .map_err(|e| format!("{e:?}"))
+            .unwrap()
+            .config;
+            RejoinWatch::new(&config).limit
+        };
+        assert_eq!(limit(""), Duration::from_secs(90));
+        assert_eq!(
+            limit("property session.timeout.ms 6000\n"),
+            Duration::from_secs(12)
+        );
+        assert_eq!(
+            limit("property session.timeout.ms 1000\n"),
+            REJOIN_LIMIT_MIN
+        );
     }
 }
