@@ -26,6 +26,7 @@
 //! - [`proctitle`]: process titles as `ps` shows them.
 //! - [`worker`]: one worker process: runtime, consume → route → dispatch → commit.
 //! - [`kafka`]: consumer construction, rebalance handling, commits.
+//! - [`topic_watch`]: a worker's topic deleted (or replaced) under it.
 //! - [`envelope`]: the one JSON parse of a message's envelope.
 //! - [`router`]: commandId → modules.
 //! - [`dispatch`]: HTTP delivery of one message to one module → `Outcome`.
@@ -61,4 +62,5 @@ pub mod router;
 pub mod signals;
 pub mod state;
 pub mod status;
+pub mod topic_watch;
 pub mod worker;

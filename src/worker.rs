@@ -64,6 +64,7 @@ use crate::kafka::{self, PartitionOwner, WorkerConsumer, WorkerContext};
 use crate::offsets::Tracker;
 use crate::router::Router;
 use crate::signals::{WorkerEvent, WorkerSignals};
+use crate::topic_watch::{TopicWatch, Verdict};
 
 /// How often offsets are considered and the rejoin watch and master checked.
 const TICK: Duration = Duration::from_millis(kafka::TICK_MS);
@@ -128,7 +129,9 @@ pub fn run(config: Arc<ServerConfig>, topic: &str, index: u32, master: Option<i3
     let _log_guard = crate::logging::go_non_blocking();
     let code = runtime.block_on(async {
         match run_async(config, topic, index, master).await {
-            Ok(()) => 0,
+            Ok(Ended::Stopped) => 0,
+            // Said when decided; the master starts a new worker.
+            Ok(Ended::Restart) => 1,
             Err(e) => {
                 tracing::error!(topic, index, "worker failed: {e:#}");
                 1
@@ -478,12 +481,20 @@ async fn read_partition(
     }
 }
 
+/// How a worker that did not fail ended.
+enum Ended {
+    /// Asked to stop (or orphaned).
+    Stopped,
+    /// Stopped by itself so that the master starts a new consumer.
+    Restart,
+}
+
 async fn run_async(
     config: Arc<ServerConfig>,
     topic: &str,
     index: u32,
     master: Option<i32>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let mut signals = WorkerSignals::install()?;
     let figures = Arc::new(WorkerFigures::new(&config, topic, index));
     let endpoints = config
@@ -572,6 +583,10 @@ async fn run_async(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_commit = Instant::now();
     let mut rejoin = RejoinWatch::new(&config);
+    let mut topic_watch = TopicWatch::new(pipeline.topic.clone());
+    // Whether the worker has had partitions of its topic.
+    let mut consumed = false;
+    let mut restart = false;
     let orphaned;
     loop {
         tokio::select! {
@@ -593,6 +608,11 @@ async fn run_async(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .is_empty();
+                consumed |= assigned;
+                if topic_watch.tick(&consumer, consumed).await == Verdict::Restart {
+                    (orphaned, restart) = (false, true);
+                    break;
+                }
                 if let Some(waited) = rejoin.stalled(assigned) {
                     // A consumer stuck rejoining (seen with brokers that lose
                     // a member's join) would idle silently: start afresh.
@@ -621,7 +641,10 @@ async fn run_async(
                     if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::Fatal)) {
                         return Err(anyhow::anyhow!("fatal Kafka error: {e}"));
                     }
-                    tracing::warn!(topic, "kafka: {e}");
+                    // The topic watch says what an unknown topic means.
+                    if !topic_watch.consumer_error(&e) {
+                        tracing::warn!(topic, "kafka: {e}");
+                    }
                 }
             },
         }
@@ -633,7 +656,11 @@ async fn run_async(
         config.shutdown_timeout
     };
     shutdown(&pipeline, consumer, reporter, deadline).await;
-    Ok(())
+    Ok(if restart {
+        Ended::Restart
+    } else {
+        Ended::Stopped
+    })
 }
 
 /// Notices a consumer that lost its partitions and never got any back.
