@@ -3,3 +3,4 @@
 
 pub mod kafka;
 pub mod offsets;
+pub mod topic_watch;
