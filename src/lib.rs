@@ -32,7 +32,8 @@
 //!   ([`pipeline::dispatch`]).
 //! - [`source`]: where messages come from and how they are acknowledged:
 //!   the Kafka consumer, rebalances and commits ([`source::kafka`]), offset
-//!   tracking and the offset file store ([`source::offsets`]).
+//!   tracking and the offset file store ([`source::offsets`]), a topic
+//!   deleted under a worker ([`source::topic_watch`]).
 //! - [`record`]: the dispatch log table and its writer
 //!   ([`record::dispatch_log`]), dead-letter topics ([`record::dead_letter`]),
 //!   `mkc replay` ([`record::replay`]).

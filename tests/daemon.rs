@@ -526,3 +526,168 @@ fn make_install_puts_files_where_the_readme_says_and_the_unit_verifies() {
         String::from_utf8_lossy(&verify.stderr)
     );
 }
+
+/// `shutdown_timeout` of the stop tests, in seconds.
+const SHORT_SHUTDOWN_S: u64 = 2;
+/// How long past `shutdown_timeout` the master waits for a stopping worker
+/// before it kills it (`worker::STOP_GRACE`).
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// An endpoint that takes every request and never answers (within a test).
+fn hang() -> Behavior {
+    Behavior::ok().latency(Duration::from_secs(600), Duration::from_secs(600))
+}
+
+/// A module that waits for an answer far longer than any test.
+fn patient(sink: &Sink) -> Module {
+    Module::new("a", sink.url("/a")).filter(7).rcv_timeout(600)
+}
+
+/// Asserts that every worker left by itself: the master never had to kill
+/// one, and each said it stopped (the master says so too, for each).
+fn assert_workers_stopped_by_themselves(mkc: &Mkc, workers: usize) {
+    let killed = mkc.log_lines("did not stop in time");
+    mkc.check(killed.is_empty(), || {
+        format!("the master killed workers that did not stop in time: {killed:#?}")
+    });
+    let stopped = mkc.log_count("worker stopped");
+    mkc.check(stopped >= 2 * workers, || {
+        format!("expected {workers} worker(s) and the master to say each stopped: {stopped} lines")
+    });
+}
+
+#[test]
+fn stop_with_a_hung_endpoint_exits_by_itself_and_commits_what_finished() {
+    let topic = unique_name("hungstop");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    // Only the stop commits: the periodic commit would hide a lost one.
+    let mut mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .sync_interval_ms(3_600_000)
+            .module(patient(&sink))
+            .line(&format!("shutdown_timeout {SHORT_SHUTDOWN_S}")),
+    );
+    mkc.wait_workers(1, Duration::from_secs(20));
+    let finished = produce(&topic, messages(5, 1, "7"));
+    sink.wait_for_distinct(5, Duration::from_secs(60));
+    sink.set_behavior(hang());
+    let hung = produce(&topic, vec![Record::new(0, envelope(5, "7", "{\"n\":5}"))]);
+    let hung_key = hung[0].idempotency_key(&topic);
+    mkc.check(
+        sink.wait_until(Duration::from_secs(30), |r| {
+            r.iter().any(|r| r.idempotency_key() == hung_key)
+        }),
+        || "the sixth message never reached the endpoint".into(),
+    );
+
+    let t = Instant::now();
+    let report = mkc.stop();
+    let took = t.elapsed();
+    mkc.check(report.is_clean(), || format!("{report:#?}"));
+    assert_workers_stopped_by_themselves(&mkc, 1);
+    mkc.check(
+        took < Duration::from_secs(SHORT_SHUTDOWN_S) + STOP_GRACE,
+        || format!("the stop took {took:?}"),
+    );
+
+    // Started again: the hung message comes again, the finished ones not.
+    sink.set_behavior(Behavior::ok());
+    mkc.start_again();
+    mkc.check(
+        sink.wait_until(Duration::from_secs(60), |r| {
+            r.iter().filter(|r| r.idempotency_key() == hung_key).count() >= 2
+        }),
+        || "the unfinished message was not delivered again after the restart".into(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    for p in &finished {
+        let key = p.idempotency_key(&topic);
+        let n = sink
+            .requests()
+            .iter()
+            .filter(|r| r.idempotency_key() == key)
+            .count();
+        mkc.check(n == 1, || {
+            format!("{key} was delivered {n} times: the stop did not commit it")
+        });
+    }
+    mkc.stop_clean();
+}
+
+/// Produces `payloads` to partition 0 of `topic` on the cluster at
+/// `bootstrap` (the librdkafka mock cluster, which the harness's producer
+/// does not know).
+fn produce_to(bootstrap: &str, topic: &str, payloads: &[String]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    for p in payloads {
+        producer
+            .send(BaseRecord::<(), String>::to(topic).partition(0).payload(p))
+            .map_err(|(e, _)| e)
+            .expect("send");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// A coordinator that answers only after 40 s (tansu cannot be slowed, so
+/// this test runs against librdkafka's mock cluster on loopback: broker 1
+/// leads the partition, broker 2 coordinates the group and is slow). The
+/// final commit then never comes back in time; the worker must give it up
+/// and leave, inside the master's deadline, instead of being killed.
+#[test]
+fn stop_with_a_hung_endpoint_and_a_slow_coordinator_ends_before_the_masters_deadline() {
+    use rdkafka::mocking::{MockCluster, MockCoordinator};
+    let topic = unique_name("slowcoord");
+    let group = unique_name("g");
+    let cluster = MockCluster::new(2).expect("mock cluster");
+    cluster.create_topic(&topic, 1, 1).expect("mock topic");
+    cluster
+        .partition_leader(&topic, 0, Some(1))
+        .expect("partition leader");
+    cluster
+        .coordinator(MockCoordinator::Group(group.clone()), 2)
+        .expect("coordinator");
+    let bootstrap = cluster.bootstrap_servers();
+    let sink = Sink::start();
+    let mut config = MkcConfig::new(&topic, &group)
+        .sync_interval_ms(3_600_000)
+        .module(patient(&sink))
+        .line(&format!("shutdown_timeout {SHORT_SHUTDOWN_S}"));
+    config.brokers = bootstrap.clone();
+    let mut mkc = Mkc::start(&config);
+    mkc.wait_workers(1, Duration::from_secs(20));
+    let payloads: Vec<String> = (0..3)
+        .map(|i| envelope(i, "7", &format!("{{\"n\":{i}}}")))
+        .collect();
+    produce_to(&bootstrap, &topic, &payloads);
+    sink.wait_for_distinct(3, Duration::from_secs(60));
+    sink.set_behavior(hang());
+    produce_to(&bootstrap, &topic, &[envelope(3, "7", "{\"n\":3}")]);
+    mkc.check(
+        sink.wait_until(Duration::from_secs(30), |r| r.len() >= 4),
+        || "the fourth message never reached the endpoint".into(),
+    );
+    cluster
+        .broker_round_trip_time(2, Duration::from_secs(40))
+        .expect("slow coordinator");
+
+    let t = Instant::now();
+    let report = mkc.stop();
+    let took = t.elapsed();
+    assert_workers_stopped_by_themselves(&mkc, 1);
+    mkc.check(report.is_clean(), || format!("{report:#?}"));
+    mkc.check(
+        took < Duration::from_secs(SHORT_SHUTDOWN_S) + STOP_GRACE,
+        || format!("the stop took {took:?}"),
+    );
+    let abandoned = mkc.log_lines("final commit not answered");
+    mkc.check(
+        abandoned.len() == 1 && abandoned[0].contains("WARN"),
+        || format!("expected one warning that the final commit was given up: {abandoned:#?}"),
+    );
+}

@@ -978,3 +978,321 @@ fn file_offsets_resume_exactly_after_a_graceful_stop() {
     problems.check(&mkc, "file offsets");
     mkc.stop_clean();
 }
+
+// ─── issue 18: commits, the rejoin watchdog, auto.offset.reset ───────────
+
+/// `n` messages for module filter 1001 to partition 0 of `topic`.
+fn produce_plain(topic: &str, from: usize, n: usize) -> Vec<Produced> {
+    produce(
+        topic,
+        (from..from + n)
+            .map(|i| Record::new(0, envelope(i as u64, "1001", &format!(r#"{{"i": {i}}}"#))))
+            .collect(),
+    )
+}
+
+/// Produces `n` messages to partition 0 of `topic` on the broker at
+/// `bootstrap` (the harness's `produce` speaks to the test broker only).
+fn produce_to(bootstrap: &str, topic: &str, n: usize) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("cannot create a producer");
+    for i in 0..n {
+        let payload = envelope(i as u64, "1001", &format!(r#"{{"i": {i}}}"#));
+        producer
+            .send(
+                BaseRecord::<[u8], [u8]>::to(topic)
+                    .partition(0)
+                    .payload(payload.as_bytes()),
+            )
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("producing to {topic}: flush: {e}"));
+}
+
+/// Issue 18 item 4: a commit the broker refuses is not taken as done. The
+/// broker (librdkafka's mock cluster, the only Kafka-protocol broker here
+/// that can be told to refuse requests) answers the first commits with
+/// REBALANCE_IN_PROGRESS; mkc must keep committing until the group has the
+/// position, so that a restart delivers nothing again.
+#[test]
+fn refused_commits_are_retried_until_the_group_has_them() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    const TOTAL: usize = 30;
+    /// Commits refused, ~one per 100 ms sync interval.
+    const REFUSED: usize = 15;
+    let cluster = MockCluster::new(1).expect("cannot start the mock cluster");
+    let topic = unique_name("commitrefused");
+    let group = unique_name("commitrefused-group");
+    cluster
+        .create_topic(&topic, 1, 1)
+        .expect("cannot create the topic on the mock cluster");
+    produce_to(&cluster.bootstrap_servers(), &topic, TOTAL);
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; REFUSED],
+    );
+    let sink = Sink::start();
+    let mut config = MkcConfig::new(&topic, &group)
+        .sync_interval_ms(100)
+        .module(Module::new("m", sink.url("/m")).filter(1001));
+    config.brokers = cluster.bootstrap_servers();
+    let mut mkc = Mkc::start(&config);
+    sink.wait_for(TOTAL, Duration::from_secs(60));
+    // The refused commits are used up within REFUSED sync intervals (and a
+    // little more for the ones librdkafka retries).
+    std::thread::sleep(Duration::from_millis(100 * REFUSED as u64 + 3_000));
+    let refused: Vec<String> = mkc
+        .log_lines("commit failed")
+        .into_iter()
+        .filter(|l| l.contains("WARN") && l.contains("rebalance in progress"))
+        .collect();
+    eprintln!("refused commits logged: {refused:#?}");
+    mkc.check(refused.iter().any(|l| l.contains("partitions=[0]")), || {
+        "no warning names the partition whose commit was refused".to_string()
+    });
+    mkc.check(refused.len() < REFUSED, || {
+        format!(
+            "{} warnings for {REFUSED} refused commits: not rate-limited",
+            refused.len()
+        )
+    });
+    mkc.wait_log_contains("commits succeed again", Duration::from_secs(10));
+    mkc.stop_clean();
+    let before = sink.count();
+    mkc.check(before == TOTAL, || {
+        format!("{before} requests for {TOTAL} messages before the restart")
+    });
+
+    mkc.start_again();
+    produce_to(&cluster.bootstrap_servers(), &topic, 1);
+    sink.wait_for(before + 1, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    let requests = sink.requests();
+    let again: Vec<String> = requests[before..]
+        .iter()
+        .map(|r| r.idempotency_key().to_string())
+        .collect();
+    mkc.check(again.len() == 1, || {
+        format!(
+            "after the restart {} requests instead of the one new message: the refused \
+             commits were taken as done ({:?}...)",
+            again.len(),
+            &again[..again.len().min(5)]
+        )
+    });
+    mkc.stop_clean();
+}
+
+/// Issue 18 item 4: an offset file that cannot be written is an error,
+/// retried, and not taken as committed. A directory where the offset file
+/// should be makes the rename fail (root ignores permission bits).
+#[test]
+fn offset_file_write_failures_are_retried_not_taken_as_done() {
+    const TOTAL: usize = 20;
+    let topic = unique_name("filefail");
+    let group = unique_name("filefail-group");
+    create_topic(&topic, 1);
+    let offsets = tempfile::tempdir().expect("temporary directory");
+    let file = offsets
+        .path()
+        .join(&group)
+        .join(format!("{topic}-0.offset"));
+    std::fs::create_dir_all(&file).expect("cannot create the blocking directory");
+    let sink = Sink::start();
+    let config = MkcConfig::new(&topic, &group)
+        .offset_store(OffsetStore::File)
+        .property("offset.store.path", offsets.path().display())
+        .sync_interval_ms(100)
+        .module(Module::new("m", sink.url("/m")).filter(1001));
+    produce_plain(&topic, 0, TOTAL);
+    let mut mkc = Mkc::start(&config);
+    sink.wait_for(TOTAL, Duration::from_secs(60));
+    mkc.wait_log_contains("cannot write offset file", Duration::from_secs(10));
+    // A second of failing writes (10 sync intervals) ...
+    std::thread::sleep(Duration::from_secs(1));
+    // ... then the store works again: the next tick must write.
+    std::fs::remove_dir(&file).expect("cannot remove the blocking directory");
+    let mut content = String::new();
+    let written = wait_until(Duration::from_secs(5), || {
+        content = std::fs::read_to_string(&file).unwrap_or_default();
+        content.trim() == TOTAL.to_string()
+    });
+    mkc.check(written, || {
+        format!(
+            "{} does not hold {TOTAL} within 5 s of becoming writable (it holds {:?}): \
+             the failed writes were taken as done",
+            file.display(),
+            content.trim()
+        )
+    });
+    let path = file.display().to_string();
+    mkc.check(
+        mkc.log_lines("cannot write offset file")
+            .iter()
+            .any(|l| l.contains("ERROR") && l.contains(&path)),
+        || format!("no error line names {path}"),
+    );
+    mkc.stop_clean();
+    mkc.start_again();
+    produce_plain(&topic, TOTAL, 1);
+    sink.wait_for(TOTAL + 1, Duration::from_secs(60));
+    sink.assert_no_more(TOTAL + 1, Duration::from_secs(2));
+    mkc.stop_clean();
+}
+
+/// Issue 18 item 6: with more group members than partitions (here two mkc
+/// hosts on one group and a one-partition topic), the member the group
+/// gives nothing stays: the rejoin watchdog restarts only a worker whose
+/// partitions went and no assignment came back. The client ids make the
+/// range assignor (members sorted by member id, which tansu starts with
+/// the client id) give the partition to the second host, so the first one
+/// had it and lost it.
+#[test]
+fn a_member_the_group_gives_no_partition_is_not_restarted() {
+    /// The watchdog's limit with the harness's 6 s session timeout.
+    const LIMIT: Duration = Duration::from_secs(12);
+    let topic = unique_name("idlemember");
+    let group = unique_name("idlemember-group");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let config = |client_id: &str| {
+        MkcConfig::new(&topic, &group)
+            .property("client.id", client_id)
+            .module(Module::new("m", sink.url("/m")).filter(1001))
+    };
+    let first = Mkc::start(&config("mkc-test-b"));
+    produce_plain(&topic, 0, 1);
+    sink.wait_for(1, Duration::from_secs(60));
+    first.wait_log_contains("partitions assigned", Duration::from_secs(10));
+
+    let second = Mkc::start(&config("mkc-test-a"));
+    // The first host gave its partition up and got nothing back; the
+    // second one has it.
+    first.wait_log_contains("partitions=[]", Duration::from_secs(60));
+    second.wait_log_contains("partitions=[0]", Duration::from_secs(60));
+    produce_plain(&topic, 1, 1);
+    sink.wait_for(2, Duration::from_secs(60));
+
+    std::thread::sleep(LIMIT * 3);
+    for (name, mkc) in [("first", &first), ("second", &second)] {
+        let started = mkc.log_count("worker started");
+        mkc.check(started == 1, || {
+            format!(
+                "the {name} host's worker started {started} times: restarted while the group \
+                 rightly gave it no partition ({:?})",
+                mkc.log_lines("no partitions assigned")
+            )
+        });
+    }
+    produce_plain(&topic, 2, 1);
+    sink.wait_for(3, Duration::from_secs(60));
+}
+
+/// Issue 18 item 9: a group with no committed offset starts at the
+/// beginning of the log by default (librdkafka's own default, `latest`,
+/// skips what is there), and says so at warning.
+#[test]
+fn a_new_group_starts_at_the_beginning_of_the_log_by_default() {
+    const TOTAL: usize = 20;
+    let topic = unique_name("resetdefault");
+    let group = unique_name("resetdefault-group");
+    create_topic(&topic, 2);
+    let produced = produce(
+        &topic,
+        (0..TOTAL)
+            .map(|i| Record::new((i % 2) as i32, envelope(i as u64, "1001", "{}")))
+            .collect(),
+    );
+    let sink = Sink::start();
+    let config = MkcConfig::new(&topic, &group)
+        .without_offset_reset()
+        .module(Module::new("m", sink.url("/m")).filter(1001));
+    let mkc = Mkc::start(&config);
+    if !sink.wait_until(Duration::from_secs(30), |r| r.len() >= TOTAL) {
+        mkc.fail(&format!(
+            "{} of the {TOTAL} messages already in the topic delivered within 30 s",
+            sink.count()
+        ));
+    }
+    let keys: HashSet<String> = produced.iter().map(|p| p.idempotency_key(&topic)).collect();
+    let got: HashSet<String> = sink
+        .requests()
+        .iter()
+        .map(|r| r.idempotency_key().to_string())
+        .collect();
+    mkc.check(got == keys, || "not the messages produced".to_string());
+    for partition in 0..2 {
+        let lines: Vec<String> = mkc
+            .log_lines("offset reset")
+            .into_iter()
+            .filter(|l| l.contains("WARN") && l.contains(&format!("partition={partition}")))
+            .collect();
+        eprintln!("partition {partition}: {lines:#?}");
+        mkc.check(
+            lines
+                .iter()
+                .any(|l| l.contains("from=") && l.contains("to=0")),
+            || format!("no warning about partition {partition}'s offset reset: {lines:?}"),
+        );
+    }
+}
+
+/// Issue 18 item 9: an offset file beyond the end of the log (a topic
+/// deleted and created again) starts the partition over at the beginning,
+/// with a warning, instead of skipping to the end. The broker is
+/// librdkafka's mock cluster: tansu 0.6 never answers a fetch with
+/// OFFSET_OUT_OF_RANGE (it returns nothing), as Kafka does.
+#[test]
+fn an_offset_beyond_the_log_end_starts_over_at_the_beginning() {
+    const TOTAL: usize = 10;
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("cannot start the mock cluster");
+    let topic = unique_name("resetrange");
+    let group = unique_name("resetrange-group");
+    cluster
+        .create_topic(&topic, 1, 1)
+        .expect("cannot create the topic on the mock cluster");
+    produce_to(&cluster.bootstrap_servers(), &topic, TOTAL);
+    let offsets = tempfile::tempdir().expect("temporary directory");
+    std::fs::create_dir_all(offsets.path().join(&group)).expect("offset directory");
+    std::fs::write(
+        offsets
+            .path()
+            .join(&group)
+            .join(format!("{topic}-0.offset")),
+        "1000\n",
+    )
+    .expect("offset file");
+    let sink = Sink::start();
+    let mut config = MkcConfig::new(&topic, &group)
+        .without_offset_reset()
+        .offset_store(OffsetStore::File)
+        .property("offset.store.path", offsets.path().display())
+        .module(Module::new("m", sink.url("/m")).filter(1001));
+    config.brokers = cluster.bootstrap_servers();
+    let mkc = Mkc::start(&config);
+    if !sink.wait_until(Duration::from_secs(30), |r| r.len() >= TOTAL) {
+        mkc.fail(&format!(
+            "{} of the {TOTAL} messages delivered within 30 s after an offset reset",
+            sink.count()
+        ));
+    }
+    let warnings: Vec<String> = mkc
+        .log_lines("offset reset")
+        .into_iter()
+        .filter(|l| l.contains("WARN"))
+        .collect();
+    eprintln!("offset reset warnings: {warnings:#?}");
+    mkc.check(
+        warnings
+            .iter()
+            .any(|l| l.contains("[0]") && l.contains("1000")),
+        || "no warning names the partition and the offset it was reset from".to_string(),
+    );
+}

@@ -261,9 +261,9 @@ fn subscriptions_channel_pattern_and_keyspace_events() {
     mkc.wait_workers(3, Duration::from_secs(30));
     let mut conn = r::connect(&redis.url());
     // Subscribers may still be connecting: publish until heard.
-    let publish_until = |conn: &mut redis::Connection, ch: &str, body: &str, path: &str| {
+    let publish_until = |conn: &mut ::redis::Connection, ch: &str, body: &str, path: &str| {
         let heard = wait_until(Duration::from_secs(20), || {
-            let _: i64 = redis::cmd("PUBLISH").arg(ch).arg(body).query(conn).unwrap();
+            let _: i64 = ::redis::cmd("PUBLISH").arg(ch).arg(body).query(conn).unwrap();
             std::thread::sleep(Duration::from_millis(100));
             sink.requests_to(path).iter().any(|q| &q.body[..] == body.as_bytes())
         });
@@ -285,7 +285,7 @@ fn subscriptions_channel_pattern_and_keyspace_events() {
 
     // A key expiring: its name is the body, routed as command 99.
     let expiring = unique_name("session");
-    let _: () = redis::cmd("SET")
+    let _: () = ::redis::cmd("SET")
         .arg(&expiring)
         .arg("x")
         .arg("PX")

@@ -30,8 +30,10 @@ const RESTART_MIN: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(30);
 /// A worker that ran this long is healthy: its failure count resets.
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
-/// Extra time past `shutdown_timeout` before stragglers are killed.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Extra time past `shutdown_timeout` before stragglers are killed: what
+/// a worker's stop may take after its lanes' wait (commit, leave, dispatch
+/// log), each step bounded inside it by the worker.
+const STOP_GRACE: Duration = crate::pipeline::worker::STOP_GRACE;
 /// How long the partition-count probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -64,6 +64,7 @@ use crate::record::dead_letter::{DeadLetters, Letter};
 use crate::record::dispatch_log::{DispatchLog, Key, LogRecord, SkipWatch, Status};
 use crate::source::kafka::{self, PartitionOwner, WorkerConsumer, WorkerContext};
 use crate::source::offsets::{Arrival, Tracker};
+use crate::source::topic_watch::{TopicWatch, Verdict};
 use crate::source::{Planned, SourceKind, SourceName};
 
 /// How often offsets are considered and the rejoin watch and master checked.
@@ -74,8 +75,40 @@ const ORPHAN_STOP: Duration = Duration::from_secs(1);
 const PAYLOAD_PREVIEW: usize = 200;
 /// A message retrying updates its `retrying` row at most this often.
 const RETRYING_RECORD_EVERY: Duration = Duration::from_secs(1);
-/// How long a stopping worker waits for the dispatch log to be written.
+
+// A stop, step by step. The lanes get `shutdown_timeout` (ORPHAN_STOP for
+// an orphan); every step after it is bounded, so that the worker has left
+// the group and exited by itself before the master's patience
+// (`shutdown_timeout` + STOP_GRACE) runs out and it kills the worker,
+// which would leave its partitions to wait a session timeout.
+
+/// How long past `shutdown_timeout` a stopping worker may take at most:
+/// the master kills a worker still there after `shutdown_timeout` + this.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long abandoned attempts get to end once aborted.
+const ABANDON_WAIT: Duration = Duration::from_secs(1);
+/// How long the final commit may wait for the coordinator's answer (a
+/// synchronous commit otherwise waits as long as the coordinator does).
+const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(2);
+/// How long leaving the group and closing the consumer may take.
+const LEAVE_WAIT: Duration = Duration::from_secs(3);
+/// How long a stopping worker waits for the dispatch log to be written;
+/// the log is written beside the final commit and the leave.
 const DISPATCH_LOG_DRAIN: Duration = Duration::from_secs(5);
+/// How long the runtime waits for blocking tasks (an abandoned commit)
+/// once the worker is done.
+const RUNTIME_STOP: Duration = Duration::from_secs(1);
+
+const fn stop_tail_ms() -> u128 {
+    let consumer = FINAL_COMMIT_WAIT.as_millis() + LEAVE_WAIT.as_millis();
+    let log = DISPATCH_LOG_DRAIN.as_millis();
+    let parallel = if consumer > log { consumer } else { log };
+    ABANDON_WAIT.as_millis() + parallel + RUNTIME_STOP.as_millis()
+}
+
+// The steps after `shutdown_timeout` fit in the grace with a second or more
+// to spare (the final snapshot, the log's flush, scheduling).
+const _: () = assert!(stop_tail_ms() + 1000 < STOP_GRACE.as_millis());
 
 /// Runs worker `index` of the source named `topic` (a Kafka topic, or
 /// `redis-list:KEY` / `redis-subscribe:CHANNEL`, see [`SourceName`]) until
@@ -108,21 +141,27 @@ pub fn run(config: Arc<ServerConfig>, topic: &str, index: u32, master: Option<i3
         let run = match source.kind {
             SourceKind::Kafka => run_async(config, &planned, index, master).await,
             SourceKind::RedisList => {
-                crate::pipeline::redis::run_list(config, &planned, index, master).await
+                crate::pipeline::redis::run_list(config, &planned, index, master)
+                    .await
+                    .map(|()| Ended::Stopped)
             }
             SourceKind::RedisSubscribe => {
-                crate::pipeline::redis::run_subscribe(config, &planned, master).await
+                crate::pipeline::redis::run_subscribe(config, &planned, master)
+                    .await
+                    .map(|()| Ended::Stopped)
             }
         };
         match run {
-            Ok(()) => 0,
+            Ok(Ended::Stopped) => 0,
+            // Said when decided; the master starts a new worker.
+            Ok(Ended::Restart) => 1,
             Err(e) => {
                 tracing::error!(topic, index, "worker failed: {e:#}");
                 1
             }
         }
     });
-    runtime.shutdown_timeout(Duration::from_secs(1));
+    runtime.shutdown_timeout(RUNTIME_STOP);
     code
 }
 
@@ -311,6 +350,9 @@ pub(crate) struct Pipeline {
     readers: Mutex<HashMap<i32, Reader>>,
     /// Graceful stop: lanes finish the attempt on the wire and start no more.
     stop: CancellationToken,
+    /// The stop's final commit got no answer in time: the revoke that
+    /// leaving the group brings must not wait for the coordinator again.
+    final_commit_abandoned: AtomicBool,
     /// Parent of every partition's abort token.
     abort: CancellationToken,
     lanes: TaskTracker,
@@ -400,6 +442,7 @@ impl Pipeline {
             consumer: OnceLock::new(),
             readers: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
+            final_commit_abandoned: AtomicBool::new(false),
             abort: CancellationToken::new(),
             lanes: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
@@ -503,10 +546,11 @@ impl PartitionOwner for Pipeline {
     fn revoke(&self, numbers: &[i32]) -> Vec<(i32, i64)> {
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         let mut positions = Vec::new();
+        let commit = !self.final_commit_abandoned.load(Ordering::Acquire);
         for number in numbers {
             if let Some(p) = partitions.remove(number) {
                 p.abort.cancel();
-                if let Some(position) = p.position_to_commit() {
+                if let Some(position) = p.position_to_commit().filter(|_| commit) {
                     p.mark_committed(position);
                     positions.push((p.number, position));
                 }
@@ -609,12 +653,20 @@ async fn read_partition(
     }
 }
 
+/// How a worker that did not fail ended.
+enum Ended {
+    /// Asked to stop (or orphaned).
+    Stopped,
+    /// Stopped by itself so that the master starts a new consumer.
+    Restart,
+}
+
 async fn run_async(
     config: Arc<ServerConfig>,
     planned: &Planned,
     index: u32,
     master: Option<i32>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let topic = planned.source.name.as_str();
     let mut signals = WorkerSignals::install()?;
     let figures = Arc::new(WorkerFigures::new(&config, topic, index));
@@ -641,7 +693,11 @@ async fn run_async(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_commit = Instant::now();
-    let mut rejoin = RejoinWatch::new(&config);
+    let rejoin = RejoinWatch::new(&config);
+    let mut topic_watch = TopicWatch::new(pipeline.topic.clone());
+    // Whether the worker has had partitions of its topic.
+    let mut consumed = false;
+    let mut restart = false;
     let orphaned;
     loop {
         tokio::select! {
@@ -663,11 +719,17 @@ async fn run_async(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .is_empty();
-                if let Some(waited) = rejoin.stalled(assigned) {
+                consumed |= assigned;
+                if topic_watch.tick(&consumer, consumed).await == Verdict::Restart {
+                    (orphaned, restart) = (false, true);
+                    break;
+                }
+                let waiting_since = consumer.context().waiting_since();
+                if let Some(waited) = rejoin.stalled(assigned, waiting_since, Instant::now()) {
                     // A consumer stuck rejoining (seen with brokers that lose
                     // a member's join) would idle silently: start afresh.
                     return Err(anyhow::anyhow!(
-                        "no partitions assigned for {waited:?} after losing them; restarting the consumer"
+                        "no answer from the group for {waited:?} after losing the partitions; restarting the consumer"
                     ));
                 }
                 let figures = &pipeline.figures;
@@ -676,6 +738,8 @@ async fn run_async(
                 if last_commit.elapsed() >= config.offset_sync_interval {
                     commit(&pipeline, &consumer, CommitMode::Async);
                     last_commit = Instant::now();
+                } else {
+                    take_confirmed(&pipeline, &consumer);
                 }
                 if master.is_some_and(|m| nix::unistd::getppid().as_raw() != m) {
                     tracing::warn!(topic, index, "master process is gone; stopping");
@@ -691,7 +755,10 @@ async fn run_async(
                     if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::Fatal)) {
                         return Err(anyhow::anyhow!("fatal Kafka error: {e}"));
                     }
-                    tracing::warn!(topic, "kafka: {e}");
+                    // The topic watch says what an unknown topic means.
+                    if !topic_watch.consumer_error(&e) {
+                        tracing::warn!(topic, "kafka: {e}");
+                    }
                 }
             },
         }
@@ -702,17 +769,28 @@ async fn run_async(
     } else {
         config.shutdown_timeout
     };
-    shutdown(&pipeline, &consumer, deadline).await;
-    reporter.finish().await;
-    Ok(())
+    shutdown(&pipeline, consumer, reporter, deadline).await;
+    Ok(if restart {
+        Ended::Restart
+    } else {
+        Ended::Stopped
+    })
 }
 
-/// Notices a consumer that lost its partitions and never got any back.
+/// The rejoin watchdog's limit is never below this (a tiny session timeout
+/// must not restart workers while a rebalance runs its course).
+const REJOIN_LIMIT_MIN: Duration = Duration::from_secs(10);
+
+/// Notices a consumer that lost its partitions (revoked or lost) and never
+/// heard from the group again, as with brokers that lose a member's join.
+/// A worker the group answered with no partitions (more members than
+/// partitions: two mkc hosts on a group, or `topic T N` beyond the
+/// partition count) is fine and stays: restarting it would make the whole
+/// group rebalance, again and again.
 struct RejoinWatch {
-    /// How long a rejoin may take: twice the session timeout, at least 30 s.
+    /// How long a rejoin may take: twice the session timeout, at least
+    /// [`REJOIN_LIMIT_MIN`].
     limit: Duration,
-    had_partitions: bool,
-    lost_since: Option<Instant>,
 }
 
 impl RejoinWatch {
@@ -720,30 +798,30 @@ impl RejoinWatch {
         let session_ms = config
             .properties
             .iter()
-            .find(|(k, _)| k == "session.timeout.ms")
+            .rev()
+            .find(|(k, _)| k.eq_ignore_ascii_case("session.timeout.ms"))
             .and_then(|(_, v)| v.parse::<u64>().ok())
             .unwrap_or(45_000);
         RejoinWatch {
-            limit: Duration::from_millis(session_ms.saturating_mul(2)).max(Duration::from_secs(30)),
-            had_partitions: false,
-            lost_since: None,
+            limit: Duration::from_millis(session_ms.saturating_mul(2)).max(REJOIN_LIMIT_MIN),
         }
     }
 
-    /// Called every tick; `Some(waited)` once the partitions have been gone
-    /// longer than the limit. A worker that never had any (more workers than
-    /// partitions) is left alone.
-    fn stalled(&mut self, assigned: bool) -> Option<Duration> {
+    /// Called every tick with whether partitions are assigned and since
+    /// when the worker has been waiting for the group (see
+    /// [`WorkerContext::waiting_since`]); `Some(waited)` once it has waited
+    /// longer than the limit with no partitions.
+    fn stalled(
+        &self,
+        assigned: bool,
+        waiting_since: Option<Instant>,
+        now: Instant,
+    ) -> Option<Duration> {
         if assigned {
-            self.had_partitions = true;
-            self.lost_since = None;
             return None;
         }
-        if !self.had_partitions {
-            return None;
-        }
-        let since = *self.lost_since.get_or_insert_with(Instant::now);
-        (since.elapsed() > self.limit).then(|| since.elapsed())
+        let waited = now.saturating_duration_since(waiting_since?);
+        (waited > self.limit).then_some(waited)
     }
 }
 
@@ -1175,18 +1253,37 @@ fn order_key(module: &crate::config::ModuleConfig, msg: &Message) -> Option<u64>
     }
 }
 
+/// Takes the positions the group (or the offset files) confirmed into the
+/// partitions: only those count as committed (figures, lag, and what the
+/// revoke and stop commits may leave out).
+fn take_confirmed(pipeline: &Pipeline, consumer: &WorkerConsumer) {
+    let confirmed = consumer.context().take_confirmed();
+    if !confirmed.is_empty() {
+        pipeline.mark_committed(&confirmed);
+        tracing::debug!(topic = %pipeline.topic, positions = ?confirmed, "committed");
+    }
+}
+
+/// Commits every position that moved past what is confirmed, including
+/// ones committed before whose confirmation never came (a failed commit is
+/// retried here, on the next sync interval).
 fn commit(pipeline: &Pipeline, consumer: &WorkerConsumer, mode: CommitMode) {
+    take_confirmed(pipeline, consumer);
     let positions = pipeline.positions_to_commit();
     if positions.is_empty() {
         return;
     }
-    let target = &consumer.context().target;
-    match kafka::commit(consumer, &pipeline.topic, target, &positions, mode) {
+    match kafka::commit(consumer, &positions, mode) {
         Ok(()) => {
-            pipeline.mark_committed(&positions);
-            tracing::debug!(topic = %pipeline.topic, positions = ?positions, "committed");
+            tracing::debug!(topic = %pipeline.topic, positions = ?positions, mode = ?mode, "commit sent");
+            take_confirmed(pipeline, consumer);
         }
-        Err(e) => tracing::warn!(topic = %pipeline.topic, "commit failed: {e}"),
+        // An asynchronous commit's failure is logged (rate-limited) by
+        // kafka::commit or the commit callback.
+        Err(e) if matches!(mode, CommitMode::Sync) => {
+            tracing::warn!(topic = %pipeline.topic, positions = ?positions, "commit failed: {e}")
+        }
+        Err(_) => {}
     }
 }
 
@@ -1239,8 +1336,14 @@ pub(crate) async fn finish_log(pipeline: &Pipeline) {
 }
 
 /// Graceful stop: no more fetching, let attempts on the wire finish within
-/// `deadline`, commit what is finished, leave the group.
-async fn shutdown(pipeline: &Arc<Pipeline>, consumer: &Arc<WorkerConsumer>, deadline: Duration) {
+/// `deadline`, commit what is finished, leave the group. Every step after
+/// `deadline` is bounded (see [`STOP_GRACE`]).
+async fn shutdown(
+    pipeline: &Arc<Pipeline>,
+    consumer: Arc<WorkerConsumer>,
+    reporter: Reporter,
+    deadline: Duration,
+) {
     let topic = pipeline.topic.clone();
     tracing::info!(%topic, "stopping: finishing attempts in flight");
     if let Ok(assignment) = consumer.assignment() {
@@ -1254,20 +1357,111 @@ async fn shutdown(pipeline: &Arc<Pipeline>, consumer: &Arc<WorkerConsumer>, dead
     {
         tracing::warn!(%topic, "shutdown_timeout reached: abandoning attempts in flight");
         pipeline.abort.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(1), pipeline.lanes.wait()).await;
+        let _ = tokio::time::timeout(ABANDON_WAIT, pipeline.lanes.wait()).await;
     }
-    commit(pipeline, consumer, CommitMode::Sync);
-    // The split queues hold the consumer: let it go with them.
+    // The dispatch log's writer needs neither the broker nor the consumer:
+    // it writes beside the final commit and the leave.
+    let log = pipeline.log.clone();
+    let drain = tokio::spawn(async move { log.shutdown(DISPATCH_LOG_DRAIN).await });
+    final_commit(pipeline, &consumer).await;
+    // The split queues and the reporter hold the consumer: let it go with
+    // them, so that dropping it closes it.
     pipeline
         .readers
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clear();
-    // Leave the group now, so that the partitions move at once (the revoke
-    // callback commits again only if something moved).
-    consumer.unsubscribe();
-    pipeline.log.shutdown(DISPATCH_LOG_DRAIN).await;
+    reporter.finish().await;
+    leave(&topic, consumer).await;
+    let _ = drain.await;
     tracing::info!(%topic, "worker stopped");
+}
+
+/// Commits what is finished, waiting at most [`FINAL_COMMIT_WAIT`] for
+/// the coordinator. A commit not answered by then is given up on (it may
+/// still land): the worker leaves without it, and the next owner delivers
+/// again what finished since the last commit.
+async fn final_commit(pipeline: &Arc<Pipeline>, consumer: &Arc<WorkerConsumer>) {
+    let (p, c) = (pipeline.clone(), consumer.clone());
+    let committing = tokio::task::spawn_blocking(move || commit(&p, &c, CommitMode::Sync));
+    if tokio::time::timeout(FINAL_COMMIT_WAIT, committing)
+        .await
+        .is_err()
+    {
+        pipeline
+            .final_commit_abandoned
+            .store(true, Ordering::Release);
+        tracing::warn!(topic = %pipeline.topic,
+            "final commit not answered within {FINAL_COMMIT_WAIT:?}: given up, leaving the group without it \
+             (what finished since the last commit is delivered again by the next owner)");
+    }
+}
+
+/// Leaves the group and closes the consumer, within [`LEAVE_WAIT`].
+///
+/// Dropping the last handle of the consumer closes it: the revoke runs,
+/// the LeaveGroup request goes out, and the close waits for the
+/// coordinator's answers. That happens on a thread of its own, so that a
+/// coordinator that does not answer delays the exit by `LEAVE_WAIT` at
+/// most. While a request still holds a handle (an abandoned final commit,
+/// a metadata request), the consumer cannot be closed: it unsubscribes
+/// instead (which sends the LeaveGroup once the revoke has run) and serves
+/// the revoke itself.
+async fn leave(topic: &str, consumer: Arc<WorkerConsumer>) {
+    let until = tokio::time::Instant::now() + LEAVE_WAIT;
+    // The reporter's aborted tasks let go of their handles at their next
+    // poll; an abandoned commit holds its own until the coordinator answers.
+    let settle = tokio::time::Instant::now() + LEAVE_WAIT / 10;
+    while Arc::strong_count(&consumer) > 1 && tokio::time::Instant::now() < settle {
+        tokio::time::sleep(TICK).await;
+    }
+    if Arc::strong_count(&consumer) == 1 {
+        let (closed, done) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("mkc-close".into())
+            .spawn(move || {
+                drop(consumer);
+                let _ = closed.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                if tokio::time::timeout_at(until, done).await.is_ok() {
+                    tracing::debug!(topic, "left the group, consumer closed");
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(topic, "cannot start the consumer's close: {e}"),
+        }
+        tracing::warn!(topic,
+            "the consumer did not close within {LEAVE_WAIT:?} (coordinator slow or gone): exiting without its answer");
+        return;
+    }
+    let unsubscribing = {
+        let consumer = consumer.clone();
+        tokio::task::spawn_blocking(move || consumer.unsubscribe())
+    };
+    let _ = tokio::time::timeout_at(until, unsubscribing).await;
+    // The revoke comes as an event of the consumer's queue.
+    let revoked = tokio::time::timeout_at(until, async {
+        while !consumer
+            .context()
+            .assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            let _ = tokio::time::timeout(TICK, consumer.recv()).await;
+        }
+    })
+    .await;
+    if revoked.is_ok() {
+        tracing::info!(
+            topic,
+            "left the group; the consumer stays open (an unanswered request still holds it)"
+        );
+    } else {
+        tracing::warn!(topic, "could not leave the group within {LEAVE_WAIT:?}: exiting; the group moves the partitions after session.timeout.ms");
+    }
 }
 
 #[cfg(test)]
@@ -1402,27 +1596,69 @@ mod tests {
     fn watch(limit_ms: u64) -> RejoinWatch {
         RejoinWatch {
             limit: Duration::from_millis(limit_ms),
-            had_partitions: false,
-            lost_since: None,
         }
     }
 
     #[test]
     fn a_worker_that_never_had_partitions_is_left_alone() {
-        let mut w = watch(0);
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(w.stalled(false), None);
+        let w = watch(0);
+        let now = Instant::now();
+        assert_eq!(
+            w.stalled(false, None, now + Duration::from_secs(3600)),
+            None
+        );
     }
 
     #[test]
     fn partitions_lost_longer_than_the_limit_stall() {
-        let mut w = watch(20);
-        assert_eq!(w.stalled(true), None);
-        assert_eq!(w.stalled(false), None);
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(w.stalled(false).is_some());
+        let w = watch(20);
+        let lost = Instant::now();
+        assert_eq!(w.stalled(false, Some(lost), lost), None);
+        assert_eq!(
+            w.stalled(false, Some(lost), lost + Duration::from_millis(20)),
+            None
+        );
+        assert_eq!(
+            w.stalled(false, Some(lost), lost + Duration::from_millis(30)),
+            Some(Duration::from_millis(30))
+        );
         // Getting partitions back resets it.
-        assert_eq!(w.stalled(true), None);
-        assert_eq!(w.stalled(false), None);
+        assert_eq!(w.stalled(true, None, lost + Duration::from_secs(1)), None);
+        assert_eq!(w.stalled(false, None, lost + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn partitions_assigned_are_never_a_stall() {
+        let w = watch(20);
+        let lost = Instant::now();
+        assert_eq!(
+            w.stalled(true, Some(lost), lost + Duration::from_secs(60)),
+            None
+        );
+    }
+
+    #[test]
+    fn the_limit_follows_the_session_timeout() {
+        let limit = |extra: &str| {
+            let text = format!("brokers 127.0.0.1:9092\ntopic t\nmodule m.conf\n{extra}");
+            let config = crate::config::load_str(
+                std::path::Path::new("/etc/mkc/server.conf"),
+                &text,
+                |_| Ok(b"name m\nuri http://127.0.0.1:8080/m\nfilters 1\n".to_vec()),
+            )
+            .map_err(|e| format!("{e:?}"))
+            .unwrap()
+            .config;
+            RejoinWatch::new(&config).limit
+        };
+        assert_eq!(limit(""), Duration::from_secs(90));
+        assert_eq!(
+            limit("property session.timeout.ms 6000\n"),
+            Duration::from_secs(12)
+        );
+        assert_eq!(
+            limit("property session.timeout.ms 1000\n"),
+            REJOIN_LIMIT_MIN
+        );
     }
 }

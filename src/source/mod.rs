@@ -7,6 +7,7 @@ pub mod kafka;
 pub mod offsets;
 pub mod redis_list;
 pub mod redis_subscribe;
+pub mod topic_watch;
 
 use crate::config::ServerConfig;
 

@@ -970,6 +970,9 @@ pub struct MkcConfig {
     /// default port, which parallel tests would fight over); `off` turns
     /// the admin process off.
     pub admin_listen: String,
+    /// Write `property auto.offset.reset earliest` (the default); false
+    /// leaves the choice to mkc, as a configuration that does not say.
+    pub offset_reset_line: bool,
 }
 
 impl MkcConfig {
@@ -987,6 +990,7 @@ impl MkcConfig {
             properties: Vec::new(),
             extra: Vec::new(),
             admin_listen: "127.0.0.1:0".to_string(),
+            offset_reset_line: true,
         }
     }
 
@@ -994,6 +998,12 @@ impl MkcConfig {
     /// (the `redis` line included).
     pub fn redis_only(groupid: &str) -> MkcConfig {
         MkcConfig::new("", groupid)
+    }
+
+    /// No `property auto.offset.reset` line: mkc's own default applies.
+    pub fn without_offset_reset(mut self) -> MkcConfig {
+        self.offset_reset_line = false;
+        self
     }
 
     pub fn admin_listen(mut self, value: &str) -> MkcConfig {
@@ -1050,7 +1060,9 @@ impl MkcConfig {
         let _ = writeln!(s, "daemonize off");
         let _ = writeln!(s, "brokers {}", self.brokers);
         let _ = writeln!(s, "groupid {}", self.groupid);
-        let _ = writeln!(s, "property auto.offset.reset earliest");
+        if self.offset_reset_line {
+            let _ = writeln!(s, "property auto.offset.reset earliest");
+        }
         // Joins and dead-member detection in seconds, not librdkafka's 45 s.
         let _ = writeln!(s, "property session.timeout.ms 6000");
         let _ = writeln!(s, "property heartbeat.interval.ms 1000");
