@@ -63,7 +63,9 @@ fn list_routes_every_element_to_its_modules_over_two_workers() {
             }
             let body = match i % 3 {
                 0 => envelope(commit, id, &format!(r#"{{"i": {i}}}"#)),
-                1 => format!("{{\"commandId\":\"{id}\",\"commitId\":{commit},\"t\":\"h\u{e9}llo\"}}"),
+                1 => {
+                    format!("{{\"commandId\":\"{id}\",\"commitId\":{commit},\"t\":\"h\u{e9}llo\"}}")
+                }
                 _ => format!("\n {{ \"commitId\": {commit}, \"commandId\": {id} }} \n"),
             }
             .into_bytes();
@@ -74,7 +76,21 @@ fn list_routes_every_element_to_its_modules_over_two_workers() {
     let mut conn = r::connect(&r::url());
     r::lpush(&mut conn, &key, &elements);
     let want: usize = expected.values().map(HashSet::len).sum();
-    let got = sink.wait_for_distinct(want, Duration::from_secs(180));
+    // Distinct (module, element) pairs: the same element goes to several
+    // modules with one Idempotency-Key.
+    let mut pairs = HashSet::new();
+    let mut scanned = 0;
+    let arrived = sink.wait_until(Duration::from_secs(180), |reqs| {
+        for q in &reqs[scanned..] {
+            pairs.insert((q.module().to_string(), q.idempotency_key().to_string()));
+        }
+        scanned = reqs.len();
+        pairs.len() >= want
+    });
+    mkc.check(arrived, || {
+        format!("{} of {want} deliveries within 180 s", pairs.len())
+    });
+    let got = sink.requests();
     let mut problems = Problems::default();
     let mut seen: HashMap<String, HashSet<u64>> = HashMap::new();
     for req in &got {
@@ -150,9 +166,8 @@ fn list_ordered_with_one_worker_keeps_fifo_order() {
 fn list_elements_survive_kill_9_of_a_worker_and_of_the_master() {
     let key = unique_name("redis-kill");
     // Slow answers hold requests in flight when the kills come.
-    let sink = Sink::with(
-        Behavior::ok().latency(Duration::from_millis(20), Duration::from_millis(60)),
-    );
+    let sink =
+        Sink::with(Behavior::ok().latency(Duration::from_millis(20), Duration::from_millis(60)));
     let group = unique_name("g");
     let cfg = config(&group, &r::url(), &[format!("redis-list {key} 2")]).module(
         Module::new("m", sink.url("/m"))
@@ -205,8 +220,14 @@ fn list_elements_survive_kill_9_of_a_worker_and_of_the_master() {
 fn list_survives_a_redis_restart() {
     let mut redis = OwnRedis::start();
     let key = unique_name("redis-restart");
-    let sink = Sink::with(Behavior::ok().latency(Duration::from_millis(1), Duration::from_millis(5)));
-    let cfg = config(&unique_name("g"), &redis.url(), &[format!("redis-list {key}")]).module(
+    let sink =
+        Sink::with(Behavior::ok().latency(Duration::from_millis(1), Duration::from_millis(5)));
+    let cfg = config(
+        &unique_name("g"),
+        &redis.url(),
+        &[format!("redis-list {key}")],
+    )
+    .module(
         Module::new("m", sink.url("/m"))
             .filter(7)
             .line("mode unordered")
@@ -263,9 +284,15 @@ fn subscriptions_channel_pattern_and_keyspace_events() {
     // Subscribers may still be connecting: publish until heard.
     let publish_until = |conn: &mut ::redis::Connection, ch: &str, body: &str, path: &str| {
         let heard = wait_until(Duration::from_secs(20), || {
-            let _: i64 = ::redis::cmd("PUBLISH").arg(ch).arg(body).query(conn).unwrap();
+            let _: i64 = ::redis::cmd("PUBLISH")
+                .arg(ch)
+                .arg(body)
+                .query(conn)
+                .unwrap();
             std::thread::sleep(Duration::from_millis(100));
-            sink.requests_to(path).iter().any(|q| &q.body[..] == body.as_bytes())
+            sink.requests_to(path)
+                .iter()
+                .any(|q| &q.body[..] == body.as_bytes())
         });
         mkc.check(heard, || format!("nothing heard on {ch}"));
     };
@@ -281,7 +308,10 @@ fn subscriptions_channel_pattern_and_keyspace_events() {
         .unwrap();
     assert_eq!(req.header("x-mkc-source"), Some("redis-subscribe"));
     assert_eq!(req.header("x-mkc-topic"), Some(news.as_str()));
-    assert_eq!(req.header("x-mkc-pattern"), Some(format!("{prefix}.*").as_str()));
+    assert_eq!(
+        req.header("x-mkc-pattern"),
+        Some(format!("{prefix}.*").as_str())
+    );
 
     // A key expiring: its name is the body, routed as command 99.
     let expiring = unique_name("session");
@@ -344,7 +374,10 @@ fn invalid_elements_are_logged_and_taken_off_the_list() {
         "invalid elements left on the lists"
     );
     mkc.check(mkc.log_count("invalid message") == 4, || {
-        format!("{} invalid lines, expected 4", mkc.log_count("invalid message"))
+        format!(
+            "{} invalid lines, expected 4",
+            mkc.log_count("invalid message")
+        )
     });
     sink.assert_no_more(1, Duration::from_millis(500));
     r::cleanup(&key);

@@ -109,6 +109,10 @@ pub struct WorkerFigures {
     /// The dispatch log's writer queue: set by the dispatch log.
     pub dispatch_log_queued: AtomicU64,
     pub dispatch_log_dropped: AtomicU64,
+    /// A Redis source's connection is down: set by its worker.
+    pub source_disconnected: AtomicBool,
+    /// A Redis source's reconnections: counted by its worker.
+    pub source_reconnects: AtomicU64,
 }
 
 impl WorkerFigures {
@@ -180,6 +184,8 @@ impl WorkerFigures {
             skips_expire_ms: AtomicI64::new(i64::MAX),
             dispatch_log_queued: AtomicU64::new(0),
             dispatch_log_dropped: AtomicU64::new(0),
+            source_disconnected: AtomicBool::new(false),
+            source_reconnects: AtomicU64::new(0),
         }
     }
 
@@ -820,6 +826,8 @@ impl Parts {
                 queued: f.dispatch_log_queued.load(Ordering::Relaxed),
                 dropped: f.dispatch_log_dropped.load(Ordering::Relaxed),
             },
+            source_disconnected: f.source_disconnected.load(Ordering::Relaxed),
+            source_reconnects: f.source_reconnects.load(Ordering::Relaxed),
         }
     }
 }

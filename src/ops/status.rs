@@ -59,6 +59,10 @@ pub struct WorkerStatus {
     pub started_ms: Option<i64>,
     pub restarts: u64,
     pub assigned: Vec<i32>,
+    /// A Redis source's worker whose connection is down.
+    pub source_disconnected: bool,
+    /// A Redis source's worker's reconnections.
+    pub source_reconnects: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -183,16 +187,15 @@ pub fn gather_from(
             started_ms: slot.pid.map(|_| slot.started_ms),
             restarts: slot.restarts,
             assigned: snapshot.map(|s| s.assigned.clone()).unwrap_or_default(),
+            source_disconnected: snapshot.is_some_and(|s| s.source_disconnected),
+            source_reconnects: snapshot.map_or(0, |s| s.source_reconnects),
         });
     }
 
     let threshold = config.stuck_threshold.as_secs_f64();
     // Every source, named as its workers are (a topic, `redis-list:KEY`,
     // `redis-subscribe:CHANNEL`).
-    for name in crate::source::planned(config)
-        .iter()
-        .map(|p| p.source.id())
-    {
+    for name in crate::source::planned(config).iter().map(|p| p.source.id()) {
         let mut t = TopicStatus {
             name: name.clone(),
             workers: slots.iter().filter(|s| s.topic == name).count(),
@@ -240,6 +243,15 @@ pub fn gather_from(
         for s in snapshots.iter().filter(|s| s.topic == name) {
             t.invalid += s.invalid;
             t.unrouted += s.unrouted;
+        }
+        for s in live
+            .iter()
+            .filter(|s| s.topic == name && s.source_disconnected)
+        {
+            status.not_ready.push(format!(
+                "{} worker #{}: Redis is not connected (reconnecting)",
+                t.name, s.index
+            ));
         }
         if master.is_some() {
             if t.workers_up < t.workers {
@@ -633,6 +645,40 @@ pub fn prometheus(status: &Status) -> String {
             "mkc_worker_restarts_total",
             &[("topic", &w.topic), ("index", &index)],
             w.restarts as f64,
+        );
+    }
+    f.head(
+        "mkc_source_connected",
+        "gauge",
+        "A Redis source's worker: 1 while connected to Redis.",
+    );
+    for w in status
+        .workers
+        .iter()
+        .filter(|w| w.up && w.topic.starts_with("redis-"))
+    {
+        let index = w.index.to_string();
+        f.sample(
+            "mkc_source_connected",
+            &[("topic", &w.topic), ("index", &index)],
+            f64::from(u8::from(!w.source_disconnected)),
+        );
+    }
+    f.head(
+        "mkc_source_reconnects_total",
+        "counter",
+        "A Redis source's worker: connections made again after one was lost.",
+    );
+    for w in status
+        .workers
+        .iter()
+        .filter(|w| w.up && w.topic.starts_with("redis-"))
+    {
+        let index = w.index.to_string();
+        f.sample(
+            "mkc_source_reconnects_total",
+            &[("topic", &w.topic), ("index", &index)],
+            w.source_reconnects as f64,
         );
     }
     f.head(

@@ -117,17 +117,32 @@ impl Acknowledge for ListAcks {
     }
 }
 
-/// Logs a Redis outage once, and its end.
+/// Logs a Redis outage once, and its end; the reader's also shows in the
+/// worker's figures (`/readyz`, metrics).
 #[derive(Default)]
 struct Outage {
     down: bool,
+    figures: Option<Arc<WorkerFigures>>,
 }
 
 impl Outage {
+    fn reporting(figures: Arc<WorkerFigures>) -> Outage {
+        Outage {
+            down: false,
+            figures: Some(figures),
+        }
+    }
+
     fn failed(&mut self, what: &str, key: &str, e: &redis::RedisError) {
         if !self.down {
-            tracing::warn!(list = key, "redis: {what} failed: {e}; retrying until Redis answers");
+            tracing::warn!(
+                list = key,
+                "redis: {what} failed: {e}; retrying until Redis answers"
+            );
             self.down = true;
+            if let Some(f) = &self.figures {
+                f.source_disconnected.store(true, Ordering::Relaxed);
+            }
         }
     }
 
@@ -135,6 +150,10 @@ impl Outage {
         if self.down {
             tracing::info!(list = key, "redis: answering again");
             self.down = false;
+            if let Some(f) = &self.figures {
+                f.source_disconnected.store(false, Ordering::Relaxed);
+                f.source_reconnects.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -273,7 +292,7 @@ async fn read_list(
 ) {
     let partition = pipeline.partition(0);
     let key = keys.source.clone();
-    let mut outage = Outage::default();
+    let mut outage = Outage::reporting(pipeline.figures());
     let mut backoff = BACKOFF_START;
     let mut recovered = false;
     'connect: loop {
@@ -501,13 +520,31 @@ pub async fn run_subscribe(
         let subs = vec![subscription];
         async move { redis_subscribe::run(client, subs, tx, &state, stop).await }
     });
-    let feeder = tokio::spawn(feed(pipeline.clone(), rx, stop.clone(), state.clone()));
+    let feeder = tokio::spawn(feed(pipeline.clone(), rx, stop.clone()));
+    // The subscriber's connection, as the figures show it.
+    let mirror = tokio::spawn({
+        let (state, stop) = (state.clone(), stop.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let connected = state.connected.load(Ordering::Acquire);
+                figures
+                    .source_disconnected
+                    .store(!connected, Ordering::Relaxed);
+                figures
+                    .source_reconnects
+                    .store(state.reconnects.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+    });
     tracing::info!(channel = %channel, "subscriber started");
 
     let orphaned = wait_for_stop(&mut signals, master).await;
     stop.cancel();
     let _ = subscriber.await;
     let _ = feeder.await;
+    let _ = mirror.await;
     let deadline = if orphaned {
         Duration::from_secs(1)
     } else {
@@ -522,19 +559,13 @@ pub async fn run_subscribe(
 
 /// Hands published messages to the pipeline, numbered from the time the
 /// worker started, while the window has room.
-async fn feed(
-    pipeline: Arc<Pipeline>,
-    mut rx: mpsc::Receiver<Published>,
-    stop: CancellationToken,
-    state: Arc<SubscriberState>,
-) {
+async fn feed(pipeline: Arc<Pipeline>, mut rx: mpsc::Receiver<Published>, stop: CancellationToken) {
     let partition = pipeline.partition(0);
     let next = AtomicU64::new(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64),
     );
-    let _ = &state;
     loop {
         if worker::room(&pipeline, &partition, &stop).await.is_none() {
             return;

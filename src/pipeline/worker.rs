@@ -452,6 +452,11 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// The worker's figures.
+    pub(crate) fn figures(&self) -> Arc<WorkerFigures> {
+        self.figures.clone()
+    }
+
     pub(crate) fn partition(self: &Arc<Self>, number: i32) -> Arc<Partition> {
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         partitions
@@ -851,7 +856,10 @@ pub(crate) fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &i
         Ok(e) => e,
         // Not an envelope, on a source whose messages are routed as one
         // command: the body goes out unchanged.
-        Err(reason) if pipeline.command.is_some() && !matches!(reason, envelope::Invalid::TooLarge { .. }) => {
+        Err(reason)
+            if pipeline.command.is_some()
+                && !matches!(reason, envelope::Invalid::TooLarge { .. }) =>
+        {
             tracing::trace!(%topic, partition = partition.number, offset, "not an envelope ({reason}): routed as the source's command");
             envelope::Envelope {
                 command_id: pipeline.command.unwrap_or(CommandId(0)),

@@ -111,10 +111,17 @@ mod tests {
 
     #[test]
     fn slot_names_read_back() {
-        for id in ["orders", "redis-list:jobs:high", "redis-subscribe:__keyevent@0__:expired"] {
+        for id in [
+            "orders",
+            "redis-list:jobs:high",
+            "redis-subscribe:__keyevent@0__:expired",
+        ] {
             assert_eq!(SourceName::parse(id).id(), id);
         }
         let s = SourceName::parse("redis-subscribe:news.*");
-        assert_eq!((s.kind, s.name.as_str()), (SourceKind::RedisSubscribe, "news.*"));
+        assert_eq!(
+            (s.kind, s.name.as_str()),
+            (SourceKind::RedisSubscribe, "news.*")
+        );
     }
 }

@@ -471,7 +471,10 @@ mod tests {
             strings(&dead.take(2, Duration::ZERO).await.unwrap().1),
             ["x", "y"]
         );
-        assert_eq!(strings(&live.take(1, Duration::ZERO).await.unwrap().1), ["z"]);
+        assert_eq!(
+            strings(&live.take(1, Duration::ZERO).await.unwrap().1),
+            ["z"]
+        );
         // Heartbeat still fresh: nothing moves.
         assert_eq!(live.reclaim().await.unwrap(), 0);
         tokio::time::sleep(Duration::from_millis(500)).await;
