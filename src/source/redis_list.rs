@@ -401,11 +401,15 @@ mod tests {
         let (first, taken) = list.take(2, Duration::ZERO).await.unwrap();
         assert_eq!(strings(&taken), ["a", "b"]);
         assert_eq!(first, 1);
-        let (first, _) = list.take(1, Duration::ZERO).await.unwrap();
-        assert_eq!(first, 3, "take numbers follow on");
-        lpush(&client, &key, &["c"]).await;
         assert_eq!(lrange(&client, &key).await, ["c"]);
         assert_eq!(lrange(&client, &list.keys().processing).await, ["b", "a"]);
+        let (first, taken) = list.take(1, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            (first, strings(&taken)),
+            (3, vec!["c".to_string()]),
+            "take numbers follow on"
+        );
+        lpush(&client, &key, &["d"]).await;
         list.ack(&[Bytes::from_static(b"a"), Bytes::from_static(b"c")])
             .await
             .unwrap();
