@@ -751,14 +751,28 @@ pub fn text(status: &Status) -> String {
         let up = w.started_ms.map_or(0.0, |s| (now - s) as f64 / 1000.0);
         let _ = writeln!(
             out,
-            "  [{}] #{}  pid {}  {}  up {}  restarts {}  partitions {:?}",
+            "  [{}] #{}  pid {}  {}  up {}  restarts {}  partitions {:?}{}",
             w.topic,
             w.index,
             w.pid.map_or("-".to_string(), |p| p.to_string()),
             if w.up { "running" } else { "DOWN" },
             short_duration(up),
             w.restarts,
-            w.assigned
+            w.assigned,
+            // A Redis source's connection, as /metrics has it.
+            if w.up && w.topic.starts_with("redis-") {
+                format!(
+                    "  redis {}  reconnects {}",
+                    if w.source_disconnected {
+                        "DISCONNECTED"
+                    } else {
+                        "connected"
+                    },
+                    w.source_reconnects
+                )
+            } else {
+                String::new()
+            }
         );
     }
     for t in &status.topics {

@@ -117,8 +117,10 @@ impl Acknowledge for ListAcks {
     }
 }
 
-/// Logs a Redis outage once, and its end; the reader's also shows in the
-/// worker's figures (`/readyz`, metrics).
+/// Logs a Redis outage once, and its end; the reader's and the
+/// heartbeat's also show in the worker's figures (`/readyz`, metrics): the
+/// heartbeat notices an outage even while a full window keeps the reader
+/// from asking Redis for anything.
 #[derive(Default)]
 struct Outage {
     down: bool,
@@ -140,9 +142,11 @@ impl Outage {
                 "redis: {what} failed: {e}; retrying until Redis answers"
             );
             self.down = true;
-            if let Some(f) = &self.figures {
-                f.source_disconnected.store(true, Ordering::Relaxed);
-            }
+        }
+        // Every failure, not only this task's first: another task of the
+        // slot may have seen Redis answer in between.
+        if let Some(f) = &self.figures {
+            f.source_disconnected.store(true, Ordering::Relaxed);
         }
     }
 
@@ -150,8 +154,11 @@ impl Outage {
         if self.down {
             tracing::info!(list = key, "redis: answering again");
             self.down = false;
-            if let Some(f) = &self.figures {
-                f.source_disconnected.store(false, Ordering::Relaxed);
+        }
+        // The reader and the heartbeat both report; the first to see Redis
+        // answer again counts the reconnection, once per outage.
+        if let Some(f) = &self.figures {
+            if f.source_disconnected.swap(false, Ordering::Relaxed) {
                 f.source_reconnects.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -218,6 +225,7 @@ pub async fn run_list(
         client.clone(),
         keys.clone(),
         backlog,
+        Outage::reporting(pipeline.figures()),
         closing.clone(),
     ));
 
@@ -435,18 +443,22 @@ async fn heartbeat(
     client: Client,
     keys: ListKeys,
     backlog: Arc<AtomicI64>,
+    mut outage: Outage,
     closing: CancellationToken,
 ) {
     let key = keys.source.clone();
-    let mut outage = Outage::default();
     let mut list: Option<RedisList> = None;
     let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
-    let mut last_reclaim = tokio::time::Instant::now();
+    // A timer of its own: looking on every third beat (6 s) would break
+    // the documented bound (TTL + RECLAIM_EVERY after the last heartbeat).
+    let mut look = tokio::time::interval(RECLAIM_EVERY);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let reclaim = tokio::select! {
             _ = closing.cancelled() => return,
-            _ = beat.tick() => {}
-        }
+            _ = beat.tick() => false,
+            _ = look.tick() => true,
+        };
         if list.is_none() {
             match RedisList::connect(&client, keys.clone()).await {
                 Ok(l) => list = Some(l),
@@ -460,8 +472,7 @@ async fn heartbeat(
         let Some(l) = list.as_mut() else { continue };
         let result = async {
             l.heartbeat(HEARTBEAT_TTL).await?;
-            if last_reclaim.elapsed() >= RECLAIM_EVERY {
-                last_reclaim = tokio::time::Instant::now();
+            if reclaim {
                 let n = l.reclaim().await?;
                 if n > 0 {
                     tracing::warn!(list = %key, elements = n,
