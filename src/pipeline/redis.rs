@@ -117,50 +117,43 @@ impl Acknowledge for ListAcks {
     }
 }
 
-/// Logs a Redis outage once, and its end; the reader's and the
-/// heartbeat's also show in the worker's figures (`/readyz`, metrics): the
-/// heartbeat notices an outage even while a full window keeps the reader
-/// from asking Redis for anything.
-#[derive(Default)]
+/// Logs a Redis outage once per worker (its tasks share the figures'
+/// flag, not once per task that notices it), and its end; shown in the
+/// worker's figures (`/readyz`, metrics).
 struct Outage {
-    down: bool,
-    figures: Option<Arc<WorkerFigures>>,
+    figures: Arc<WorkerFigures>,
 }
 
 impl Outage {
     fn reporting(figures: Arc<WorkerFigures>) -> Outage {
-        Outage {
-            down: false,
-            figures: Some(figures),
-        }
+        Outage { figures }
     }
 
     fn failed(&mut self, what: &str, key: &str, e: &redis::RedisError) {
-        if !self.down {
+        if !self
+            .figures
+            .source_disconnected
+            .swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(
                 list = key,
                 "redis: {what} failed: {e}; retrying until Redis answers"
             );
-            self.down = true;
-        }
-        // Every failure, not only this task's first: another task of the
-        // slot may have seen Redis answer in between.
-        if let Some(f) = &self.figures {
-            f.source_disconnected.store(true, Ordering::Relaxed);
         }
     }
 
+    /// The first task to see Redis answer again logs it and counts the
+    /// reconnection, once per outage.
     fn ok(&mut self, key: &str) {
-        if self.down {
+        if self
+            .figures
+            .source_disconnected
+            .swap(false, Ordering::Relaxed)
+        {
             tracing::info!(list = key, "redis: answering again");
-            self.down = false;
-        }
-        // The reader and the heartbeat both report; the first to see Redis
-        // answer again counts the reconnection, once per outage.
-        if let Some(f) = &self.figures {
-            if f.source_disconnected.swap(false, Ordering::Relaxed) {
-                f.source_reconnects.fetch_add(1, Ordering::Relaxed);
-            }
+            self.figures
+                .source_reconnects
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -219,6 +212,7 @@ pub async fn run_list(
         client.clone(),
         keys.clone(),
         finished_rx,
+        Outage::reporting(pipeline.figures()),
         closing.clone(),
     ));
     let beat = tokio::spawn(heartbeat(
@@ -379,10 +373,10 @@ async fn acknowledge(
     client: Client,
     keys: ListKeys,
     mut finished: mpsc::UnboundedReceiver<Bytes>,
+    mut outage: Outage,
     closing: CancellationToken,
 ) {
     let key = keys.source.clone();
-    let mut outage = Outage::default();
     let mut backoff = BACKOFF_START;
     let mut list: Option<RedisList> = None;
     let mut batch: Vec<Bytes> = Vec::new();
