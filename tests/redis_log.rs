@@ -138,11 +138,17 @@ fn retry(backend: Backend) {
     let rows = db.wait_rows(Duration::from_secs(30), |rows| {
         rows.iter().any(|r| r.status == "delivered_after_retry")
     });
-    mkc.check(rows.len() == 1, || format!("{} rows, expected 1", rows.len()));
+    mkc.check(rows.len() == 1, || {
+        format!("{} rows, expected 1", rows.len())
+    });
     let row = &rows[0];
     mkc.check(
-        (row.topic.as_str(), row.partition, row.offset, row.module.as_str())
-            == (key.as_str(), 0, offset, "a"),
+        (
+            row.topic.as_str(),
+            row.partition,
+            row.offset,
+            row.module.as_str(),
+        ) == (key.as_str(), 0, offset, "a"),
         || {
             format!(
                 "row {}/{}/{} {}, expected {key}/0/{offset} a",
@@ -150,7 +156,9 @@ fn retry(backend: Backend) {
             )
         },
     );
-    mkc.check(row.retry_num == 2, || format!("retry_num {}", row.retry_num));
+    mkc.check(row.retry_num == 2, || {
+        format!("retry_num {}", row.retry_num)
+    });
     mkc.check(row.content == body, || "row content differs".to_string());
     mkc.check(row.commit_id.as_deref() == Some("42"), || {
         format!("commit_id {:?}", row.commit_id)
@@ -219,7 +227,10 @@ fn delay_holds_the_first_attempt_after_the_element_was_taken() {
             problems.add(format!("{q}: {held:?} after the push, expected 1.5 s"));
         }
     }
-    let order: Vec<String> = got.iter().map(|q| q.idempotency_key().to_string()).collect();
+    let order: Vec<String> = got
+        .iter()
+        .map(|q| q.idempotency_key().to_string())
+        .collect();
     let want: Vec<String> = (1..5).map(|i| format!("{key}-{i}")).collect();
     if order != want {
         problems.add(format!("order {order:?}"));
@@ -321,15 +332,13 @@ fn skip(backend: Backend) {
     for poison in [1, 3, 5] {
         sink.fail_always(&format!("{key}-{poison}"));
     }
-    let cfg = config(&key)
-        .line(&format!("admin-token {TOKEN}"))
-        .module(
-            Module::new("a", sink.url("/a"))
-                .filter(1001)
-                .retrynum(0)
-                .retry_delay(200)
-                .line("mode ordered"),
-        );
+    let cfg = config(&key).line(&format!("admin-token {TOKEN}")).module(
+        Module::new("a", sink.url("/a"))
+            .filter(1001)
+            .retrynum(0)
+            .retry_delay(200)
+            .line("mode ordered"),
+    );
     let (mkc, db) = start(backend, cfg);
     let element = |i: u64| envelope(i, "1001", "{}").into_bytes();
     let base = mkc.admin_url(Duration::from_secs(30));
@@ -387,7 +396,14 @@ fn skip(backend: Backend) {
     mkc.check(status.is_some_and(|s| s.success()), || {
         format!("mkc skip --topic {slot} failed ({status:?}): {output}")
     });
-    wait_freed(&mkc, &sink, &key, &element(3), 4, "mkc skip --topic redis-list:KEY");
+    wait_freed(
+        &mkc,
+        &sink,
+        &key,
+        &element(3),
+        4,
+        "mkc skip --topic redis-list:KEY",
+    );
 
     // (b) The admin API, as the page's Skip button posts it: the stuck
     // entry's own fields.
@@ -501,7 +517,10 @@ fn exhausted_and_invalid_list_elements_are_dead_lettered() {
     let rows = db.wait_rows(Duration::from_secs(30), |rows| rows.len() == 2);
     let attempts = sink.requests();
     mkc.check(attempts.len() == 3, || {
-        format!("{} attempts of the exhausted element, expected 3", attempts.len())
+        format!(
+            "{} attempts of the exhausted element, expected 3",
+            attempts.len()
+        )
     });
     let exhausted_offset = attempts[0].offset();
     let mut problems = Problems::default();
@@ -529,7 +548,10 @@ fn exhausted_and_invalid_list_elements_are_dead_lettered() {
         // The invalid element was taken right after the exhausted one.
         let offset = offset.unwrap_or(exhausted_offset + 1);
         if row.offset != offset {
-            problems.add(format!("{status} row offset {}, expected {offset}", row.offset));
+            problems.add(format!(
+                "{status} row offset {}, expected {offset}",
+                row.offset
+            ));
         }
         let mut want = vec![
             ("mkc-topic", key.clone()),
