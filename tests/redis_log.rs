@@ -578,10 +578,7 @@ fn exhausted_and_invalid_list_elements_are_dead_lettered() {
         if letter.key.is_some() {
             problems.add(format!("{status} letter has a key {:?}", letter.key));
         }
-        if !letter
-            .header("mkc-last-error")
-            .is_some_and(|e| !e.is_empty())
-        {
+        if letter.header("mkc-last-error").is_none_or(|e| e.is_empty()) {
             problems.add(format!("{status} letter: no mkc-last-error"));
         }
     }
