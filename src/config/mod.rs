@@ -1580,6 +1580,18 @@ impl ServerDraft {
                     m.file.display()
                 ));
             }
+            // Dead-letter topics are Kafka topics: without brokers (a
+            // Redis-only configuration) every letter would be retried
+            // forever and its message would never be acknowledged.
+            if let Some(name) = m.dead_letter_topic.as_deref() {
+                if self.brokers.is_empty() && !needs_kafka {
+                    report.error_unplaced(format!(
+                        "{}: dead_letter_topic {name} is a Kafka topic: no brokers configured \
+                         (add a `brokers HOST:PORT` line)",
+                        m.file.display()
+                    ));
+                }
+            }
         }
 
         ServerConfig {
@@ -2578,6 +2590,19 @@ max-message-bytes 1024
         assert_eq!(
             errors,
             ["/etc/mkc/server.conf: no brokers configured (add a `brokers HOST:PORT` line)"]
+        );
+        // So does a module's dead-letter topic in a Redis-only configuration.
+        let module = format!("{MODULE_M}dead_letter_topic dead\n");
+        let errors = rejected(
+            "redis 127.0.0.1:6379\nredis-list jobs\nmodule m.conf\n",
+            &[("m.conf", module.as_str())],
+        );
+        assert_eq!(
+            errors,
+            [
+                "/etc/mkc/m.conf: dead_letter_topic dead is a Kafka topic: no brokers configured \
+              (add a `brokers HOST:PORT` line)"
+            ]
         );
     }
 
