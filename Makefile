@@ -2,7 +2,8 @@
 #
 #   make build       release binary: target/release/mkc
 #   make demo        build and run `mkc demo` (no Kafka or database needed)
-#   make test        install packages and (once) the test broker, start it, run every test
+#   make test        install packages and (once) the test broker, start it and
+#                    MariaDB and Redis when they do not answer, run every test
 #   make install     PREFIX=/usr/local/mkc DESTDIR= : binary, conf, logs, run, systemd unit
 #   make fmt         cargo fmt
 #   make clippy      cargo clippy --all-targets -- -D warnings
@@ -23,7 +24,7 @@ TEST_THREADS ?= 2
 SYSTEMD_UNIT := systemd/mkc.service
 UNIT_DIR     := $(DESTDIR)/lib/systemd/system
 
-.PHONY: all build demo setup setup-test test bench install fmt clippy kafka-install kafka-start kafka-stop clean
+.PHONY: all build demo setup setup-test test bench install fmt clippy kafka-install kafka-start kafka-stop services clean
 
 all: build
 
@@ -43,7 +44,7 @@ demo: setup
 
 # The tests find the broker through MKC_TEST_BROKERS; it follows
 # MKC_KAFKA_PORT, the port scripts/kafka.sh starts the broker on.
-test: setup-test kafka-start
+test: setup-test kafka-start services
 	MKC_TEST_BROKERS="$${MKC_TEST_BROKERS:-127.0.0.1:$${MKC_KAFKA_PORT:-9092}}" \
 	$(CARGO) test --lib --bins --tests -- --test-threads=$(TEST_THREADS)
 
@@ -57,6 +58,10 @@ bench: kafka-install
 
 kafka-install:
 	scripts/kafka.sh install
+
+# MariaDB and Redis on 127.0.0.1 (started when they do not answer).
+services:
+	scripts/services.sh start
 
 kafka-start: kafka-install
 	scripts/kafka.sh start

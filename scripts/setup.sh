@@ -8,7 +8,8 @@
 #                            python3, curl
 #   scripts/setup.sh test    the above, plus what the tests use:
 #                            systemd-analyze (unit check), chromium and
-#                            chromedriver (status page test)
+#                            chromedriver (status page test), redis-server
+#                            and MariaDB (scripts/services.sh starts them)
 #
 # Rust itself (cargo, rustc) must be installed (https://rustup.rs).
 set -euo pipefail
@@ -39,6 +40,10 @@ if [[ "$what" == test ]]; then
     need systemd-analyze systemd
     need chromium chromium
     need chromedriver chromium-driver
+    # The services the tests use (scripts/services.sh starts them).
+    need redis-server redis-server
+    need /usr/sbin/mariadbd mariadb-server
+    need mysql mariadb-client
 fi
 
 if [[ ${#packages[@]} -eq 0 ]]; then

@@ -73,7 +73,9 @@ enum Command {
     /// worker retrying it moves on (outcome "skipped") before its next
     /// attempt.
     Skip {
-        /// The message's topic.
+        /// The message's topic; for a Redis source its key or channel, or
+        /// its slot id (`redis-list:KEY`, `redis-subscribe:CHANNEL`) as
+        /// the status page shows it.
         #[arg(long)]
         topic: String,
         /// The message's partition.
@@ -234,6 +236,10 @@ fn dispatch_log_command(conf: &Path, command: Command) -> anyhow::Result<ExitCod
                 offset,
                 module,
             } => {
+                // The dispatch log's topic_name of a Redis message is the
+                // bare key or channel: the status page's slot id is read
+                // back to it (Kafka topic names cannot hold `:`).
+                let topic = crate::source::SourceName::parse(&topic).name;
                 crate::record::replay::skip(
                     &config,
                     &topic,

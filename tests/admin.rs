@@ -1003,3 +1003,102 @@ fn status_page_in_chromium_shows_lag_and_stuck_and_skip_removes_it() {
     assert_eq!(module(&st, "bad")["skipped"], 1);
     eprintln!("screenshot: {}", shot.display());
 }
+
+/// The page's Skip button on a Redis list element: the stuck element is
+/// shown under its source `redis-list:KEY`, Skip takes it off the list and
+/// the elements behind it flow.
+#[test]
+fn status_page_skip_button_frees_a_stuck_redis_list() {
+    use common::redis as r;
+    let key = unique_name("adm-page-list");
+    let sink = Sink::start();
+    sink.fail_always(&format!("{key}-1"));
+    let mkc = Mkc::start(
+        &MkcConfig::redis_only(&unique_name("g"))
+            .line(&format!("redis {}", r::url()))
+            .line(&format!("redis-list {key}"))
+            .module(
+                Module::new("m", sink.url("/m"))
+                    .filter(7)
+                    .retrynum(0)
+                    .retry_delay(300),
+            )
+            .line("stuck-threshold 2")
+            .line(&format!("admin-token {TOKEN}")),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+    let mut conn = r::connect(&r::url());
+    let elements: Vec<Vec<u8>> = (1..=4u64)
+        .map(|i| envelope(i, "7", "{}").into_bytes())
+        .collect();
+    r::lpush(&mut conn, &key, &elements);
+    let source = format!("redis-list:{key}");
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(30),
+        "the stuck element",
+        |st| {
+            st["stuck"]
+                .as_array()
+                .is_some_and(|s| s.len() == 1 && s[0]["topic"] == source.as_str())
+        },
+    );
+    let driver = start_driver(mkc.dir());
+    let browser = Browser::open(&driver, mkc.dir());
+    browser.go(&format!("{base}/"));
+    let read_page = r#"
+        return {
+          loaded: document.body.dataset.loaded || "",
+          topics: [...document.querySelectorAll("h3.topic")].map(h => h.dataset.topic),
+          stuck: [...document.querySelectorAll("tr.stuck-row")].map(r => r.dataset.key),
+        };"#;
+    let mut page = Value::Null;
+    if !wait_until(Duration::from_secs(20), || {
+        page = browser.js(read_page);
+        page["loaded"] == "yes" && page["stuck"].as_array().is_some_and(|s| s.len() == 1)
+    }) {
+        mkc.fail(&format!("the page never showed the stuck element: {page}"));
+    }
+    assert_eq!(page["topics"], json!([source]));
+    assert!(
+        page["stuck"][0]
+            .as_str()
+            .is_some_and(|k| k.starts_with(&format!("{source}/0/"))),
+        "{page}"
+    );
+    browser.screenshot(&output_dir().join("status-page-redis-list.png"));
+    let token = browser.element("#token");
+    browser.call(
+        "POST",
+        &format!("/element/{token}/value"),
+        Some(json!({"text": TOKEN})),
+    );
+    let skip = browser.element("tr.stuck-row button.skip");
+    browser.call("POST", &format!("/element/{skip}/click"), Some(json!({})));
+    // The three elements behind it arrive, and nothing stays on the lists.
+    let got = sink.wait_until(Duration::from_secs(20), |reqs| {
+        (2..=4).all(|i| {
+            reqs.iter()
+                .any(|q| q.idempotency_key() == format!("{key}-{i}"))
+        })
+    });
+    mkc.check(got, || {
+        "the elements behind the skipped one never arrived".into()
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            r::llen(&mut conn, &key) == 0
+                && r::lists_len(&mut conn, &format!("{key}:mkc:processing:*")) == 0
+        }),
+        "elements left on the lists after Skip"
+    );
+    wait_status(
+        &mkc,
+        &base,
+        Duration::from_secs(10),
+        "one skip counted",
+        |st| module(st, "m")["skipped"] == 1,
+    );
+    r::cleanup(&key);
+}

@@ -132,6 +132,55 @@ pub struct TopicConfig {
     pub name: String,
     /// Worker processes for this topic (`topic NAME N`, default 1).
     pub workers: u32,
+    /// `command ID` on the line after the `topic` line: messages that are
+    /// not an MKC envelope are routed as this commandId, body unchanged.
+    pub command: Option<CommandId>,
+}
+
+/// The Redis server of the Redis sources (`redis URL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisServer {
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]`, normalized (a bare HOST:PORT
+    /// gets the scheme).
+    pub url: String,
+    /// The database index (`/DB`, default 0): keyspace notifications name it.
+    pub db: u32,
+}
+
+impl fmt::Display for RedisServer {
+    /// For logs: never shows a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match Url::parse(&self.url) {
+            Ok(mut url) => {
+                if url.password().is_some() {
+                    let _ = url.set_password(Some("***"));
+                }
+                write!(f, "{url}")
+            }
+            Err(_) => f.write_str("redis (unparsable URL)"),
+        }
+    }
+}
+
+/// A Redis list consumed at least once (`redis-list KEY [N]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisListConfig {
+    pub key: String,
+    /// Worker processes popping the list (default 1).
+    pub workers: u32,
+    /// `command ID` on the next line: non-envelopes are routed as this id.
+    pub command: Option<CommandId>,
+}
+
+/// A Redis pub/sub subscription, at most once (`redis-subscribe CHANNEL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSubscribeConfig {
+    /// The channel, or the pattern when `pattern` is set.
+    pub channel: String,
+    /// The name holds `*`, `?` or `[`: subscribed with PSUBSCRIBE.
+    pub pattern: bool,
+    /// `command ID` on the next line: non-envelopes are routed as this id.
+    pub command: Option<CommandId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,8 +296,17 @@ pub struct ServerConfig {
     /// `pid-path` joined with `pid-file` (defaults: server.conf's
     /// directory and `mkc.pid`).
     pub pid_file: PathBuf,
-    /// `topic NAME [N]` lines; at least one.
+    /// `topic NAME [N]` lines (with the Redis sources: at least one source).
     pub topics: Vec<TopicConfig>,
+    /// `redis URL`: required when a Redis source is configured.
+    pub redis: Option<RedisServer>,
+    /// `redis-list KEY [N]` lines.
+    pub redis_lists: Vec<RedisListConfig>,
+    /// `redis-subscribe CHANNEL` lines.
+    pub redis_subscriptions: Vec<RedisSubscribeConfig>,
+    /// `redis-notify-keyspace-events FLAGS`: set on the server at start
+    /// (`CONFIG SET notify-keyspace-events`); `None` = leave it as it is.
+    pub redis_notify_keyspace_events: Option<String>,
     /// Global `filters`: an allow-list; empty = every module filter counts.
     pub filters: Vec<CommandId>,
     /// `module FILE` lines, in order; at least one.
@@ -797,6 +855,12 @@ struct ServerDraft {
     pid_path: Option<(PathBuf, Location)>,
     pid_file: Option<String>,
     topics: Vec<(TopicConfig, Location)>,
+    redis: Option<RedisServer>,
+    redis_lists: Vec<(RedisListConfig, Location)>,
+    redis_subscriptions: Vec<(RedisSubscribeConfig, Location)>,
+    redis_notify_keyspace_events: Option<String>,
+    /// The source the previous line configured, for a `command` line.
+    last_source: Option<SourceLine>,
     filters: Vec<(CommandId, Location)>,
     /// `module FILE` lines; resolved once `conf-path` is known.
     modules: Vec<(String, Location)>,
@@ -839,6 +903,11 @@ impl ServerDraft {
             pid_path: None,
             pid_file: None,
             topics: Vec::new(),
+            redis: None,
+            redis_lists: Vec::new(),
+            redis_subscriptions: Vec::new(),
+            redis_notify_keyspace_events: None,
+            last_source: None,
             filters: Vec::new(),
             modules: Vec::new(),
             mysql: MysqlDraft::default(),
@@ -860,7 +929,13 @@ impl ServerDraft {
 
     fn apply(&mut self, d: &Directive, report: &mut Report) {
         let key = d.key.as_str();
+        // `command` belongs to the source configured on the line before.
+        let previous = self.last_source.take();
         match key {
+            "command" => self.command(d, previous, report),
+            "redis" | "redis-list" | "redis-subscribe" | "redis-notify-keyspace-events" => {
+                self.redis(d, report)
+            }
             "daemonize" => {
                 let Some(value) = report.single(d, "daemonize on|off") else {
                     return;
@@ -1159,8 +1234,140 @@ impl ServerDraft {
         let topic = TopicConfig {
             name: name.to_string(),
             workers,
+            command: None,
         };
         self.topics.push((topic, d.location.clone()));
+        self.last_source = Some(SourceLine::Topic(self.topics.len() - 1));
+    }
+
+    /// `command ID`, right after a source line.
+    fn command(&mut self, d: &Directive, previous: Option<SourceLine>, report: &mut Report) {
+        let Some(value) = report.single(d, "command ID") else {
+            return;
+        };
+        let Some(id) = CommandId::parse(value) else {
+            report.error(
+                &d.location,
+                format!(
+                    "command: \"{value}\" is not a command id (an integer in the 64-bit range)"
+                ),
+            );
+            return;
+        };
+        let slot = match previous {
+            Some(SourceLine::Topic(i)) => &mut self.topics[i].0.command,
+            Some(SourceLine::List(i)) => &mut self.redis_lists[i].0.command,
+            Some(SourceLine::Subscribe(i)) => &mut self.redis_subscriptions[i].0.command,
+            None => {
+                report.error(
+                    &d.location,
+                    "command: must follow a topic, redis-list or redis-subscribe line \
+                     (it names the commandId of that source's non-envelope messages)",
+                );
+                return;
+            }
+        };
+        *slot = Some(id);
+    }
+
+    /// `redis`, `redis-list`, `redis-subscribe`, `redis-notify-keyspace-events`.
+    fn redis(&mut self, d: &Directive, report: &mut Report) {
+        let key = d.key.as_str();
+        match key {
+            "redis" => {
+                let Some(value) = report.single(d, "redis redis://[:PASSWORD@]HOST:PORT[/DB]")
+                else {
+                    return;
+                };
+                match redis_server(value) {
+                    Ok(server) => {
+                        self.seen.note(key, d, report);
+                        self.redis = Some(server);
+                    }
+                    Err(e) => report.error(&d.location, format!("redis: {e}")),
+                }
+            }
+            "redis-list" => {
+                let Some(args) = report.args(d, 1, 2, "redis-list KEY [WORKERS]") else {
+                    return;
+                };
+                let name = args[0].as_str();
+                let workers = match args.get(1) {
+                    Some(text) => report.uint(d, "worker count", text, 1, MAX_WORKERS, ""),
+                    None => Some(1),
+                };
+                if name.is_empty() {
+                    report.error(&d.location, "redis-list: empty key");
+                    return;
+                }
+                if let Some((_, first)) = self.redis_lists.iter().find(|(l, _)| l.key == name) {
+                    report.error(
+                        &d.location,
+                        format!(
+                            "redis-list: \"{name}\" is already configured at line {}",
+                            first.line
+                        ),
+                    );
+                    return;
+                }
+                let workers = workers.and_then(|n| u32::try_from(n).ok()).unwrap_or(1);
+                let list = RedisListConfig {
+                    key: name.to_string(),
+                    workers,
+                    command: None,
+                };
+                self.redis_lists.push((list, d.location.clone()));
+                self.last_source = Some(SourceLine::List(self.redis_lists.len() - 1));
+            }
+            "redis-subscribe" => {
+                let Some(name) = report.single(d, "redis-subscribe CHANNEL|PATTERN") else {
+                    return;
+                };
+                if name.is_empty() {
+                    report.error(&d.location, "redis-subscribe: empty channel");
+                    return;
+                }
+                if let Some((_, first)) = self
+                    .redis_subscriptions
+                    .iter()
+                    .find(|(s, _)| s.channel == name)
+                {
+                    report.error(
+                        &d.location,
+                        format!(
+                            "redis-subscribe: \"{name}\" is already configured at line {}",
+                            first.line
+                        ),
+                    );
+                    return;
+                }
+                let subscription = RedisSubscribeConfig {
+                    channel: name.to_string(),
+                    pattern: name.contains(['*', '?', '[']),
+                    command: None,
+                };
+                self.redis_subscriptions
+                    .push((subscription, d.location.clone()));
+                self.last_source = Some(SourceLine::Subscribe(self.redis_subscriptions.len() - 1));
+            }
+            _ => {
+                let Some(flags) = report.single(d, "redis-notify-keyspace-events FLAGS") else {
+                    return;
+                };
+                if !flags.chars().all(|c| "KEg$lshzxetmdnA".contains(c)) {
+                    report.error(
+                        &d.location,
+                        format!(
+                            "redis-notify-keyspace-events: \"{flags}\" has a flag Redis does not \
+                             know (K E g $ l s h z x e t m d n A)"
+                        ),
+                    );
+                    return;
+                }
+                self.seen.note(key, d, report);
+                self.redis_notify_keyspace_events = Some(flags.to_string());
+            }
+        }
     }
 
     /// `admin-listen`, `admin-token`, `stuck-threshold` (docs/admin.md).
@@ -1257,14 +1464,25 @@ impl ServerDraft {
         report: &mut Report,
     ) -> ServerConfig {
         let shown = path.display();
-        if self.brokers.is_empty() {
+        let redis_sources = self.redis_lists.len() + self.redis_subscriptions.len();
+        // A Redis-only configuration needs no Kafka, unless it produces
+        // dead letters to a Kafka topic.
+        let needs_kafka = !self.topics.is_empty() || self.dead_letter_topic.is_some();
+        if self.brokers.is_empty() && needs_kafka {
             report.error_unplaced(format!(
                 "{shown}: no brokers configured (add a `brokers HOST:PORT` line)"
             ));
         }
-        if self.topics.is_empty() {
+        if self.topics.is_empty() && redis_sources == 0 {
             report.error_unplaced(format!(
-                "{shown}: no topic configured (add a `topic NAME [WORKERS]` line)"
+                "{shown}: no source configured (add a `topic NAME [WORKERS]`, \
+                 `redis-list KEY [WORKERS]` or `redis-subscribe CHANNEL` line)"
+            ));
+        }
+        if redis_sources > 0 && self.redis.is_none() {
+            report.error_unplaced(format!(
+                "{shown}: redis-list and redis-subscribe need the Redis server \
+                 (add a `redis redis://HOST:PORT` line)"
             ));
         }
         if self.modules.is_empty() {
@@ -1362,6 +1580,18 @@ impl ServerDraft {
                     m.file.display()
                 ));
             }
+            // Dead-letter topics are Kafka topics: without brokers (a
+            // Redis-only configuration) every letter would be retried
+            // forever and its message would never be acknowledged.
+            if let Some(name) = m.dead_letter_topic.as_deref() {
+                if self.brokers.is_empty() && !needs_kafka {
+                    report.error_unplaced(format!(
+                        "{}: dead_letter_topic {name} is a Kafka topic: no brokers configured \
+                         (add a `brokers HOST:PORT` line)",
+                        m.file.display()
+                    ));
+                }
+            }
         }
 
         ServerConfig {
@@ -1380,6 +1610,14 @@ impl ServerDraft {
             log_file: self.log_file,
             pid_file,
             topics: self.topics.into_iter().map(|(topic, _)| topic).collect(),
+            redis: self.redis,
+            redis_lists: self.redis_lists.into_iter().map(|(l, _)| l).collect(),
+            redis_subscriptions: self
+                .redis_subscriptions
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect(),
+            redis_notify_keyspace_events: self.redis_notify_keyspace_events,
             filters: self.filters.into_iter().map(|(id, _)| id).collect(),
             modules,
             mysql,
@@ -1397,6 +1635,43 @@ impl ServerDraft {
             stuck_threshold: self.stuck_threshold,
         }
     }
+}
+
+/// Which source a line configured (index into its list of the draft).
+#[derive(Debug, Clone, Copy)]
+enum SourceLine {
+    Topic(usize),
+    List(usize),
+    Subscribe(usize),
+}
+
+/// `redis`'s value: `redis://[:PASSWORD@]HOST:PORT[/DB]` or `HOST:PORT`.
+fn redis_server(value: &str) -> Result<RedisServer, String> {
+    let text = if value.contains("://") {
+        value.to_string()
+    } else {
+        format!("redis://{value}")
+    };
+    let url = Url::parse(&text).map_err(|e| format!("\"{value}\" is not a Redis URL: {e}"))?;
+    if url.scheme() != "redis" {
+        return Err(format!(
+            "\"{value}\": only redis:// URLs are supported (scheme {})",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("\"{value}\" has no host"));
+    }
+    let db = match url.path().trim_start_matches('/') {
+        "" => 0,
+        db => db
+            .parse::<u32>()
+            .map_err(|_| format!("\"{value}\": database \"{db}\" is not a number"))?,
+    };
+    Ok(RedisServer {
+        url: url.to_string(),
+        db,
+    })
 }
 
 /// `dispatch-log`'s value: `mysql://...` / `mariadb://...` (MySQL or
@@ -2091,11 +2366,13 @@ max-message-bytes 1024
             vec![
                 TopicConfig {
                     name: "orders".to_string(),
-                    workers: 4
+                    workers: 4,
+                    command: None
                 },
                 TopicConfig {
                     name: "siren".to_string(),
-                    workers: 1
+                    workers: 1,
+                    command: None
                 },
             ]
         );
@@ -2303,9 +2580,28 @@ max-message-bytes 1024
         assert_eq!(
             errors,
             vec![
-                "/etc/mkc/server.conf: no brokers configured (add a `brokers HOST:PORT` line)",
-                "/etc/mkc/server.conf: no topic configured (add a `topic NAME [WORKERS]` line)",
+                "/etc/mkc/server.conf: no source configured (add a `topic NAME [WORKERS]`, \
+                 `redis-list KEY [WORKERS]` or `redis-subscribe CHANNEL` line)",
                 "/etc/mkc/server.conf: no module configured (add a `module FILE` line)",
+            ]
+        );
+        // A topic needs brokers.
+        let errors = rejected("topic t\nmodule m.conf\n", &[("m.conf", MODULE_M)]);
+        assert_eq!(
+            errors,
+            ["/etc/mkc/server.conf: no brokers configured (add a `brokers HOST:PORT` line)"]
+        );
+        // So does a module's dead-letter topic in a Redis-only configuration.
+        let module = format!("{MODULE_M}dead_letter_topic dead\n");
+        let errors = rejected(
+            "redis 127.0.0.1:6379\nredis-list jobs\nmodule m.conf\n",
+            &[("m.conf", module.as_str())],
+        );
+        assert_eq!(
+            errors,
+            [
+                "/etc/mkc/m.conf: dead_letter_topic dead is a Kafka topic: no brokers configured \
+              (add a `brokers HOST:PORT` line)"
             ]
         );
     }
@@ -3274,5 +3570,100 @@ max-message-bytes 1024
         assert!(errors[0].contains(":4: admin-listen: \"localhost:80\" is not IP:PORT or off"));
         assert!(errors[1].contains(":5: admin-token: must be non-empty printable ASCII"));
         assert!(errors[2].contains(":6:"), "{}", errors[2]);
+    }
+
+    #[test]
+    fn redis_sources_with_commands_and_no_kafka() {
+        let loaded = accepted(
+            "redis 127.0.0.1:6379/2\n\
+             redis-list jobs 2\n\
+             # the list's non-envelopes\n\
+             command 77\n\
+             redis-subscribe __keyevent@2__:expired\n\
+             command 18446744073709551615\n\
+             redis-subscribe \"news.*\"\n\
+             redis-notify-keyspace-events Ex\n\
+             module m.conf\n",
+            &[("m.conf", MODULE_M)],
+        );
+        let c = &loaded.config;
+        assert!(c.brokers.is_empty() && c.topics.is_empty());
+        let redis = c.redis.as_ref().unwrap();
+        assert_eq!(
+            (redis.url.as_str(), redis.db),
+            ("redis://127.0.0.1:6379/2", 2)
+        );
+        assert_eq!(
+            c.redis_lists,
+            [RedisListConfig {
+                key: "jobs".into(),
+                workers: 2,
+                command: CommandId::parse("77"),
+            }]
+        );
+        assert_eq!(c.redis_subscriptions.len(), 2);
+        assert!(!c.redis_subscriptions[0].pattern);
+        assert_eq!(
+            c.redis_subscriptions[0].command,
+            CommandId::parse("18446744073709551615")
+        );
+        assert!(c.redis_subscriptions[1].pattern);
+        assert_eq!(c.redis_subscriptions[1].command, None);
+        assert_eq!(c.redis_notify_keyspace_events.as_deref(), Some("Ex"));
+    }
+
+    #[test]
+    fn command_follows_a_topic_line_too() {
+        let loaded = accepted(
+            "brokers 127.0.0.1:9092\ntopic raw\ncommand 5\ntopic orders\nmodule m.conf\n",
+            &[("m.conf", MODULE_M)],
+        );
+        let commands: Vec<_> = loaded.config.topics.iter().map(|t| t.command).collect();
+        assert_eq!(commands, [CommandId::parse("5"), None]);
+    }
+
+    #[test]
+    fn redis_mistakes_name_their_line() {
+        let errors = rejected(
+            "redis-list jobs\n\
+             command 1\n\
+             command 2\n\
+             redis ftp://x:1\n\
+             redis-list jobs\n\
+             module m.conf\n\
+             command x\n\
+             redis-notify-keyspace-events Q\n",
+            &[("m.conf", MODULE_M)],
+        );
+        let text = errors.join("\n");
+        assert!(text.contains(":3: command: must follow a topic"), "{text}");
+        assert!(
+            text.contains(":4: redis: \"ftp://x:1\": only redis://"),
+            "{text}"
+        );
+        assert!(
+            text.contains(":5: redis-list: \"jobs\" is already configured at line 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(":7: command: \"x\" is not a command id"),
+            "{text}"
+        );
+        assert!(
+            text.contains(":8: redis-notify-keyspace-events: \"Q\""),
+            "{text}"
+        );
+        assert!(text.contains("need the Redis server"), "{text}");
+        assert!(
+            !text.contains("no brokers"),
+            "a Redis-only configuration needs no brokers: {text}"
+        );
+    }
+
+    #[test]
+    fn redis_password_is_not_displayed() {
+        let server = redis_server("redis://:s3cret@10.0.0.1:6380/1").unwrap();
+        assert_eq!(server.db, 1);
+        assert!(!server.to_string().contains("s3cret"), "{server}");
     }
 }

@@ -180,33 +180,41 @@ fn start(config: Arc<ServerConfig>, warnings: Vec<config::Diagnostic>) -> anyhow
 }
 
 impl Master {
-    /// The worker slots a configuration asks for, with worker counts capped
-    /// at the partition counts the broker reports.
+    /// The worker slots a configuration asks for, with Kafka worker counts
+    /// capped at the partition counts the broker reports. A slot's `topic`
+    /// is its source's name ([`crate::source::SourceName`]).
     fn plan_slots(&self, config: &ServerConfig) -> Vec<Slot> {
-        let counts = probe_partition_counts(config);
+        // A Redis-only configuration never talks to Kafka.
+        let counts = if config.topics.is_empty() {
+            None
+        } else {
+            probe_partition_counts(config)
+        };
         let mut slots = Vec::new();
-        for topic in &config.topics {
-            let mut workers = topic.workers;
-            match counts.as_ref().map(|c| c.get(&topic.name)) {
+        for planned in crate::source::planned(config) {
+            let mut workers = planned.workers;
+            let name = &planned.source.name;
+            let kafka = planned.source.kind == crate::source::SourceKind::Kafka;
+            match counts.as_ref().filter(|_| kafka).map(|c| c.get(name)) {
                 Some(Some(&partitions)) if workers as usize > partitions => {
                     tracing::warn!(
-                        topic = %topic.name,
+                        topic = %name,
                         "topic {} asks for {} workers but has only {} partitions: starting {}",
-                        topic.name, workers, partitions, partitions
+                        name, workers, partitions, partitions
                     );
                     workers = partitions as u32;
                 }
                 Some(None) => tracing::warn!(
-                    topic = %topic.name,
+                    topic = %name,
                     "topic {} not found on the broker; starting {} worker(s) that wait for it",
-                    topic.name,
+                    name,
                     workers
                 ),
                 _ => {}
             }
             for index in 0..workers {
                 slots.push(Slot {
-                    topic: topic.name.clone(),
+                    topic: planned.source.id(),
                     index,
                     pid: None,
                     started: Instant::now(),
@@ -526,9 +534,9 @@ impl Master {
         new_config.pid_file = self.config.pid_file.clone();
         let new = Arc::new(new_config);
         let planned = self.plan_slots(&new);
-        // Stop workers of removed topics.
+        // Stop workers of removed sources.
         for topic in &old_topics {
-            if !new.topics.iter().any(|t| &t.name == topic) {
+            if !planned.iter().any(|s| &s.topic == topic) {
                 let which = self.slot_indexes(topic);
                 tracing::info!(topic = %topic, "topic removed: stopping its workers");
                 if self.stop_workers(&which) {

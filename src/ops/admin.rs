@@ -17,7 +17,7 @@
 //! | `GET /readyz`                      | 200 ready / 503 with the reasons       |
 //! | `GET /api/status`                  | [`Status`] as JSON (+ `admin_actions`) |
 //! | `GET /api/history`                 | samples of the last 10 minutes         |
-//! | `POST /api/skip`                   | `{topic, partition, offset, module}`   |
+//! | `POST /api/skip`                   | `{topic, partition, offset, module}` (a Redis source: `redis-list:KEY`, or the bare key) |
 //! | `POST /api/modules/{name}/pause`   | pause deliveries to a module           |
 //! | `POST /api/modules/{name}/resume`  | resume them                            |
 //!
@@ -41,6 +41,7 @@ use crate::config::ServerConfig;
 use crate::ops::status::{self, Status};
 use crate::process::signals::{WorkerEvent, WorkerSignals};
 use crate::process::state::{self, AdminState, Control, SkipRequest};
+use crate::source::SourceKind;
 
 /// How often a sample is taken for the charts.
 const SAMPLE_EVERY: Duration = Duration::from_secs(2);
@@ -367,7 +368,7 @@ async fn api_skip(
     if let Err(r) = app.authorize(&headers) {
         return *r;
     }
-    let skip: SkipBody = match serde_json::from_slice(&body) {
+    let mut skip: SkipBody = match serde_json::from_slice(&body) {
         Ok(s) => s,
         Err(e) => {
             return error(
@@ -376,9 +377,23 @@ async fn api_skip(
             )
         }
     };
-    if !app.config.topics.iter().any(|t| t.name == skip.topic) {
+    // The page names a Redis source by its slot id (`redis-list:KEY`);
+    // the bare key or channel, as the dispatch log's topic_name holds it,
+    // is accepted too (a Kafka topic of the same name wins).
+    let planned = crate::source::planned(&app.config);
+    let Some(source) = planned
+        .iter()
+        .find(|p| p.source.id() == skip.topic)
+        .or_else(|| {
+            planned
+                .iter()
+                .find(|p| p.source.kind != SourceKind::Kafka && p.source.name == skip.topic)
+        })
+        .map(|p| p.source.clone())
+    else {
         return error(StatusCode::NOT_FOUND, "no such topic");
-    }
+    };
+    skip.topic = source.id();
     if !app.config.modules.iter().any(|m| m.name == skip.module) {
         return error(StatusCode::NOT_FOUND, "no such module");
     }
@@ -387,34 +402,62 @@ async fn api_skip(
     // topic) would drop that future message without an attempt when it
     // comes within the request's 15 minutes: refused.
     let status = app.gather().await;
-    let reached = status
+    let reported = status
         .topics
         .iter()
         .filter(|t| t.name == skip.topic)
         .flat_map(|t| t.partitions.iter())
-        .find(|p| p.partition == skip.partition)
-        .and_then(|p| p.high_watermark);
+        .find(|p| p.partition == skip.partition);
     let retrying = status
         .stuck
         .iter()
         .any(|s| (&s.topic, s.partition, s.offset) == (&skip.topic, skip.partition, skip.offset));
-    let warning = match reached {
-        Some(high) if skip.offset >= high && !retrying => {
-            return error(
-                StatusCode::CONFLICT,
-                &format!(
-                    "topic {} partition {} has not reached offset {} (high watermark {high}): \
-                     a skip is for a message that arrived; this one would be dropped \
-                     without an attempt when it comes",
-                    skip.topic, skip.partition, skip.offset
-                ),
-            );
-        }
-        Some(_) => None,
-        None => Some(format!(
+    // Some stuck messages are not listed (the list is cut): one of them
+    // may be this one.
+    let unlisted = status.stuck_total > status.stuck.len();
+    let warning = match (source.kind, reported) {
+        (_, None) => Some(format!(
             "no running worker reports topic {} partition {}: the offset was not checked",
             skip.topic, skip.partition
         )),
+        // A Redis source has no high watermark; its numbers only grow. A
+        // message is known to have arrived when a worker reports it
+        // retrying: anything else may be a number not taken yet.
+        (SourceKind::RedisList | SourceKind::RedisSubscribe, Some(_)) if retrying => None,
+        (SourceKind::RedisList | SourceKind::RedisSubscribe, Some(_)) if unlisted => Some(format!(
+            "offset {} of {} is not among the stuck messages listed (the list is cut): \
+             skip requested without checking it",
+            skip.offset, skip.topic
+        )),
+        (SourceKind::RedisList | SourceKind::RedisSubscribe, Some(_)) => {
+            return error(
+                StatusCode::CONFLICT,
+                &format!(
+                    "{} offset {} is not retrying: a Redis source has no high watermark, \
+                     so a skip is accepted only for a message its worker reports stuck \
+                     (one not taken yet would be dropped without an attempt when it comes)",
+                    skip.topic, skip.offset
+                ),
+            );
+        }
+        (SourceKind::Kafka, Some(p)) => match p.high_watermark {
+            Some(high) if skip.offset >= high && !retrying => {
+                return error(
+                    StatusCode::CONFLICT,
+                    &format!(
+                        "topic {} partition {} has not reached offset {} (high watermark {high}): \
+                         a skip is for a message that arrived; this one would be dropped \
+                         without an attempt when it comes",
+                        skip.topic, skip.partition, skip.offset
+                    ),
+                );
+            }
+            Some(_) => None,
+            None => Some(format!(
+                "no running worker reports topic {} partition {}: the offset was not checked",
+                skip.topic, skip.partition
+            )),
+        },
     };
     let request = SkipRequest {
         topic: skip.topic,

@@ -109,6 +109,10 @@ pub struct WorkerFigures {
     /// The dispatch log's writer queue: set by the dispatch log.
     pub dispatch_log_queued: AtomicU64,
     pub dispatch_log_dropped: AtomicU64,
+    /// A Redis source's connection is down: set by its worker.
+    pub source_disconnected: AtomicBool,
+    /// A Redis source's reconnections: counted by its worker.
+    pub source_reconnects: AtomicU64,
 }
 
 impl WorkerFigures {
@@ -180,6 +184,8 @@ impl WorkerFigures {
             skips_expire_ms: AtomicI64::new(i64::MAX),
             dispatch_log_queued: AtomicU64::new(0),
             dispatch_log_dropped: AtomicU64::new(0),
+            source_disconnected: AtomicBool::new(false),
+            source_reconnects: AtomicU64::new(0),
         }
     }
 
@@ -450,37 +456,49 @@ pub struct Reporter {
     /// The consumer's `fetch.max.bytes`, for the stall reason.
     fetch_max_bytes: Option<u64>,
     source: Arc<dyn PartitionSource>,
-    consumer: Arc<WorkerConsumer>,
+    /// A Kafka worker's consumer: assigned partitions, high watermarks.
+    consumer: Option<Arc<WorkerConsumer>>,
+    /// A Redis list's length (-1: unknown), its partition's lag.
+    backlog: Option<Arc<AtomicI64>>,
     broker: Arc<Mutex<BrokerView>>,
     sampler: Arc<Mutex<Sampler>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Reporter {
-    /// Starts the reporter's tasks on the current runtime.
+    /// Starts the reporter's tasks on the current runtime. A Kafka worker
+    /// gives its `consumer` (lag from high watermarks); a Redis list slot
+    /// its list's length (`backlog`, the lag); a subscriber neither.
     pub fn start(
         figures: Arc<WorkerFigures>,
         source: Arc<dyn PartitionSource>,
-        consumer: Arc<WorkerConsumer>,
+        consumer: Option<Arc<WorkerConsumer>>,
+        backlog: Option<Arc<AtomicI64>>,
     ) -> Reporter {
         if let Some(dir) = figures.path.parent() {
             if let Err(e) = std::fs::create_dir_all(dir) {
                 tracing::warn!("cannot create the state directory {}: {e}", dir.display());
             }
         }
-        let fetch_max_bytes =
-            consumer_setting(&consumer, "fetch.max.bytes").and_then(|v| v.parse().ok());
+        let fetch_max_bytes = consumer
+            .as_ref()
+            .and_then(|c| consumer_setting(c, "fetch.max.bytes"))
+            .and_then(|v| v.parse().ok());
         let mut r = Reporter {
             figures,
             fetch_max_bytes,
             source,
             consumer,
+            backlog,
             broker: Arc::default(),
             sampler: Arc::default(),
             tasks: Vec::new(),
         };
         r.tasks.push(tokio::spawn(r.clone_parts().snapshots()));
-        r.tasks.push(tokio::spawn(r.clone_parts().watermarks()));
+        if let Some(consumer) = r.consumer.clone() {
+            r.tasks
+                .push(tokio::spawn(r.clone_parts().watermarks(consumer)));
+        }
         r
     }
 
@@ -490,6 +508,7 @@ impl Reporter {
             fetch_max_bytes: self.fetch_max_bytes,
             source: self.source.clone(),
             consumer: self.consumer.clone(),
+            backlog: self.backlog.clone(),
             broker: self.broker.clone(),
             sampler: self.sampler.clone(),
         }
@@ -519,7 +538,8 @@ struct Parts {
     figures: Arc<WorkerFigures>,
     fetch_max_bytes: Option<u64>,
     source: Arc<dyn PartitionSource>,
-    consumer: Arc<WorkerConsumer>,
+    consumer: Option<Arc<WorkerConsumer>>,
+    backlog: Option<Arc<AtomicI64>>,
     broker: Arc<Mutex<BrokerView>>,
     sampler: Arc<Mutex<Sampler>>,
 }
@@ -581,14 +601,14 @@ impl Parts {
     /// fetches, and a slow broker must not be kept busy by figures. The
     /// group's committed positions are asked the same way for partitions
     /// where mkc has committed nothing yet.
-    async fn watermarks(self) {
+    async fn watermarks(self, consumer: Arc<WorkerConsumer>) {
         let mut tick = tokio::time::interval(WATERMARK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_query: Option<Instant> = None;
         let mut queried = BrokerView::default();
         loop {
             tick.tick().await;
-            let assigned = lock(&self.consumer.context().assigned).clone();
+            let assigned = lock(&consumer.context().assigned).clone();
             if assigned.is_empty() {
                 continue;
             }
@@ -598,7 +618,7 @@ impl Parts {
             let mut ask = Vec::new();
             for &p in &assigned {
                 let paused = views.iter().any(|v| v.partition == p && v.fetch_paused);
-                match cached_high_watermark(&self.consumer, &topic, p) {
+                match cached_high_watermark(&consumer, &topic, p) {
                     Some(high) if !paused => {
                         view.high.insert(p, high);
                     }
@@ -617,7 +637,7 @@ impl Parts {
             let due = last_query.is_none_or(|t| t.elapsed() >= BROKER_QUERY_EVERY);
             if due && (!ask.is_empty() || !unknown.is_empty()) {
                 last_query = Some(Instant::now());
-                let consumer = self.consumer.clone();
+                let consumer = consumer.clone();
                 let topic = topic.clone();
                 let asked = tokio::task::spawn_blocking(move || {
                     let mut asked = BrokerView::default();
@@ -648,7 +668,16 @@ impl Parts {
         let f = &self.figures;
         let now = Instant::now();
         let partitions = self.source.partitions();
-        let assigned = lock(&self.consumer.context().assigned).clone();
+        // A Redis source holds its one partition for the worker's life.
+        let assigned = match &self.consumer {
+            Some(c) => lock(&c.context().assigned).clone(),
+            None => partitions.iter().map(|p| p.partition).collect(),
+        };
+        let backlog = self
+            .backlog
+            .as_ref()
+            .map(|b| b.load(Ordering::Relaxed))
+            .filter(|&n| n >= 0);
         let totals = f.module_totals();
         let mut sampler = lock(&self.sampler);
         let committed_now: HashMap<i32, i64> = partitions
@@ -700,8 +729,10 @@ impl Parts {
                 .or_else(|| broker.committed.get(&number).copied());
             let high = broker.high.get(&number).copied();
             let base = committed.or(view.oldest_unfinished);
-            let lag = match (high, base) {
-                (Some(h), Some(c)) => Some((h - c).max(0)),
+            let lag = match (high, base, backlog) {
+                (Some(h), Some(c), _) => Some((h - c).max(0)),
+                // A list: what waits in it and what is taken, unfinished.
+                (_, _, Some(waiting)) => Some(waiting + view.in_flight as i64),
                 _ => None,
             };
             let age = match view.oldest_unfinished {
@@ -795,6 +826,8 @@ impl Parts {
                 queued: f.dispatch_log_queued.load(Ordering::Relaxed),
                 dropped: f.dispatch_log_dropped.load(Ordering::Relaxed),
             },
+            source_disconnected: f.source_disconnected.load(Ordering::Relaxed),
+            source_reconnects: f.source_reconnects.load(Ordering::Relaxed),
         }
     }
 }
@@ -967,6 +1000,8 @@ mod tests {
     fn message(partition: i32, offset: i64) -> Message {
         let payload = bytes::Bytes::from_static(br#"{"commandId": 7}"#);
         Message {
+            source: crate::source::SourceKind::Kafka,
+            pattern: None,
             topic: Arc::from("t"),
             partition,
             offset,

@@ -59,6 +59,10 @@ pub struct WorkerStatus {
     pub started_ms: Option<i64>,
     pub restarts: u64,
     pub assigned: Vec<i32>,
+    /// A Redis source's worker whose connection is down.
+    pub source_disconnected: bool,
+    /// A Redis source's worker's reconnections.
+    pub source_reconnects: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -183,20 +187,24 @@ pub fn gather_from(
             started_ms: slot.pid.map(|_| slot.started_ms),
             restarts: slot.restarts,
             assigned: snapshot.map(|s| s.assigned.clone()).unwrap_or_default(),
+            source_disconnected: snapshot.is_some_and(|s| s.source_disconnected),
+            source_reconnects: snapshot.map_or(0, |s| s.source_reconnects),
         });
     }
 
     let threshold = config.stuck_threshold.as_secs_f64();
-    for topic in &config.topics {
+    // Every source, named as its workers are (a topic, `redis-list:KEY`,
+    // `redis-subscribe:CHANNEL`).
+    for name in crate::source::planned(config).iter().map(|p| p.source.id()) {
         let mut t = TopicStatus {
-            name: topic.name.clone(),
-            workers: slots.iter().filter(|s| s.topic == topic.name).count(),
-            workers_up: live.iter().filter(|s| s.topic == topic.name).count(),
+            name: name.clone(),
+            workers: slots.iter().filter(|s| s.topic == name).count(),
+            workers_up: live.iter().filter(|s| s.topic == name).count(),
             ..TopicStatus::default()
         };
         // Per partition, the freshest live worker that holds it.
         let mut partitions: BTreeMap<i32, (i64, PartitionStatus)> = BTreeMap::new();
-        for s in live.iter().filter(|s| s.topic == topic.name) {
+        for s in live.iter().filter(|s| s.topic == name) {
             for p in s
                 .partitions
                 .iter()
@@ -232,9 +240,18 @@ pub fn gather_from(
         t.partitions = partitions.into_values().map(|(_, p)| p).collect();
         t.lag = t.partitions.iter().filter_map(|p| p.lag).sum();
         t.throughput = t.partitions.iter().map(|p| p.throughput).sum();
-        for s in snapshots.iter().filter(|s| s.topic == topic.name) {
+        for s in snapshots.iter().filter(|s| s.topic == name) {
             t.invalid += s.invalid;
             t.unrouted += s.unrouted;
+        }
+        for s in live
+            .iter()
+            .filter(|s| s.topic == name && s.source_disconnected)
+        {
+            status.not_ready.push(format!(
+                "{} worker #{}: Redis is not connected (reconnecting)",
+                t.name, s.index
+            ));
         }
         if master.is_some() {
             if t.workers_up < t.workers {
@@ -244,7 +261,7 @@ pub fn gather_from(
                 ));
             } else if !live
                 .iter()
-                .any(|s| s.topic == topic.name && !s.assigned.is_empty())
+                .any(|s| s.topic == name && !s.assigned.is_empty())
             {
                 status
                     .not_ready
@@ -631,6 +648,40 @@ pub fn prometheus(status: &Status) -> String {
         );
     }
     f.head(
+        "mkc_source_connected",
+        "gauge",
+        "A Redis source's worker: 1 while connected to Redis.",
+    );
+    for w in status
+        .workers
+        .iter()
+        .filter(|w| w.up && w.topic.starts_with("redis-"))
+    {
+        let index = w.index.to_string();
+        f.sample(
+            "mkc_source_connected",
+            &[("topic", &w.topic), ("index", &index)],
+            f64::from(u8::from(!w.source_disconnected)),
+        );
+    }
+    f.head(
+        "mkc_source_reconnects_total",
+        "counter",
+        "A Redis source's worker: connections made again after one was lost.",
+    );
+    for w in status
+        .workers
+        .iter()
+        .filter(|w| w.up && w.topic.starts_with("redis-"))
+    {
+        let index = w.index.to_string();
+        f.sample(
+            "mkc_source_reconnects_total",
+            &[("topic", &w.topic), ("index", &index)],
+            w.source_reconnects as f64,
+        );
+    }
+    f.head(
         "mkc_dispatch_log_queue_depth",
         "gauge",
         "Dispatch log records waiting to be written.",
@@ -700,14 +751,28 @@ pub fn text(status: &Status) -> String {
         let up = w.started_ms.map_or(0.0, |s| (now - s) as f64 / 1000.0);
         let _ = writeln!(
             out,
-            "  [{}] #{}  pid {}  {}  up {}  restarts {}  partitions {:?}",
+            "  [{}] #{}  pid {}  {}  up {}  restarts {}  partitions {:?}{}",
             w.topic,
             w.index,
             w.pid.map_or("-".to_string(), |p| p.to_string()),
             if w.up { "running" } else { "DOWN" },
             short_duration(up),
             w.restarts,
-            w.assigned
+            w.assigned,
+            // A Redis source's connection, as /metrics has it.
+            if w.up && w.topic.starts_with("redis-") {
+                format!(
+                    "  redis {}  reconnects {}",
+                    if w.source_disconnected {
+                        "DISCONNECTED"
+                    } else {
+                        "connected"
+                    },
+                    w.source_reconnects
+                )
+            } else {
+                String::new()
+            }
         );
     }
     for t in &status.topics {

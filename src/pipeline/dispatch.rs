@@ -26,14 +26,25 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HttpMethod, ModuleConfig};
 use crate::pipeline::envelope::Envelope;
+use crate::source::SourceKind;
 
-/// One Kafka message, owned, as the lanes of a partition share it.
+/// One message, owned, as the lanes of a partition share it.
 #[derive(Debug)]
 pub struct Message {
+    /// Where it came from (`X-Mkc-Source`).
+    pub source: SourceKind,
+    /// The Kafka topic, the Redis list's key, or the channel a message was
+    /// published on.
     pub topic: Arc<str>,
+    /// The pattern of a pattern subscription that matched the channel.
+    pub pattern: Option<Arc<str>>,
+    /// The Kafka partition; 0 for Redis sources.
     pub partition: i32,
+    /// The Kafka offset; for Redis sources the element's take number
+    /// (README: Sources).
     pub offset: i64,
-    /// Kafka timestamp (ms since the epoch), when the broker gave one.
+    /// Kafka timestamp (ms since the epoch), when the broker gave one; for
+    /// Redis sources, when mkc took the message.
     pub timestamp_ms: Option<i64>,
     /// The Kafka message key, kept only when a `keyed` module orders by it.
     pub key: Option<Bytes>,
@@ -174,6 +185,8 @@ static X_MKC_COMMAND_ID: HeaderName = HeaderName::from_static("x-mkc-command-id"
 static X_MKC_COMMIT_ID: HeaderName = HeaderName::from_static("x-mkc-commit-id");
 static X_MKC_ATTEMPT: HeaderName = HeaderName::from_static("x-mkc-attempt");
 static X_MKC_MODULE: HeaderName = HeaderName::from_static("x-mkc-module");
+static X_MKC_SOURCE: HeaderName = HeaderName::from_static("x-mkc-source");
+static X_MKC_PATTERN: HeaderName = HeaderName::from_static("x-mkc-pattern");
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// How much of an error response body goes into the last error.
@@ -453,12 +466,38 @@ impl Endpoint {
         }
         h.insert(X_MKC_ATTEMPT.clone(), HeaderValue::from(attempt));
         h.insert(X_MKC_MODULE.clone(), self.module_header.clone());
-        let key = format!("{}-{}-{}", msg.topic, msg.partition, msg.offset);
-        if let Ok(v) = HeaderValue::from_str(&key) {
+        h.insert(
+            X_MKC_SOURCE.clone(),
+            HeaderValue::from_static(msg.source.as_str()),
+        );
+        if let Some(Ok(v)) = msg.pattern.as_deref().map(HeaderValue::from_str) {
+            h.insert(X_MKC_PATTERN.clone(), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&idempotency_key(msg)) {
             h.insert(IDEMPOTENCY_KEY.clone(), v);
         }
         h
     }
+}
+
+/// `Idempotency-Key`: `<topic>-<partition>-<offset>` for Kafka. A Redis
+/// message has no position that survives a re-delivery, so there it is
+/// `<list or channel>-<commitId>` when the envelope has a commitId, else
+/// `<list or channel>-` and the FNV-1a hash of its bytes (identical
+/// elements share it).
+pub fn idempotency_key(msg: &Message) -> String {
+    match (msg.source, &msg.envelope.commit_id) {
+        (SourceKind::Kafka, _) => format!("{}-{}-{}", msg.topic, msg.partition, msg.offset),
+        (_, Some(commit_id)) => format!("{}-{commit_id}", msg.topic),
+        (_, None) => format!("{}-{:016x}", msg.topic, fnv1a(&msg.payload)),
+    }
+}
+
+/// 64-bit FNV-1a: stable across versions and machines, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// How long to wait before the first attempt so that it happens no earlier
@@ -564,6 +603,8 @@ mod tests {
 
     fn message() -> Message {
         Message {
+            source: SourceKind::Kafka,
+            pattern: None,
             topic: Arc::from("t"),
             partition: 2,
             offset: 7,

@@ -54,7 +54,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{DeliveryMode, ServerConfig};
+use crate::config::{CommandId, DeliveryMode, ServerConfig};
 use crate::ops::figures::{PartitionSource, PartitionView, Reporter, WorkerFigures};
 use crate::pipeline::dispatch::{Cancel, Controls, Endpoint, Message, Observer, Outcome};
 use crate::pipeline::envelope;
@@ -65,6 +65,7 @@ use crate::record::dispatch_log::{DispatchLog, Key, LogRecord, SkipWatch, Status
 use crate::source::kafka::{self, PartitionOwner, WorkerConsumer, WorkerContext};
 use crate::source::offsets::{Arrival, Tracker};
 use crate::source::topic_watch::{TopicWatch, Verdict};
+use crate::source::{Planned, SourceKind, SourceName};
 
 /// How often offsets are considered and the rejoin watch and master checked.
 const TICK: Duration = Duration::from_millis(kafka::TICK_MS);
@@ -109,9 +110,10 @@ const fn stop_tail_ms() -> u128 {
 // to spare (the final snapshot, the log's flush, scheduling).
 const _: () = assert!(stop_tail_ms() + 1000 < STOP_GRACE.as_millis());
 
-/// Runs a worker for `topic` slot `index` until it is told to stop.
-/// Builds its own runtime: call it after the fork, never in the master.
-/// Returns the process exit code.
+/// Runs worker `index` of the source named `topic` (a Kafka topic, or
+/// `redis-list:KEY` / `redis-subscribe:CHANNEL`, see [`SourceName`]) until
+/// it is told to stop. Builds its own runtime: call it after the fork,
+/// never in the master. Returns the process exit code.
 pub fn run(config: Arc<ServerConfig>, topic: &str, index: u32, master: Option<i32>) -> i32 {
     release_large_allocations();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -127,8 +129,29 @@ pub fn run(config: Arc<ServerConfig>, topic: &str, index: u32, master: Option<i3
         }
     };
     let _log_guard = crate::process::logging::go_non_blocking();
+    let source = SourceName::parse(topic);
+    let Some(planned) = crate::source::planned(&config)
+        .into_iter()
+        .find(|p| p.source == source)
+    else {
+        tracing::error!(topic, index, "no such source in the configuration");
+        return 1;
+    };
     let code = runtime.block_on(async {
-        match run_async(config, topic, index, master).await {
+        let run = match source.kind {
+            SourceKind::Kafka => run_async(config, &planned, index, master).await,
+            SourceKind::RedisList => {
+                crate::pipeline::redis::run_list(config, &planned, index, master)
+                    .await
+                    .map(|()| Ended::Stopped)
+            }
+            SourceKind::RedisSubscribe => {
+                crate::pipeline::redis::run_subscribe(config, &planned, master)
+                    .await
+                    .map(|()| Ended::Stopped)
+            }
+        };
+        match run {
             Ok(Ended::Stopped) => 0,
             // Said when decided; the master starts a new worker.
             Ok(Ended::Restart) => 1,
@@ -160,8 +183,9 @@ fn release_large_allocations() {
     }
 }
 
-/// One partition's state inside a worker.
-struct Partition {
+/// One partition's state inside a worker (a Redis source has one,
+/// number 0).
+pub(crate) struct Partition {
     number: i32,
     tracker: Mutex<Tracker>,
     /// One sender per module (index = module index), feeding its lane.
@@ -176,6 +200,44 @@ struct Partition {
     bytes: AtomicUsize,
     /// The last position committed (or handed to the revoke commit).
     committed: Mutex<Option<i64>>,
+    /// Told of every finished message, for a source that acknowledges
+    /// each one (a Redis list); Kafka commits positions instead.
+    ack: Option<Arc<dyn Acknowledge>>,
+}
+
+/// A source that acknowledges messages one by one: told once every
+/// module reached a final outcome for the message at `offset`.
+pub(crate) trait Acknowledge: Send + Sync {
+    fn finished(&self, offset: i64);
+}
+
+/// A message as a source hands it to the pipeline: a Kafka message, or a
+/// Redis element or publication.
+pub(crate) trait Incoming {
+    fn offset(&self) -> i64;
+    fn payload(&self) -> &[u8];
+    fn key(&self) -> Option<&[u8]>;
+    fn timestamp_ms(&self) -> Option<i64>;
+    /// The channel it was published on, where that differs per message
+    /// (a pattern subscription); `None`: the pipeline's topic.
+    fn channel(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl<M: KafkaMessage> Incoming for M {
+    fn offset(&self) -> i64 {
+        KafkaMessage::offset(self)
+    }
+    fn payload(&self) -> &[u8] {
+        KafkaMessage::payload(self).unwrap_or_default()
+    }
+    fn key(&self) -> Option<&[u8]> {
+        KafkaMessage::key(self)
+    }
+    fn timestamp_ms(&self) -> Option<i64> {
+        self.timestamp().to_millis()
+    }
 }
 
 impl Partition {
@@ -184,6 +246,9 @@ impl Partition {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .finish(offset);
+        if let Some(ack) = &self.ack {
+            ack.finished(offset);
+        }
         if self.paused.load(Ordering::Acquire) {
             self.drained.notify_one();
         }
@@ -248,8 +313,17 @@ impl Job {
 
 /// Everything the consuming task, the lanes and the rebalance callback
 /// share.
-struct Pipeline {
+pub(crate) struct Pipeline {
+    /// Where the messages come from (`X-Mkc-Source`).
+    source: SourceKind,
+    /// The topic, list key or channel (pattern).
     topic: Arc<str>,
+    /// For a pattern subscription, the pattern (`X-Mkc-Pattern`).
+    pattern: Option<Arc<str>>,
+    /// `command ID` of the source: the commandId of non-envelopes.
+    command: Option<CommandId>,
+    /// Given to every partition (see [`Partition::ack`]).
+    ack: Option<Arc<dyn Acknowledge>>,
     endpoints: Vec<Arc<Endpoint>>,
     /// Per module: permits for requests in flight (`keyed`, `unordered`).
     permits: Vec<Arc<Semaphore>>,
@@ -288,15 +362,19 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    /// The pipeline of a worker of `topic`: its modules' endpoints, the
+    /// The pipeline of a worker of `source`: its modules' endpoints, the
     /// dispatch log and the dead-letter producer; no partition yet. Starts
-    /// the dispatch log's tasks on the current runtime.
-    fn new(
+    /// the dispatch log's tasks on the current runtime. `ack`: see
+    /// [`Partition::ack`].
+    pub(crate) fn new(
         config: &ServerConfig,
-        topic: &str,
+        planned: &Planned,
         index: u32,
         figures: Arc<WorkerFigures>,
+        ack: Option<Arc<dyn Acknowledge>>,
     ) -> anyhow::Result<Arc<Pipeline>> {
+        let source = &planned.source;
+        let topic = source.name.as_str();
         let endpoints = config
             .modules
             .iter()
@@ -323,9 +401,19 @@ impl Pipeline {
             config.dispatch_log_queue,
             config.dispatch_log_success,
         );
-        let dead_letters = DeadLetters::new(config, &format!("mkc-{topic}-{index}-dead-letter"))?;
+        let client_id = format!("mkc-{}-{index}-dead-letter", source.id().replace(':', "-"));
+        let dead_letters = DeadLetters::new(config, &client_id)?;
+        let pattern = config
+            .redis_subscriptions
+            .iter()
+            .any(|s| s.pattern && s.channel == topic && source.kind == SourceKind::RedisSubscribe)
+            .then(|| Arc::from(topic));
         Ok(Arc::new(Pipeline {
+            source: source.kind,
             topic: Arc::from(topic),
+            pattern,
+            command: planned.command,
+            ack,
             endpoints,
             permits,
             needs_kafka_key,
@@ -364,7 +452,12 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    fn partition(self: &Arc<Self>, number: i32) -> Arc<Partition> {
+    /// The worker's figures.
+    pub(crate) fn figures(&self) -> Arc<WorkerFigures> {
+        self.figures.clone()
+    }
+
+    pub(crate) fn partition(self: &Arc<Self>, number: i32) -> Arc<Partition> {
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         partitions
             .entry(number)
@@ -389,6 +482,7 @@ impl Pipeline {
             drained: Notify::new(),
             bytes: AtomicUsize::new(0),
             committed: Mutex::new(None),
+            ack: self.ack.clone(),
         });
         for (module, rx) in receivers.into_iter().enumerate() {
             let lane = lane(self.clone(), partition.clone(), module, rx);
@@ -574,13 +668,14 @@ enum Ended {
 
 async fn run_async(
     config: Arc<ServerConfig>,
-    topic: &str,
+    planned: &Planned,
     index: u32,
     master: Option<i32>,
 ) -> anyhow::Result<Ended> {
+    let topic = planned.source.name.as_str();
     let mut signals = WorkerSignals::install()?;
     let figures = Arc::new(WorkerFigures::new(&config, topic, index));
-    let pipeline = Pipeline::new(&config, topic, index, figures.clone())?;
+    let pipeline = Pipeline::new(&config, planned, index, figures.clone(), None)?;
     if let Some(dead_letters) = pipeline.dead_letters.clone() {
         let mut topics: Vec<String> = pipeline
             .module_dead_letter
@@ -597,7 +692,7 @@ async fn run_async(
     }
     let consumer = kafka::consumer(&config, topic, index, pipeline.clone())?;
     let _ = pipeline.consumer.set(Arc::downgrade(&consumer));
-    let reporter = Reporter::start(figures, pipeline.clone(), consumer.clone());
+    let reporter = Reporter::start(figures, pipeline.clone(), Some(consumer.clone()), None);
     tracing::info!(topic, index, group = %config.group_id, "worker consuming");
 
     let mut tick = tokio::time::interval(TICK);
@@ -737,7 +832,7 @@ impl RejoinWatch {
 
 /// Takes one message of `partition` into the pipeline (a message of the
 /// consumer; any [`KafkaMessage`] in tests).
-fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &impl KafkaMessage) {
+pub(crate) fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &impl Incoming) {
     let offset = m.offset();
     let topic = &pipeline.topic;
     let arrival = partition
@@ -756,9 +851,21 @@ fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &impl KafkaMe
              delivering again from offset {offset}");
         partition.rewound();
     }
-    let payload = m.payload().unwrap_or_default();
+    let payload = m.payload();
     let envelope = match envelope::parse(payload, pipeline.max_message_bytes) {
         Ok(e) => e,
+        // Not an envelope, on a source whose messages are routed as one
+        // command: the body goes out unchanged.
+        Err(reason)
+            if pipeline.command.is_some()
+                && !matches!(reason, envelope::Invalid::TooLarge { .. }) =>
+        {
+            tracing::trace!(%topic, partition = partition.number, offset, "not an envelope ({reason}): routed as the source's command");
+            envelope::Envelope {
+                command_id: pipeline.command.unwrap_or(CommandId(0)),
+                commit_id: None,
+            }
+        }
         Err(reason) => {
             tracing::warn!(%topic, partition = partition.number, offset, bytes = payload.len(), "invalid message: {reason}");
             pipeline.figures.invalid();
@@ -785,10 +892,12 @@ fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &impl KafkaMe
     };
     let job = Arc::new(Job {
         msg: Message {
-            topic: topic.clone(),
+            source: pipeline.source,
+            topic: m.channel().map_or_else(|| topic.clone(), Arc::from),
+            pattern: pipeline.pattern.clone(),
             partition: partition.number,
             offset,
-            timestamp_ms: m.timestamp().to_millis(),
+            timestamp_ms: m.timestamp_ms(),
             key,
             payload: Bytes::copy_from_slice(payload),
             envelope,
@@ -811,11 +920,11 @@ fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &impl KafkaMe
 fn invalid(
     pipeline: &Arc<Pipeline>,
     partition: &Arc<Partition>,
-    m: &impl KafkaMessage,
+    m: &impl Incoming,
     reason: String,
 ) {
     let offset = m.offset();
-    let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
+    let payload = Bytes::copy_from_slice(m.payload());
     pipeline.log.record(LogRecord::invalid(
         pipeline.topic.clone(),
         partition.number,
@@ -1186,6 +1295,54 @@ fn commit(pipeline: &Pipeline, consumer: &WorkerConsumer, mode: CommitMode) {
     }
 }
 
+/// How many messages `partition` may take now: waits while its window is
+/// full (until it drained to half). `None` once `stop`, the worker's stop
+/// or the partition's abort is signalled. For the Redis sources' readers.
+pub(crate) async fn room(
+    pipeline: &Pipeline,
+    partition: &Partition,
+    stop: &CancellationToken,
+) -> Option<usize> {
+    let window = pipeline.window();
+    if !partition.below(window) {
+        partition.paused.store(true, Ordering::Release);
+        let resume_at = (window.0 / 2 + 1, window.1 / 2 + 1);
+        while !partition.below(resume_at) {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return None,
+                _ = pipeline.stop.cancelled() => return None,
+                _ = partition.abort.cancelled() => return None,
+                _ = partition.drained.notified() => {}
+            }
+        }
+        partition.paused.store(false, Ordering::Release);
+    }
+    Some(window.0.saturating_sub(partition.in_flight()).max(1))
+}
+
+/// The first steps of a graceful stop, for every source: no new attempt,
+/// attempts on the wire finish within `deadline`, then the rest is
+/// abandoned (not final: delivered again later).
+pub(crate) async fn finish_lanes(pipeline: &Pipeline, deadline: Duration) {
+    pipeline.stop.cancel();
+    pipeline.lanes.close();
+    if tokio::time::timeout(deadline, pipeline.lanes.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(topic = %pipeline.topic, "shutdown_timeout reached: abandoning attempts in flight");
+        pipeline.abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), pipeline.lanes.wait()).await;
+    }
+}
+
+/// The last step of a graceful stop: what the dispatch log still queues
+/// is written (for a bounded time).
+pub(crate) async fn finish_log(pipeline: &Pipeline) {
+    pipeline.log.shutdown(DISPATCH_LOG_DRAIN).await;
+}
+
 /// Graceful stop: no more fetching, let attempts on the wire finish within
 /// `deadline`, commit what is finished, leave the group. Every step after
 /// `deadline` is bounded (see [`STOP_GRACE`]).
@@ -1359,7 +1516,8 @@ mod tests {
         .unwrap()
         .config;
         let figures = Arc::new(WorkerFigures::new(&config, "t", 0));
-        Pipeline::new(&config, "t", 0, figures).unwrap()
+        let planned = crate::source::planned(&config).remove(0);
+        Pipeline::new(&config, &planned, 0, figures, None).unwrap()
     }
 
     fn kafka_message(offset: i64, data: &str) -> rdkafka::message::OwnedMessage {

@@ -251,6 +251,13 @@ pub struct WorkerSnapshot {
     #[serde(default)]
     pub fetch_max_bytes: Option<u64>,
     pub dispatch_log: DispatchLogFigures,
+    /// A Redis source's worker: its connection is down (it reconnects).
+    #[serde(default)]
+    pub source_disconnected: bool,
+    /// A Redis source's worker: connections made again after one was lost
+    /// (this process's life).
+    #[serde(default)]
+    pub source_reconnects: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

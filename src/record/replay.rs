@@ -252,6 +252,10 @@ async fn replay_rows(
 fn message(row: &LoggedRow) -> Option<Message> {
     let envelope = envelope::parse(&row.content, usize::MAX).ok()?;
     Some(Message {
+        // The table does not say; a Redis message is re-sent as Kafka's
+        // (its Idempotency-Key then names table position, not content).
+        source: crate::source::SourceKind::Kafka,
+        pattern: None,
         topic: Arc::from(row.topic.as_str()),
         partition: row.partition,
         offset: row.offset,

@@ -26,6 +26,7 @@
 #![allow(dead_code)]
 
 pub mod dlog;
+pub mod redis;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Display, Write as _};
@@ -993,6 +994,12 @@ impl MkcConfig {
         }
     }
 
+    /// No Kafka topic: the test adds Redis sources with [`MkcConfig::line`]
+    /// (the `redis` line included).
+    pub fn redis_only(groupid: &str) -> MkcConfig {
+        MkcConfig::new("", groupid)
+    }
+
     /// No `property auto.offset.reset` line: mkc's own default applies.
     pub fn without_offset_reset(mut self) -> MkcConfig {
         self.offset_reset_line = false;
@@ -1079,7 +1086,9 @@ impl MkcConfig {
         let _ = writeln!(s, "log-file {}", dir.join("mkc.log").display());
         let _ = writeln!(s, "pid-path {}", dir.display());
         let _ = writeln!(s, "admin-listen {}", self.admin_listen);
-        let _ = writeln!(s, "topic {} {}", self.topic, self.workers);
+        if !self.topic.is_empty() {
+            let _ = writeln!(s, "topic {} {}", self.topic, self.workers);
+        }
         for id in &self.global_filters {
             let _ = writeln!(s, "filters {id}");
         }
