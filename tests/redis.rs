@@ -6,23 +6,8 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::redis::{self as r, OwnRedis};
+use common::redis::{self as r, commit_id, config, OwnRedis};
 use common::*;
-
-/// A Redis-only server.conf for `redis_url` plus `lines`.
-fn config(group: &str, redis_url: &str, lines: &[String]) -> MkcConfig {
-    let mut c = MkcConfig::redis_only(group).line(&format!("redis {redis_url}"));
-    for l in lines {
-        c = c.line(l);
-    }
-    c
-}
-
-fn commit_id(req: &Request) -> u64 {
-    req.header("x-mkc-commit-id")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no commit id: {req}"))
-}
 
 #[test]
 fn list_routes_every_element_to_its_modules_over_two_workers() {

@@ -10,25 +10,10 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::redis::{self as r, OwnRedis};
+use common::redis::{self as r, commit_id, config, OwnRedis};
 use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-
-/// A Redis-only server.conf for `redis_url` plus `lines`.
-fn config(group: &str, redis_url: &str, lines: &[String]) -> MkcConfig {
-    let mut c = MkcConfig::redis_only(group).line(&format!("redis {redis_url}"));
-    for l in lines {
-        c = c.line(l);
-    }
-    c
-}
-
-fn commit_id(req: &Request) -> u64 {
-    req.header("x-mkc-commit-id")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no commit id: {req}"))
-}
 
 fn elements(ids: std::ops::Range<u64>) -> Vec<Vec<u8>> {
     ids.map(|i| envelope(i, "7", "{}").into_bytes()).collect()

@@ -621,65 +621,51 @@ pub fn prometheus(status: &Status) -> String {
         }
     }
 
-    f.head(
-        "mkc_worker_up",
-        "gauge",
-        "1 when the worker slot's process runs and reports.",
+    // Per worker slot: (name, kind, help, which slots, value).
+    type PerWorker = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&WorkerStatus) -> bool,
+        fn(&WorkerStatus) -> f64,
     );
-    for w in &status.workers {
-        let index = w.index.to_string();
-        f.sample(
+    let redis_up = |w: &WorkerStatus| w.up && w.topic.starts_with("redis-");
+    let worker_families: [PerWorker; 4] = [
+        (
             "mkc_worker_up",
-            &[("topic", &w.topic), ("index", &index)],
-            f64::from(u8::from(w.up)),
-        );
-    }
-    f.head(
-        "mkc_worker_restarts_total",
-        "counter",
-        "Unplanned exits of a worker slot's process (each followed by a restart).",
-    );
-    for w in &status.workers {
-        let index = w.index.to_string();
-        f.sample(
+            "gauge",
+            "1 when the worker slot's process runs and reports.",
+            |_| true,
+            |w| f64::from(u8::from(w.up)),
+        ),
+        (
             "mkc_worker_restarts_total",
-            &[("topic", &w.topic), ("index", &index)],
-            w.restarts as f64,
-        );
-    }
-    f.head(
-        "mkc_source_connected",
-        "gauge",
-        "A Redis source's worker: 1 while connected to Redis.",
-    );
-    for w in status
-        .workers
-        .iter()
-        .filter(|w| w.up && w.topic.starts_with("redis-"))
-    {
-        let index = w.index.to_string();
-        f.sample(
+            "counter",
+            "Unplanned exits of a worker slot's process (each followed by a restart).",
+            |_| true,
+            |w| w.restarts as f64,
+        ),
+        (
             "mkc_source_connected",
-            &[("topic", &w.topic), ("index", &index)],
-            f64::from(u8::from(!w.source_disconnected)),
-        );
-    }
-    f.head(
-        "mkc_source_reconnects_total",
-        "counter",
-        "A Redis source's worker: connections made again after one was lost.",
-    );
-    for w in status
-        .workers
-        .iter()
-        .filter(|w| w.up && w.topic.starts_with("redis-"))
-    {
-        let index = w.index.to_string();
-        f.sample(
+            "gauge",
+            "A Redis source's worker: 1 while connected to Redis.",
+            redis_up,
+            |w| f64::from(u8::from(!w.source_disconnected)),
+        ),
+        (
             "mkc_source_reconnects_total",
-            &[("topic", &w.topic), ("index", &index)],
-            w.source_reconnects as f64,
-        );
+            "counter",
+            "A Redis source's worker: connections made again after one was lost.",
+            redis_up,
+            |w| w.source_reconnects as f64,
+        ),
+    ];
+    for (name, kind, help, which, value) in worker_families {
+        f.head(name, kind, help);
+        for w in status.workers.iter().filter(|w| which(w)) {
+            let index = w.index.to_string();
+            f.sample(name, &[("topic", &w.topic), ("index", &index)], value(w));
+        }
     }
     f.head(
         "mkc_dispatch_log_queue_depth",

@@ -6,6 +6,25 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::{MkcConfig, Request};
+
+/// A Redis-only server.conf for the server at `redis_url` plus `lines`.
+pub fn config(group: &str, redis_url: &str, lines: &[String]) -> MkcConfig {
+    let mut c = MkcConfig::redis_only(group).line(&format!("redis {redis_url}"));
+    for l in lines {
+        c = c.line(l);
+    }
+    c
+}
+
+/// The request's `X-Mkc-Commit-Id` as a number (the tests' envelopes
+/// number their elements with it).
+pub fn commit_id(req: &Request) -> u64 {
+    req.header("x-mkc-commit-id")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no commit id: {req}"))
+}
+
 /// The shared test server's URL.
 pub fn url() -> String {
     std::env::var("MKC_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
