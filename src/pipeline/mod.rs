@@ -7,6 +7,5 @@
 
 pub mod dispatch;
 pub mod envelope;
-pub mod redis;
 pub mod router;
 pub mod worker;
