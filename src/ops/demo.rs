@@ -258,26 +258,30 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
             println!("mkc demo: Redis source skipped (--redis off)");
             None
         }
-        Some(address) => match probe_redis(address) {
-            Ok(()) => Some(DemoList {
+        Some(address) => {
+            let list = DemoList {
                 url: format!("redis://{address}"),
                 key: format!("mkc-demo:{}:jobs", std::process::id()),
-            }),
-            Err(why) => {
-                println!("mkc demo: Redis source skipped: {why}");
-                None
+            };
+            // A list of the same name can only be left by an earlier demo
+            // that had this pid and was killed: start from nothing. A
+            // server that answers PING but refuses this (read-only
+            // replica, ACL) is skipped too.
+            match probe_redis(address).and_then(|()| list.remove().map_err(|e| format!("{e:#}"))) {
+                Ok(_) => {
+                    println!(
+                        "mkc demo: Redis answers on {}: a redis-list source on key {:?} (removed at the end)",
+                        list.url, list.key
+                    );
+                    Some(list)
+                }
+                Err(why) => {
+                    println!("mkc demo: Redis source skipped: {why}");
+                    None
+                }
             }
-        },
+        }
     };
-    if let Some(list) = &list {
-        // A list of the same name can only be left by an earlier demo
-        // that had this pid and was killed: start from nothing.
-        list.remove()?;
-        println!(
-            "mkc demo: Redis answers on {}: a redis-list source on key {:?} (removed at the end)",
-            list.url, list.key
-        );
-    }
     let result = run_with(&opts, list.as_ref(), &stop);
     // mkc is stopped by now (run_with's guards): nothing recreates keys.
     if let Some(list) = &list {
