@@ -57,6 +57,10 @@ enum Sub {
         /// With --exit-after-delivery: give up after this many seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Also show a Redis list source when a Redis server answers
+        /// here (HOST:PORT); `off`: never.
+        #[arg(long, value_name = "HOST:PORT", default_value = crate::ops::demo::DEFAULT_REDIS)]
+        redis: String,
     },
     /// The demo's broker process (started by `mkc demo`).
     #[command(hide = true)]
@@ -157,11 +161,13 @@ fn subcommand(conf: &Path, command: Sub) -> anyhow::Result<ExitCode> {
             messages,
             exit_after_delivery,
             timeout,
+            redis,
         } => {
             crate::ops::demo::run(crate::ops::demo::DemoOptions {
                 messages,
                 exit_after_delivery,
                 timeout: Duration::from_secs(timeout),
+                redis: (redis != "off").then_some(redis),
             })?;
         }
         Sub::DemoBroker => crate::ops::demo::broker()?,
