@@ -21,10 +21,19 @@
 //! 5. measures the baseline: a Python consumer (confluent-kafka +
 //!    requests, one POST per message) committing after each message and
 //!    every 1,000, over `--baseline-messages` messages;
-//! 6. prints a table of medians over `--runs` runs (msgs/s, CPU seconds
+//! 6. for a Redis list source (issue 12): starts its own redis-server
+//!    (no persistence) and, before each measurement, empties it and
+//!    LPUSHes the same N messages; measures its ceilings (`__redis_consume`:
+//!    BLMOVE + LREM one element at a time, and mkc's own list client taking
+//!    256 per round trip, see redis.rs) and mkc with `redis-list KEY 1`,
+//!    `ordered` and `unordered` with `--concurrency` in flight;
+//! 7. prints a table of medians over `--runs` runs (msgs/s, CPU seconds
 //!    and peak RSS per process from /proc, ratios to the ceiling and to
 //!    the baseline) and the issue's targets, and writes
 //!    target/bench/results.json.
+//!
+//! The Kafka broker starts only when a Kafka scenario is selected, the
+//! Redis server only when a Redis one is: `--only redis` needs no tansu.
 //!
 //! Every message is its own record batch: tansu's memory engine skips to
 //! the next batch when a fetch starts inside one (shared/BROKER.md), which
@@ -35,6 +44,7 @@ mod broker;
 mod load;
 mod procs;
 mod python;
+mod redis;
 mod sink;
 
 use std::collections::BTreeMap;
@@ -84,7 +94,10 @@ struct Opts {
     #[arg(long)]
     quick: bool,
     /// Only the scenarios whose name contains one of these (broker, http,
-    /// ordered-1w, ordered-Pw, keyed, unordered, python).
+    /// ordered-1w, ordered-Pw, keyed, unordered, python; redis-consume,
+    /// redis-ordered, redis-unordered). The Redis scenarios match only a
+    /// filter that says `redis` (`--only redis`: all of them, with the HTTP
+    /// ceilings they are compared with); `--only unordered` stays Kafka's.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Extra server.conf lines for mkc (repeatable), to try settings:
@@ -111,6 +124,7 @@ fn main() {
         Some("__sink") => sink::main(&args[2..]),
         Some("__load") => load::main(&args[2..]),
         Some("__consume") => broker::consume_main(&args[2..]),
+        Some("__redis_consume") => redis::consume_main(&args[2..]),
         _ => match run(Opts::parse()) {
             Ok(()) => 0,
             Err(e) => {
@@ -127,11 +141,33 @@ struct Ctx {
     opts: Opts,
     exe: PathBuf,
     dir: PathBuf,
-    broker: broker::Broker,
+    /// Started only when a Kafka scenario is selected.
+    broker: Option<broker::Broker>,
     topic: String,
+    /// Started only when a Redis scenario is selected.
+    redis: Option<redis::RedisServer>,
     sink: Child,
     sink_addr: String,
     python: Option<(PathBuf, PathBuf)>,
+}
+
+impl Ctx {
+    fn broker(&self) -> anyhow::Result<&broker::Broker> {
+        self.broker.as_ref().context("no Kafka broker started")
+    }
+    fn redis(&self) -> anyhow::Result<&redis::RedisServer> {
+        self.redis.as_ref().context("no Redis server started")
+    }
+}
+
+/// Where an mkc row's messages come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// The benchmark's topic, `topic TOPIC WORKERS`.
+    Kafka,
+    /// A list of the benchmark's Redis, filled before the run:
+    /// `redis-list KEY WORKERS`.
+    RedisList,
 }
 
 /// One measurement.
@@ -191,17 +227,27 @@ fn run(mut opts: Opts) -> anyhow::Result<()> {
     let machine = machine();
     eprintln!("machine: {}", machine);
 
-    let tansu = broker::install(&repo)?;
-    let broker = broker::Broker::start(&tansu, &dir, &opts.engine)?;
     let topic = format!("bench-{}", std::process::id());
-    broker.create_topic(&topic, opts.partitions)?;
-    let t = Instant::now();
-    eprintln!(
-        "producing {} messages of ~{} B to {} partitions",
-        opts.messages, opts.size, opts.partitions
-    );
-    broker.produce(&topic, opts.messages, opts.partitions, opts.size)?;
-    eprintln!("produced in {:.1} s", t.elapsed().as_secs_f64());
+    let broker = if KAFKA_SCENARIOS.iter().any(|k| wants(&opts, k)) {
+        let tansu = broker::install(&repo)?;
+        let broker = broker::Broker::start(&tansu, &dir, &opts.engine)?;
+        broker.create_topic(&topic, opts.partitions)?;
+        let t = Instant::now();
+        eprintln!(
+            "producing {} messages of ~{} B to {} partitions",
+            opts.messages, opts.size, opts.partitions
+        );
+        broker.produce(&topic, opts.messages, opts.partitions, opts.size)?;
+        eprintln!("produced in {:.1} s", t.elapsed().as_secs_f64());
+        Some(broker)
+    } else {
+        None
+    };
+    let redis = if REDIS_SCENARIOS.iter().any(|k| wants(&opts, k)) {
+        Some(redis::RedisServer::start(&dir)?)
+    } else {
+        None
+    };
 
     let (sink, sink_addr) = start_sink(&exe)?;
     let python = if wants(&opts, "python") {
@@ -215,6 +261,7 @@ fn run(mut opts: Opts) -> anyhow::Result<()> {
         dir: dir.clone(),
         broker,
         topic,
+        redis,
         sink,
         sink_addr,
         python,
@@ -226,9 +273,39 @@ fn run(mut opts: Opts) -> anyhow::Result<()> {
     report(&ctx, &rows, &machine)
 }
 
+/// The scenarios that need the Kafka broker; those that need Redis.
+const KAFKA_SCENARIOS: [&str; 6] = [
+    "broker",
+    "ordered-1w",
+    "ordered-Pw",
+    "keyed",
+    "unordered",
+    "python",
+];
+const REDIS_SCENARIOS: [&str; 3] = ["redis-consume", "redis-ordered", "redis-unordered"];
+
+/// Whether `--only` selects scenario `name`. A Redis scenario matches only
+/// a filter that names Redis, so that the Kafka filters (`ordered`,
+/// `unordered`) select what they always did.
 fn wants(opts: &Opts, name: &str) -> bool {
-    opts.only.is_empty() || opts.only.iter().any(|o| name.contains(o.as_str()))
+    opts.only.is_empty()
+        || opts.only.iter().any(|o| {
+            name.contains(o.as_str()) && (!name.starts_with("redis") || o.contains("redis"))
+        })
 }
+
+/// Name of the row of the Redis ceiling with `batch` elements per round trip.
+fn redis_consume_row(batch: usize) -> String {
+    if batch == 1 {
+        "redis BLMOVE+LREM 1".to_string()
+    } else {
+        format!("redis take+LREM {batch}")
+    }
+}
+
+/// Elements per round trip of the Redis ceiling mkc's rows are compared
+/// with: mkc's own take batch (src/pipeline/redis.rs, `TAKE_MAX`).
+const REDIS_BATCH: usize = 256;
 
 /// The scenarios, in the order they run within each run.
 fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
@@ -239,7 +316,7 @@ fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
     let mut rows: Vec<Row> = Vec::new();
     let add = |rows: &mut Vec<Row>, name: &str, latency: Option<u64>, s: Sample| {
         eprintln!(
-            "  {name:<24} {:>6} {:>10.0} msgs/s  ({:.1} s)",
+            "  {name:<28} {:>6} {:>10.0} msgs/s  ({:.1} s)",
             latency.map_or("-".to_string(), |l| format!("{l} ms")),
             s.rate,
             s.seconds
@@ -262,8 +339,17 @@ fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
             let s = measure_broker(ctx, run)?;
             add(&mut rows, "broker consume", None, s);
         }
+        if wants(&opts, "redis-consume") {
+            for batch in [1, REDIS_BATCH] {
+                let s = measure_redis_consume(ctx, batch, run)?;
+                add(&mut rows, &redis_consume_row(batch), None, s);
+            }
+        }
+        // The Redis rows are compared with the HTTP ceilings: measured
+        // with them.
+        let redis_mkc = wants(&opts, "redis-ordered") || wants(&opts, "redis-unordered");
         for &latency in &opts.latencies {
-            if wants(&opts, "http") {
+            if wants(&opts, "http") || redis_mkc {
                 for &c in &conns {
                     let s = measure_http(ctx, latency, c)?;
                     add(&mut rows, &format!("http {c} conn"), Some(latency), s);
@@ -287,7 +373,25 @@ fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
             ];
             for (name, key, mode, workers) in mkc_cases {
                 if wants(&opts, key) {
-                    let s = measure_mkc(ctx, latency, mode, workers, run)?;
+                    let s = measure_mkc(ctx, latency, mode, workers, run, Source::Kafka)?;
+                    add(&mut rows, &name, Some(latency), s);
+                }
+            }
+            let redis_cases = [
+                (
+                    "mkc redis-list ordered 1w".to_string(),
+                    "redis-ordered",
+                    "ordered",
+                ),
+                (
+                    format!("mkc redis-list unordered c{}", opts.concurrency),
+                    "redis-unordered",
+                    "unordered",
+                ),
+            ];
+            for (name, key, mode) in redis_cases {
+                if wants(&opts, key) {
+                    let s = measure_mkc(ctx, latency, mode, 1, run, Source::RedisList)?;
                     add(&mut rows, &name, Some(latency), s);
                 }
             }
@@ -402,11 +506,12 @@ fn hwm_of(pid: i32) -> f64 {
 
 fn measure_broker(ctx: &Ctx, run: usize) -> anyhow::Result<Sample> {
     let n = ctx.opts.messages;
-    let broker_cpu = cpu_of(ctx.broker.pid());
+    let broker = ctx.broker()?;
+    let broker_cpu = cpu_of(broker.pid());
     let child = Command::new(&ctx.exe)
         .args([
             "__consume",
-            &ctx.broker.addr,
+            &broker.addr,
             &ctx.topic,
             &format!("bench-consume-{run}"),
             &n.to_string(),
@@ -428,7 +533,47 @@ fn measure_broker(ctx: &Ctx, run: usize) -> anyhow::Result<Sample> {
         seconds,
         cpu: BTreeMap::from([
             ("consumer".into(), usage.cpu_s),
-            ("broker".into(), cpu_of(ctx.broker.pid()) - broker_cpu),
+            ("broker".into(), cpu_of(broker.pid()) - broker_cpu),
+        ]),
+        rss: BTreeMap::from([("consumer".into(), usage.root_hwm_mib)]),
+        duplicates: 0,
+    })
+}
+
+/// The Redis list ceiling: N elements pushed, then a counting consumer
+/// process taking `batch` per round trip (see redis.rs).
+fn measure_redis_consume(ctx: &Ctx, batch: usize, run: usize) -> anyhow::Result<Sample> {
+    let n = ctx.opts.messages;
+    let server = ctx.redis()?;
+    let key = format!("bench-consume-{batch}-{run}");
+    server.fill(&key, n, ctx.opts.size)?;
+    let redis_cpu = cpu_of(server.pid());
+    let child = Command::new(&ctx.exe)
+        .args([
+            "__redis_consume",
+            &server.url,
+            &key,
+            &n.to_string(),
+            &batch.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let watcher = procs::Watcher::start(child.id() as i32);
+    let output = child.wait_with_output()?;
+    let usage = watcher.finish();
+    anyhow::ensure!(output.status.success(), "counting Redis consumer failed");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let seconds: f64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("Redis consumer output")?;
+    Ok(Sample {
+        rate: n as f64 / seconds,
+        seconds,
+        cpu: BTreeMap::from([
+            ("consumer".into(), usage.cpu_s),
+            ("redis".into(), cpu_of(server.pid()) - redis_cpu),
         ]),
         rss: BTreeMap::from([("consumer".into(), usage.root_hwm_mib)]),
         duplicates: 0,
@@ -480,9 +625,14 @@ fn measure_mkc(
     mode: &str,
     workers: u32,
     run: usize,
+    source: Source,
 ) -> anyhow::Result<Sample> {
     let n = ctx.opts.messages;
-    let name = format!("mkc-{mode}-{workers}w-{latency}ms-{run}");
+    let kind = match source {
+        Source::Kafka => "",
+        Source::RedisList => "redis-",
+    };
+    let name = format!("mkc-{kind}{mode}-{workers}w-{latency}ms-{run}");
     let dir = ctx.dir.join("runs").join(&name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -498,20 +648,43 @@ fn measure_mkc(
             }
         ),
     )?;
+    // The source's lines, and the server whose CPU the run costs.
+    let (source_lines, server_name, server_pid) = match source {
+        Source::Kafka => {
+            let broker = ctx.broker()?;
+            (
+                format!(
+                    "brokers {}\nproperty auto.offset.reset earliest\n\
+                     property session.timeout.ms 6000\nproperty heartbeat.interval.ms 1000\n\
+                     topic {} {workers}\n",
+                    broker.addr, ctx.topic
+                ),
+                "broker",
+                broker.pid(),
+            )
+        }
+        Source::RedisList => {
+            let server = ctx.redis()?;
+            let key = format!("bench-{name}");
+            server.fill(&key, n, ctx.opts.size)?;
+            (
+                format!("redis {}\nredis-list {key} {workers}\n", server.url),
+                "redis",
+                server.pid(),
+            )
+        }
+    };
     let conf = dir.join("server.conf");
     std::fs::write(
         &conf,
         format!(
-            "daemonize off\nbrokers {}\ngroupid bench-{name}-{}\n\
-             property auto.offset.reset earliest\nproperty session.timeout.ms 6000\n\
-             property heartbeat.interval.ms 1000\nlog-level {}\nlog-file {}\npid-path {}\n\
-             topic {} {workers}\nmodule {}\n{}",
-            ctx.broker.addr,
+            "daemonize off\ngroupid bench-{name}-{}\n\
+             log-level {}\nlog-file {}\npid-path {}\n\
+             {source_lines}module {}\n{}",
             std::process::id(),
             ctx.opts.mkc_log_level,
             dir.join("mkc.log").display(),
             dir.display(),
-            ctx.topic,
             dir.join("sink.conf").display(),
             ctx.opts
                 .mkc_conf
@@ -522,7 +695,7 @@ fn measure_mkc(
     )?;
     sink_reset(ctx, n, latency)?;
     let sink_pid = ctx.sink.id() as i32;
-    let (sink_cpu, broker_cpu) = (cpu_of(sink_pid), cpu_of(ctx.broker.pid()));
+    let (sink_cpu, server_cpu) = (cpu_of(sink_pid), cpu_of(server_pid));
     let mut child = Command::new(MKC)
         .arg("-c")
         .arg(&conf)
@@ -535,10 +708,7 @@ fn measure_mkc(
     let timeout = Duration::from_secs(120 + n as u64 / 500);
     let waited = wait_distinct(ctx, n, timeout, &mut child);
     let usage = watcher.finish();
-    let (sink_cpu, broker_cpu) = (
-        cpu_of(sink_pid) - sink_cpu,
-        cpu_of(ctx.broker.pid()) - broker_cpu,
-    );
+    let (sink_cpu, server_cpu) = (cpu_of(sink_pid) - sink_cpu, cpu_of(server_pid) - server_cpu);
     stop(&mut child);
     let (seconds, duplicates) =
         waited.with_context(|| format!("{name} (files in {})", dir.display()))?;
@@ -548,7 +718,7 @@ fn measure_mkc(
         cpu: BTreeMap::from([
             ("mkc".into(), usage.cpu_s),
             ("sink".into(), sink_cpu),
-            ("broker".into(), broker_cpu),
+            (server_name.into(), server_cpu),
         ]),
         rss: BTreeMap::from([
             ("mkc worker".into(), usage.worker_hwm_mib),
@@ -594,13 +764,14 @@ fn measure_python(
         ctx.opts.baseline_messages
     }
     .clamp(1, ctx.opts.messages);
+    let broker = ctx.broker()?;
     sink_reset(ctx, m, latency)?;
     let sink_pid = ctx.sink.id() as i32;
-    let (sink_cpu, broker_cpu) = (cpu_of(sink_pid), cpu_of(ctx.broker.pid()));
+    let (sink_cpu, broker_cpu) = (cpu_of(sink_pid), cpu_of(broker.pid()));
     let mut child = Command::new(python)
         .arg(script)
         .args([
-            &ctx.broker.addr,
+            &broker.addr,
             &ctx.topic,
             &format!(
                 "bench-python-{commit_every}-{latency}-{run}-{}",
@@ -617,7 +788,7 @@ fn measure_python(
     let usage = watcher.finish();
     let (sink_cpu, broker_cpu) = (
         cpu_of(sink_pid) - sink_cpu,
-        cpu_of(ctx.broker.pid()) - broker_cpu,
+        cpu_of(broker.pid()) - broker_cpu,
     );
     let _ = child.kill();
     let _ = child.wait();
@@ -680,11 +851,17 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
+    let redis_ceiling = find(rows, &redis_consume_row(REDIS_BATCH), None).map(Row::rate);
     // The ceiling of each mkc row: the lower of the sink's HTTP rate at the
-    // same concurrency and the broker's consume rate.
+    // same concurrency and the source's consume rate. A Redis list with one
+    // worker is one lane: `ordered` has one request in flight.
     let ceiling = |row: &Row| -> Option<f64> {
         let l = row.latency?;
-        if row.name.starts_with("mkc ordered") {
+        if row.name.starts_with("mkc redis-list ordered") {
+            lower(http(1, l), redis_ceiling)
+        } else if row.name.starts_with("mkc redis-list") {
+            lower(http(o.concurrency, l), redis_ceiling)
+        } else if row.name.starts_with("mkc ordered") {
             lower(http(o.partitions, l), broker)
         } else if row.name.starts_with("mkc") {
             lower(http(o.concurrency, l), broker)
@@ -705,7 +882,7 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
         machine["memory_gib"]
     ));
     out.push_str(&format!(
-        "{:<22} {:>5} {:>10} {:>9} {:>24} {:>26} {:>9} {:>9}\n",
+        "{:<28} {:>5} {:>10} {:>9} {:>24} {:>26} {:>9} {:>9}\n",
         "scenario", "sink", "msgs/s", "seconds", "CPU s", "peak RSS MiB", "/ceiling", "/python"
     ));
     let mut json_rows = Vec::new();
@@ -726,7 +903,8 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
             .collect();
         let rate = row.rate();
         let vs_ceiling = ceiling(row).map(|c| rate / c);
-        let vs_python = if row.name.starts_with("mkc") {
+        // The Python baseline consumes Kafka: no ratio for a Redis row.
+        let vs_python = if row.name.starts_with("mkc") && !row.name.starts_with("mkc redis") {
             row.latency.and_then(python).map(|p| rate / p)
         } else {
             None
@@ -743,7 +921,7 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ");
         out.push_str(&format!(
-            "{:<22} {:>5} {:>10.0} {:>9.1} {:>24} {:>26} {:>9} {:>9}\n",
+            "{:<28} {:>5} {:>10.0} {:>9.1} {:>24} {:>26} {:>9} {:>9}\n",
             row.name,
             row.latency.map_or("-".into(), |l| format!("{l}ms")),
             rate,
@@ -819,13 +997,38 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
             false,
         );
     }
-    let steady = rows
+    let redis_unordered = format!("mkc redis-list unordered c{}", o.concurrency);
+    for l in &o.latencies {
+        target(
+            format!(
+                "redis-list unordered, {l} ms sink >= 70% of min(HTTP {} conn, Redis take {REDIS_BATCH})",
+                o.concurrency
+            ),
+            find(rows, &redis_unordered, Some(*l)).map(Row::rate),
+            lower(http(o.concurrency, *l), redis_ceiling).map(|c| 0.7 * c),
+            "msgs/s",
+            false,
+        );
+    }
+    let redis_steady = rows
         .iter()
-        .filter(|r| r.name.starts_with("mkc"))
+        .filter(|r| r.name.starts_with("mkc redis"))
         .filter_map(|r| r.median(|s| s.rss.get("mkc worker steady").copied()))
         .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
     target(
-        "steady-state RSS per worker < 64 MB (highest median VmRSS of any mkc row)".into(),
+        "redis-list: steady-state RSS per worker < 64 MB (highest median VmRSS)".into(),
+        redis_steady.map(|mib| mib * 1.048576),
+        Some(64.0),
+        "MB",
+        true,
+    );
+    let steady = rows
+        .iter()
+        .filter(|r| r.name.starts_with("mkc") && !r.name.starts_with("mkc redis"))
+        .filter_map(|r| r.median(|s| s.rss.get("mkc worker steady").copied()))
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    target(
+        "steady-state RSS per worker < 64 MB (highest median VmRSS of any Kafka mkc row)".into(),
         steady.map(|mib| mib * 1.048576),
         Some(64.0),
         "MB",
