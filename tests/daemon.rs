@@ -69,17 +69,6 @@ fn mkc_ctl(conf: &Path, args: &[&str], limit: Duration) -> (i32, String, String,
     )
 }
 
-fn messages(n: usize, partitions: i32, id: &str) -> Vec<Record> {
-    (0..n)
-        .map(|i| {
-            Record::new(
-                (i as i32) % partitions,
-                envelope(i as u64, id, &format!("{{\"n\":{i}}}")),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn workers_per_topic_with_titles_and_cap_at_partition_count() {
     let topic = unique_name("titles");
@@ -134,7 +123,7 @@ fn stop_under_load_returns_after_the_master_is_gone_and_loses_nothing() {
             .module(Module::new("a", sink.url("/a")).filter(7)),
     );
     let total = 4000;
-    produce(&topic, messages(total, 3, "7"));
+    produce(&topic, round_robin(0..total, 3, "7"));
     sink.wait_until(Duration::from_secs(60), |r| r.len() >= 500);
 
     let pid_file = mkc.dir().join("mkc.pid");
@@ -188,7 +177,7 @@ fn killed_worker_is_back_within_two_seconds_and_master_death_takes_workers() {
     );
     let first = mkc.wait_workers(1, Duration::from_secs(20));
     mkc.wait_log_contains("partitions assigned", Duration::from_secs(30));
-    produce(&topic, messages(10, 2, "7"));
+    produce(&topic, round_robin(0..10, 2, "7"));
     sink.wait_for_distinct(10, Duration::from_secs(30));
 
     let killed = mkc.kill9_worker();
@@ -569,7 +558,7 @@ fn stop_with_a_hung_endpoint_exits_by_itself_and_commits_what_finished() {
             .line(&format!("shutdown_timeout {SHORT_SHUTDOWN_S}")),
     );
     mkc.wait_workers(1, Duration::from_secs(20));
-    let finished = produce(&topic, messages(5, 1, "7"));
+    let finished = produce(&topic, round_robin(0..5, 1, "7"));
     sink.wait_for_distinct(5, Duration::from_secs(60));
     sink.set_behavior(hang());
     let hung = produce(&topic, vec![Record::new(0, envelope(5, "7", "{\"n\":5}"))]);

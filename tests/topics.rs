@@ -34,17 +34,6 @@ fn delete_topic(name: &str) {
     }
 }
 
-fn messages(range: std::ops::Range<usize>, partitions: i32, id: &str) -> Vec<Record> {
-    range
-        .map(|i| {
-            Record::new(
-                (i as i32) % partitions,
-                envelope(i as u64, id, &format!("{{\"n\":{i}}}")),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn deleting_a_consumed_topic_kills_no_worker_and_a_recreated_topic_is_consumed() {
     let topic = unique_name("deleted");
@@ -65,7 +54,7 @@ fn deleting_a_consumed_topic_kills_no_worker_and_a_recreated_topic_is_consumed()
         Duration::from_secs(60),
     );
     let canaries = sink.distinct_keys();
-    produce(&topic, messages(0..200, 4, "7"));
+    produce(&topic, round_robin(0..200, 4, "7"));
     sink.wait_for_distinct(canaries + 200, Duration::from_secs(60));
     let workers = mkc.worker_pids();
 
@@ -108,7 +97,7 @@ fn deleting_a_consumed_topic_kills_no_worker_and_a_recreated_topic_is_consumed()
             .collect::<std::collections::HashSet<_>>()
             .len()
     };
-    produce(&topic, messages(1000..1040, 4, "7"));
+    produce(&topic, round_robin(1000..1040, 4, "7"));
     let again = sink.wait_until(Duration::from_secs(90), |r| new_ones(r) == 40);
     mkc.check(again, || {
         format!(

@@ -414,6 +414,19 @@ pub fn produce(topic: &str, records: Vec<Record>) -> Vec<Produced> {
 /// `{"commitId": <commit_id>, "commandId": <command_id>, "data": <data>}`
 /// with `command_id` and `data` inserted as raw JSON text, so a test picks
 /// the exact form (`1001`, `"1001"`, ...).
+/// Envelopes numbered `range` (commitId = the number), commandId `id`,
+/// spread round-robin over `partitions`.
+pub fn round_robin(range: std::ops::Range<usize>, partitions: i32, id: &str) -> Vec<Record> {
+    range
+        .map(|i| {
+            Record::new(
+                (i as i32) % partitions,
+                envelope(i as u64, id, &format!("{{\"n\":{i}}}")),
+            )
+        })
+        .collect()
+}
+
 pub fn envelope(commit_id: u64, command_id: &str, data: &str) -> String {
     format!(r#"{{"commitId": {commit_id}, "commandId": {command_id}, "data": {data}}}"#)
 }
