@@ -1,0 +1,302 @@
+//! module.conf's keys: each module file named by server.conf read into
+//! a [`ModuleConfig`], and what involves several modules checked.
+
+use super::*;
+
+/// Reads the module files named by `module` lines, in order, and checks
+/// what involves several modules or the global filters.
+pub(super) fn load_modules(
+    lines: &[(String, Location)],
+    conf_path: &Path,
+    global: &[(CommandId, Location)],
+    read_module: &impl Fn(&Path) -> io::Result<Vec<u8>>,
+    report: &mut Report,
+) -> Vec<ModuleConfig> {
+    let mut modules: Vec<(ModuleConfig, Location)> = Vec::new();
+    let mut files: Vec<(PathBuf, &Location)> = Vec::new();
+    for (name, at) in lines {
+        let file = resolve(conf_path, name);
+        if let Some((_, first)) = files.iter().find(|(known, _)| *known == file) {
+            report.error(
+                at,
+                format!(
+                    "module: {} is already listed at line {}",
+                    file.display(),
+                    first.line
+                ),
+            );
+            continue;
+        }
+        files.push((file.clone(), at));
+        let bytes = match read_module(&file) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                report.error(at, format!("module: cannot read {}: {err}", file.display()));
+                continue;
+            }
+        };
+        let (directives, errors) = lex(&file, bytes.as_slice());
+        report.errors.extend(errors);
+        let Some((module, name_at)) = read_module_file(file, &directives, global, report) else {
+            continue;
+        };
+        if let Some((_, first)) = modules.iter().find(|(m, _)| m.name == module.name) {
+            report.error(
+                &name_at,
+                format!(
+                    "name: module name \"{}\" is already used at {first}",
+                    module.name
+                ),
+            );
+            continue;
+        }
+        if module.filters.is_empty() {
+            report.warn(
+                at,
+                format!(
+                    "module {}: no filters; it will never receive a message",
+                    module.name
+                ),
+            );
+        }
+        modules.push((module, name_at));
+    }
+    for (id, at) in global {
+        if !modules.is_empty() && modules.iter().all(|(m, _)| !m.filters.contains(id)) {
+            report.warn(
+                at,
+                format!(
+                    "filters: no module lists {id}; its messages are acknowledged \
+                     without dispatch"
+                ),
+            );
+        }
+    }
+    modules.into_iter().map(|(module, _)| module).collect()
+}
+
+/// Validates one module file. Returns the module and where its name was
+/// set, or `None` when `name` or `uri` is missing.
+pub(super) fn read_module_file(
+    file: PathBuf,
+    directives: &[Directive],
+    global: &[(CommandId, Location)],
+    report: &mut Report,
+) -> Option<(ModuleConfig, Location)> {
+    let mut seen = Seen::default();
+    // Whether a `name` / `uri` line exists, valid or not: an invalid one
+    // is already reported and must not also read as "missing".
+    let (mut name_given, mut uri_given) = (false, false);
+    let mut name: Option<(String, Location)> = None;
+    let mut uri: Option<String> = None;
+    let mut method = HttpMethod::Post;
+    let mut filters: Vec<(CommandId, Location)> = Vec::new();
+    let mut delay = ms(0);
+    let mut retrynum = DEFAULT_RETRYNUM;
+    let mut retry_delay = ms(DEFAULT_RETRY_DELAY_MS);
+    let mut rcv_timeout = secs(DEFAULT_RCV_TIMEOUT_S);
+    let mut snd_timeout = secs(DEFAULT_SND_TIMEOUT_S);
+    let mut mode = DeliveryMode::Ordered;
+    let mut concurrency: Option<(u64, Location)> = None;
+    let mut order_key: Option<(Vec<String>, Location)> = None;
+    let mut dead_letter: Option<String> = None;
+
+    for d in directives {
+        let key = d.key.as_str();
+        match key {
+            "name" => {
+                name_given = true;
+                let Some(value) = report.single(d, "name NAME") else {
+                    continue;
+                };
+                if value.is_empty() || value.chars().any(char::is_control) {
+                    report.error(
+                        &d.location,
+                        "name: a module name must be non-empty, without control characters",
+                    );
+                    continue;
+                }
+                seen.note(key, d, report);
+                name = Some((value.to_string(), d.location.clone()));
+            }
+            "uri" => {
+                uri_given = true;
+                let Some(value) = report.single(d, "uri http[s]://HOST[:PORT]/PATH") else {
+                    continue;
+                };
+                match Url::parse(value) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+                        seen.note(key, d, report);
+                        uri = Some(value.to_string());
+                    }
+                    Ok(_) => report.error(
+                        &d.location,
+                        format!("uri: \"{value}\" is not an http or https URL"),
+                    ),
+                    Err(err) => {
+                        report.error(&d.location, format!("uri: \"{value}\" is not a URL: {err}"))
+                    }
+                }
+            }
+            "method" => {
+                let Some(value) = report.single(d, "method post|put") else {
+                    continue;
+                };
+                match value.to_ascii_lowercase().as_str() {
+                    "post" => method = HttpMethod::Post,
+                    "put" => method = HttpMethod::Put,
+                    _ => {
+                        report.error(
+                            &d.location,
+                            format!("method: \"{value}\" is not post or put"),
+                        );
+                        continue;
+                    }
+                }
+                seen.note(key, d, report);
+            }
+            "filters" => report.command_ids(d, &mut filters),
+            "delay" => {
+                if let Some(value) = report.single(d, "delay MILLISECONDS") {
+                    if let Some(n) = report.uint(d, "", value, 0, MAX_MS, "(milliseconds)") {
+                        seen.note(key, d, report);
+                        delay = ms(n);
+                    }
+                }
+            }
+            "retrynum" => {
+                if let Some(value) = report.single(d, "retrynum N") {
+                    let max = u64::from(u32::MAX);
+                    if let Some(n) = report.uint(d, "", value, 0, max, "") {
+                        seen.note(key, d, report);
+                        retrynum = u32::try_from(n).unwrap_or(u32::MAX);
+                    }
+                }
+            }
+            "retry_delay" | "retry_num" => {
+                if key == "retry_num" {
+                    report.warn(&d.location, "retry_num is read as retry_delay");
+                }
+                if let Some(value) = report.single(d, "retry_delay MILLISECONDS") {
+                    if let Some(n) = report.uint(d, "", value, 0, MAX_MS, "(milliseconds)") {
+                        seen.note("retry_delay", d, report);
+                        retry_delay = ms(n);
+                    }
+                }
+            }
+            "rcv_timeout" | "snd_timeout" => {
+                let usage = format!("{key} SECONDS");
+                if let Some(value) = report.single(d, &usage) {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_SECS, "(seconds)") {
+                        seen.note(key, d, report);
+                        if key == "rcv_timeout" {
+                            rcv_timeout = secs(n);
+                        } else {
+                            snd_timeout = secs(n);
+                        }
+                    }
+                }
+            }
+            "mode" => {
+                let Some(value) = report.single(d, "mode ordered|keyed|unordered") else {
+                    continue;
+                };
+                mode = match value.to_ascii_lowercase().as_str() {
+                    "ordered" => DeliveryMode::Ordered,
+                    "keyed" => DeliveryMode::Keyed,
+                    "unordered" => DeliveryMode::Unordered,
+                    _ => {
+                        report.error(
+                            &d.location,
+                            format!("mode: \"{value}\" is not ordered, keyed or unordered"),
+                        );
+                        continue;
+                    }
+                };
+                seen.note(key, d, report);
+            }
+            "concurrency" => {
+                if let Some(value) = report.single(d, "concurrency N") {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_CONCURRENCY, "") {
+                        seen.note(key, d, report);
+                        concurrency = Some((n, d.location.clone()));
+                    }
+                }
+            }
+            "order_key" => {
+                if let Some(value) = report.single(d, "order_key FIELD[.FIELD...]") {
+                    let path: Vec<String> = value.split('.').map(str::to_string).collect();
+                    if path.iter().any(String::is_empty) {
+                        report.error(
+                            &d.location,
+                            format!("order_key: \"{value}\" is not a dotted field path like data.orderId"),
+                        );
+                        continue;
+                    }
+                    seen.note(key, d, report);
+                    order_key = Some((path, d.location.clone()));
+                }
+            }
+            "dead_letter_topic" => {
+                if let Some(value) = report.single(d, "dead_letter_topic NAME") {
+                    if let Some(name) = dead_letter_topic(d, value, report) {
+                        seen.note(key, d, report);
+                        dead_letter = Some(name);
+                    }
+                }
+            }
+            _ => report.error(&d.location, format!("unknown key \"{key}\"")),
+        }
+    }
+    if let (Some((_, at)), DeliveryMode::Ordered) = (&concurrency, mode) {
+        report.warn(
+            at,
+            "concurrency is ignored in ordered mode (one message at a time per partition)",
+        );
+    }
+    if let (Some((_, at)), false) = (&order_key, mode == DeliveryMode::Keyed) {
+        report.warn(at, "order_key is used only with mode keyed");
+    }
+
+    let shown = file.display();
+    if !name_given {
+        report.error_unplaced(format!(
+            "{shown}: module has no name (add a `name NAME` line)"
+        ));
+    }
+    if !uri_given {
+        report.error_unplaced(format!("{shown}: module has no uri (add a `uri URL` line)"));
+    }
+    let (name, name_at) = name?;
+    let uri = uri?;
+    if !global.is_empty() {
+        for (id, at) in &filters {
+            if global.iter().all(|(known, _)| known != id) {
+                report.warn(
+                    at,
+                    format!(
+                        "module {name}: filter {id} is not in the global filters of \
+                         server.conf; it will never be dispatched"
+                    ),
+                );
+            }
+        }
+    }
+    let module = ModuleConfig {
+        name,
+        file,
+        uri,
+        method,
+        filters: filters.into_iter().map(|(id, _)| id).collect(),
+        delay,
+        retrynum,
+        retry_delay,
+        rcv_timeout,
+        snd_timeout,
+        mode,
+        concurrency: concurrency.map_or(DEFAULT_CONCURRENCY as u32, |(n, _)| n as u32),
+        order_key: order_key.map(|(path, _)| path),
+        dead_letter_topic: dead_letter,
+    };
+    Some((module, name_at))
+}
