@@ -483,10 +483,15 @@ fn make_install_puts_files_where_the_readme_says_and_the_unit_verifies() {
     // the symbol table stays (function names in panics).
     let sections = elf_sections(&bin);
     for kept in [".symtab", ".gnu_debuglink"] {
-        assert!(sections.contains(&kept.to_string()), "bin/mkc has no {kept}: {sections:?}");
+        assert!(
+            sections.contains(&kept.to_string()),
+            "bin/mkc has no {kept}: {sections:?}"
+        );
     }
     assert!(
-        !sections.iter().any(|s| s.starts_with(".debug_") && s != ".debug_gdb_scripts"),
+        !sections
+            .iter()
+            .any(|s| s.starts_with(".debug_") && s != ".debug_gdb_scripts"),
         "bin/mkc still has debug information: {sections:?}"
     );
     assert!(

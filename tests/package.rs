@@ -32,9 +32,7 @@ const CONFFILES: [&str; 3] = [
 
 /// Runs `cmd`, asserts that it succeeded, returns its output.
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?}: {}\n{}{}",
@@ -112,7 +110,10 @@ fn installed_version() -> Option<String> {
 
 /// The passwd entry of `user`: (uid, gid, home, shell).
 fn passwd(user: &str) -> Option<(u32, u32, String, String)> {
-    let out = Command::new("getent").args(["passwd", user]).output().ok()?;
+    let out = Command::new("getent")
+        .args(["passwd", user])
+        .output()
+        .ok()?;
     let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let f: Vec<&str> = line.split(':').collect();
     if f.len() < 7 {
@@ -180,10 +181,7 @@ impl Drop for Machine {
 /// Replaces the line `from` of the file `path` with `to`.
 fn edit(path: &str, from: &str, to: &str) {
     let text = std::fs::read_to_string(path).expect(path);
-    assert!(
-        text.lines().any(|l| l == from),
-        "{path}: no line {from:?}"
-    );
+    assert!(text.lines().any(|l| l == from), "{path}: no line {from:?}");
     let edited: String = text
         .lines()
         .map(|l| if l == from { to } else { l })
@@ -202,14 +200,25 @@ fn the_package_installs_runs_as_mkc_keeps_edited_conffiles_on_upgrade_and_purges
     let cargo_version = std::fs::read_to_string(Path::new(REPO).join("Cargo.toml"))
         .expect("Cargo.toml")
         .lines()
-        .find_map(|l| Some(l.strip_prefix("version = \"")?.strip_suffix('"')?.to_string()))
+        .find_map(|l| {
+            Some(
+                l.strip_prefix("version = \"")?
+                    .strip_suffix('"')?
+                    .to_string(),
+            )
+        })
         .expect("Cargo.toml version");
     assert_eq!(version, cargo_version);
     let depends = field(&deb, "Depends");
     for dep in ["libc6", "adduser"] {
         assert!(depends.contains(dep), "Depends: {depends}");
     }
-    let conffiles = stdout(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("conffiles"));
+    let conffiles = stdout(
+        Command::new("dpkg-deb")
+            .arg("-I")
+            .arg(&deb)
+            .arg("conffiles"),
+    );
     assert_eq!(conffiles.lines().collect::<Vec<_>>(), CONFFILES);
     let contents = stdout(Command::new("dpkg-deb").arg("-c").arg(&deb));
     let mut shipped = vec![
@@ -242,7 +251,10 @@ fn the_package_installs_runs_as_mkc_keeps_edited_conffiles_on_upgrade_and_purges
         &build_id[..2],
         &build_id[2..]
     );
-    assert!(symbols.contains(&debug_path), "{debug_path} not in:\n{symbols}");
+    assert!(
+        symbols.contains(&debug_path),
+        "{debug_path} not in:\n{symbols}"
+    );
     assert_eq!(field(&dbgsym, "Depends"), format!("mkc (= {version})"));
 
     if !nix::unistd::geteuid().is_root() {
@@ -287,15 +299,24 @@ fn the_package_installs_runs_as_mkc_keeps_edited_conffiles_on_upgrade_and_purges
         std::fs::read_link(wants).expect("mkc.service is not enabled"),
         Path::new("/lib/systemd/system/mkc.service")
     );
-    assert_eq!(processes_of(uid), Vec::<i32>::new(), "something runs as mkc");
+    assert_eq!(
+        processes_of(uid),
+        Vec::<i32>::new(),
+        "something runs as mkc"
+    );
 
     // The shipped configuration passes `mkc -t`, as root and as mkc (the
     // unit's ExecStartPre runs it as mkc).
     for user in ["root", "mkc"] {
-        let text = stdout(
-            Command::new("runuser")
-                .args(["-u", user, "--", "/usr/bin/mkc", "-c", "/etc/mkc/server.conf", "-t"]),
-        );
+        let text = stdout(Command::new("runuser").args([
+            "-u",
+            user,
+            "--",
+            "/usr/bin/mkc",
+            "-c",
+            "/etc/mkc/server.conf",
+            "-t",
+        ]));
         assert!(text.contains("test is successful"), "as {user}: {text}");
     }
     let verify = Command::new("systemd-analyze")
@@ -317,10 +338,18 @@ fn the_package_installs_runs_as_mkc_keeps_edited_conffiles_on_upgrade_and_purges
     let group = unique_name("pkg-g");
     let sink = Sink::start();
     let conf = "/etc/mkc/server.conf";
-    edit(conf, "brokers 127.0.0.1:9092", &format!("brokers {}", brokers()));
+    edit(
+        conf,
+        "brokers 127.0.0.1:9092",
+        &format!("brokers {}", brokers()),
+    );
     edit(conf, "groupid mkc", &format!("groupid {group}"));
     edit(conf, "topic orders 1", &format!("topic {topic} 1"));
-    edit(conf, "admin-listen 127.0.0.1:8120", "admin-listen 127.0.0.1:0");
+    edit(
+        conf,
+        "admin-listen 127.0.0.1:8120",
+        "admin-listen 127.0.0.1:0",
+    );
     let module = "/etc/mkc/module-example.conf";
     edit(
         module,
@@ -354,10 +383,8 @@ fn the_package_installs_runs_as_mkc_keeps_edited_conffiles_on_upgrade_and_purges
     // systemd's RuntimeDirectory=mkc would create this.
     run(Command::new("install").args(["-d", "-o", "mkc", "-g", "mkc", "/run/mkc"]));
     create_topic(&topic, 1);
-    let started = stdout(
-        Command::new("runuser")
-            .args(["-u", "mkc", "--", "/usr/bin/mkc", "-c", conf]),
-    );
+    let started =
+        stdout(Command::new("runuser").args(["-u", "mkc", "--", "/usr/bin/mkc", "-c", conf]));
     assert!(started.contains("mkc started"), "{started}");
     let pid: i32 = std::fs::read_to_string("/run/mkc/mkc.pid")
         .expect("/run/mkc/mkc.pid")
@@ -374,9 +401,16 @@ fn the_package_installs_runs_as_mkc_keeps_edited_conffiles_on_upgrade_and_purges
         .split_whitespace()
         .map(|u| u.parse::<u32>().expect("uid"))
         .collect::<Vec<_>>();
-    assert_eq!(uids, vec![uid; 4], "the master's real, effective, saved, fs uid");
+    assert_eq!(
+        uids,
+        vec![uid; 4],
+        "the master's real, effective, saved, fs uid"
+    );
 
-    produce(&topic, vec![Record::new(0, envelope(1, "1000042", r#"{"n": 1}"#))]);
+    produce(
+        &topic,
+        vec![Record::new(0, envelope(1, "1000042", r#"{"n": 1}"#))],
+    );
     let got = sink.wait_for(1, Duration::from_secs(60));
     assert_eq!(got[0].module(), "example");
     assert!(
@@ -389,10 +423,16 @@ fn the_package_installs_runs_as_mkc_keeps_edited_conffiles_on_upgrade_and_purges
     let status = stdout(Command::new("/usr/bin/mkc").args(["-c", conf, "-s", "status"]));
     assert!(status.contains(&topic), "mkc -s status: {status}");
     // ExecStop is SIGTERM from systemd; `-s stop` as mkc does the same.
-    let stopped = stdout(
-        Command::new("runuser")
-            .args(["-u", "mkc", "--", "/usr/bin/mkc", "-c", conf, "-s", "stop"]),
-    );
+    let stopped = stdout(Command::new("runuser").args([
+        "-u",
+        "mkc",
+        "--",
+        "/usr/bin/mkc",
+        "-c",
+        conf,
+        "-s",
+        "stop",
+    ]));
     assert!(stopped.contains("stopped"), "{stopped}");
     assert!(!Path::new("/run/mkc/mkc.pid").exists(), "pid file left");
     machine.master = None;
@@ -416,6 +456,9 @@ fn the_package_installs_runs_as_mkc_keeps_edited_conffiles_on_upgrade_and_purges
         );
     }
     let overrides = stdout(Command::new("dpkg-statoverride").arg("--list"));
-    assert!(!overrides.contains("mkc"), "statoverrides left: {overrides}");
+    assert!(
+        !overrides.contains("mkc"),
+        "statoverrides left: {overrides}"
+    );
     drop(machine);
 }
