@@ -10,7 +10,9 @@
 #   --out DIR      where the packages go (default target/deb)
 #   --version V    package version (default: Cargo.toml's)
 #   --fast         gzip -1 instead of xz, debug sections not compressed (for
-#                  tests: that takes ~40 s on a debug build, this ~5 s)
+#                  tests: on a debug build, about 10 s instead of a minute)
+#
+# Relative paths are taken from the repository's top directory.
 #
 # Writes DIR/mkc_V_ARCH.deb and DIR/mkc-dbgsym_V_ARCH.deb (the symbols, under
 # /usr/lib/debug/.build-id/, where gdb and Rust's backtraces look) and prints
@@ -150,6 +152,7 @@ EOF
 # One "SOURCE DEST MODE" a line, SOURCE relative to the repository (shell
 # completions, the man page, ...). A missing SOURCE fails the build.
 extras=(
+    # "path/to/mkc.bash /usr/share/bash-completion/completions/mkc 0644"
 )
 for line in "${extras[@]}"; do
     read -r src dest mode <<<"$line"
