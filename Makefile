@@ -3,8 +3,12 @@
 #   make build       release binary: target/release/mkc
 #   make demo        build and run `mkc demo` (no Kafka or database needed)
 #   make test        install packages and (once) the test broker, start it and
-#                    MariaDB and Redis when they do not answer, run every test
-#   make install     PREFIX=/usr/local/mkc DESTDIR= : binary, conf, logs, run, systemd unit
+#                    MariaDB and Redis when they do not answer, run every test;
+#                    stops the broker afterwards if it started it (KEEP_BROKER=1: not)
+#   make install     PREFIX=/usr/local/mkc DESTDIR= : binary (debug info stripped
+#                    into $(BIN).debug), conf, logs, run, systemd unit
+#   make deb         release build, then target/deb/mkc_VERSION_ARCH.deb and
+#                    mkc-dbgsym_VERSION_ARCH.deb (scripts/deb.sh)
 #   make fmt         cargo fmt
 #   make clippy      cargo clippy --all-targets -- -D warnings
 #   make kafka-start / kafka-stop   the test broker (scripts/kafka.sh)
@@ -17,6 +21,8 @@ DESTDIR ?=
 INSTALL ?= install
 # The binary `make install` installs (tests point it at their debug build).
 BIN     ?= target/release/mkc
+# Where `make install` keeps the debug information it strips from $(BIN).
+DEBUG_FILE ?= $(BIN).debug
 # Two test binaries at a time: every end-to-end test runs a broker client,
 # an HTTP sink and mkc's master and workers, on a 2-core machine.
 TEST_THREADS ?= 2
@@ -24,7 +30,7 @@ TEST_THREADS ?= 2
 SYSTEMD_UNIT := systemd/mkc.service
 UNIT_DIR     := $(DESTDIR)/lib/systemd/system
 
-.PHONY: all build demo setup setup-test test bench install fmt clippy kafka-install kafka-start kafka-stop services clean
+.PHONY: all build demo setup setup-test test bench install deb fmt clippy kafka-install kafka-start kafka-stop services clean
 
 all: build
 
@@ -43,8 +49,19 @@ demo: setup
 	$(CARGO) run --quiet -- demo --exit-after-delivery
 
 # The tests find the broker through MKC_TEST_BROKERS; it follows
-# MKC_KAFKA_PORT, the port scripts/kafka.sh starts the broker on.
-test: setup-test kafka-start services
+# MKC_KAFKA_PORT, the port scripts/kafka.sh starts the broker on. A broker
+# this run started is stopped when the tests end (also when they fail or
+# are interrupted); one that was running already is left running, and so
+# is every broker with KEEP_BROKER=1 (repeated runs skip its start).
+KEEP_BROKER ?=
+test: setup-test kafka-install services
+	@started=; \
+	if ! scripts/kafka.sh status >/dev/null 2>&1; then \
+		scripts/kafka.sh start || exit 1; \
+		[ -n "$(KEEP_BROKER)" ] || started=1; \
+	fi; \
+	trap '[ -z "$$started" ] || scripts/kafka.sh stop' EXIT; \
+	trap 'exit 130' INT TERM; \
 	MKC_TEST_BROKERS="$${MKC_TEST_BROKERS:-127.0.0.1:$${MKC_KAFKA_PORT:-9092}}" \
 	$(CARGO) test --lib --bins --tests -- --test-threads=$(TEST_THREADS)
 
@@ -72,11 +89,16 @@ kafka-stop:
 # install builds only when there is no release binary yet, so that
 # `make build && sudo make install` needs no cargo for root. An operator's
 # server.conf is never overwritten: the shipped one lands beside it as
-# server.conf.default.
+# server.conf.default. The installed binary keeps its symbol table (function
+# names in panics and perf) but not its debug information: that goes to
+# $(DEBUG_FILE), which the binary names (.gnu_debuglink) so that gdb and
+# RUST_BACKTRACE find it once it is copied beside the binary (README, Install).
 install: $(BIN)
 	$(INSTALL) -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/conf \
 		$(DESTDIR)$(PREFIX)/logs $(DESTDIR)$(PREFIX)/run
-	$(INSTALL) -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/mkc
+	objcopy --only-keep-debug $(BIN) $(DEBUG_FILE)
+	objcopy --strip-debug --add-gnu-debuglink=$(DEBUG_FILE) $(BIN) $(DESTDIR)$(PREFIX)/bin/mkc
+	chmod 0755 $(DESTDIR)$(PREFIX)/bin/mkc
 	@if [ -e $(DESTDIR)$(PREFIX)/conf/server.conf ]; then \
 		echo "keeping existing $(DESTDIR)$(PREFIX)/conf/server.conf (new one: server.conf.default)"; \
 		$(INSTALL) -m 0644 conf/server.conf $(DESTDIR)$(PREFIX)/conf/server.conf.default; \
@@ -92,6 +114,11 @@ install: $(BIN)
 
 target/release/mkc:
 	$(CARGO) build --release
+
+# Always from a fresh release build (a package must not carry a stale
+# binary). DEB_MAINTAINER="Name <mail>" sets the Maintainer field.
+deb: build
+	scripts/deb.sh --bin target/release/mkc --out target/deb
 
 fmt:
 	$(CARGO) fmt

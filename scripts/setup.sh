@@ -9,7 +9,8 @@
 #   scripts/setup.sh test    the above, plus what the tests use:
 #                            systemd-analyze (unit check), chromium and
 #                            chromedriver (status page test), redis-server
-#                            and MariaDB (scripts/services.sh starts them)
+#                            and MariaDB (scripts/services.sh starts them),
+#                            logrotate and adduser (the Debian package test)
 #
 # Rust itself (cargo, rustc) must be installed (https://rustup.rs).
 set -euo pipefail
@@ -44,6 +45,10 @@ if [[ "$what" == test ]]; then
     need redis-server redis-server
     need /usr/sbin/mariadbd mariadb-server
     need mysql mariadb-client
+    # tests/package.rs installs the package (its postinst runs adduser) and
+    # checks its logrotate file.
+    need logrotate logrotate
+    need adduser adduser
 fi
 
 if [[ ${#packages[@]} -eq 0 ]]; then

@@ -459,11 +459,13 @@ fn sigusr1_reopens_the_log_file_in_master_and_workers() {
 fn make_install_puts_files_where_the_readme_says_and_the_unit_verifies() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dest = tempfile::tempdir().expect("tempdir");
+    let debug_file = dest.path().join("mkc.debug");
     let out = Command::new("make")
         .arg("-s")
         .arg("install")
         .arg(format!("DESTDIR={}", dest.path().display()))
         .arg(format!("BIN={MKC_BIN}"))
+        .arg(format!("DEBUG_FILE={}", debug_file.display()))
         .current_dir(&root)
         .output()
         .expect("make");
@@ -477,6 +479,26 @@ fn make_install_puts_files_where_the_readme_says_and_the_unit_verifies() {
     let bin = prefix.join("bin/mkc");
     use std::os::unix::fs::PermissionsExt;
     assert!(bin.metadata().expect("bin/mkc").permissions().mode() & 0o111 != 0);
+    // Debug information stripped into DEBUG_FILE, which the binary names;
+    // the symbol table stays (function names in panics).
+    let sections = elf_sections(&bin);
+    for kept in [".symtab", ".gnu_debuglink"] {
+        assert!(
+            sections.contains(&kept.to_string()),
+            "bin/mkc has no {kept}: {sections:?}"
+        );
+    }
+    assert!(
+        !sections
+            .iter()
+            .any(|s| s.starts_with(".debug_") && s != ".debug_gdb_scripts"),
+        "bin/mkc still has debug information: {sections:?}"
+    );
+    assert!(
+        elf_sections(&debug_file).contains(&".debug_info".to_string()),
+        "{} has no .debug_info",
+        debug_file.display()
+    );
     for f in ["conf/server.conf", "conf/module-example.conf"] {
         assert!(prefix.join(f).is_file(), "{f} missing");
     }
@@ -514,6 +536,25 @@ fn make_install_puts_files_where_the_readme_says_and_the_unit_verifies() {
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
     );
+}
+
+/// The section names of an ELF file, as `readelf -S -W` lists them.
+fn elf_sections(path: &Path) -> Vec<String> {
+    let out = Command::new("readelf")
+        .args(["-S", "-W"])
+        .arg(path)
+        .output()
+        .expect("readelf (Debian package binutils)");
+    assert!(out.status.success(), "readelf {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            // "  [33] .gnu_debuglink    PROGBITS ..."
+            let (_, rest) = line.split_once(']')?;
+            rest.split_whitespace().next().map(str::to_string)
+        })
+        .filter(|name| name.starts_with('.'))
+        .collect()
 }
 
 /// `shutdown_timeout` of the stop tests, in seconds.
