@@ -9,7 +9,8 @@
 #   scripts/setup.sh test    the above, plus what the tests use:
 #                            systemd-analyze (unit check), chromium and
 #                            chromedriver (status page test), redis-server
-#                            and MariaDB (scripts/services.sh starts them)
+#                            and MariaDB (scripts/services.sh starts them),
+#                            promtool and python3-jsonschema (monitoring/)
 #
 # Rust itself (cargo, rustc) must be installed (https://rustup.rs).
 set -euo pipefail
@@ -44,6 +45,9 @@ if [[ "$what" == test ]]; then
     need redis-server redis-server
     need /usr/sbin/mariadbd mariadb-server
     need mysql mariadb-client
+    # tests/monitoring.rs: promtool, and the dashboard's JSON schema check.
+    need promtool prometheus
+    need /usr/lib/python3/dist-packages/jsonschema/__init__.py python3-jsonschema
 fi
 
 if [[ ${#packages[@]} -eq 0 ]]; then
