@@ -46,7 +46,7 @@ fn read(path: &Path) -> String {
 
 /// Words of PromQL that are not metric names: aggregations (also without
 /// parentheses right after them: `sum by (x) (...)`), binary operators
-/// and modifiers, and the float literals.
+/// and modifiers, and the float literals; and [`LABEL_LISTS`].
 const KEYWORDS: &[&str] = &[
     "sum",
     "min",
@@ -68,12 +68,6 @@ const KEYWORDS: &[&str] = &[
     "atan2",
     "bool",
     "offset",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
     "inf",
     "nan",
 ];
@@ -210,7 +204,9 @@ fn metric_names(expr: &str) -> Result<Vec<Named>, String> {
                     // A function (or an aggregation written `sum(...)`).
                     calls.push(word.to_string());
                     i = next + 1;
-                } else if !KEYWORDS.contains(&lower.as_str()) {
+                } else if !KEYWORDS.contains(&lower.as_str())
+                    && !LABEL_LISTS.contains(&lower.as_str())
+                {
                     out.push(Named {
                         name: word.to_string(),
                         as_counter: calls

@@ -33,6 +33,19 @@ pub fn scrape(base: &str) -> Scrape {
         .unwrap_or_else(|e| panic!("{base}/metrics does not parse: {e}\n{text}"))
 }
 
+/// The value of the first sample of `name` whose labels include `labels`
+/// (counters, gauges and untyped series).
+pub fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .and_then(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
 /// The kind of a series, as a query sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
