@@ -10,7 +10,8 @@
 #                            systemd-analyze (unit check), chromium and
 #                            chromedriver (status page test), redis-server
 #                            and MariaDB (scripts/services.sh starts them),
-#                            logrotate and adduser (the Debian package test)
+#                            logrotate and adduser (the Debian package test),
+#                            promtool and python3-jsonschema (monitoring/)
 #
 # Rust itself (cargo, rustc) must be installed (https://rustup.rs).
 set -euo pipefail
@@ -49,6 +50,9 @@ if [[ "$what" == test ]]; then
     # checks its logrotate file.
     need logrotate logrotate
     need adduser adduser
+    # tests/monitoring.rs: promtool, and the dashboard's JSON schema check.
+    need promtool prometheus
+    need /usr/lib/python3/dist-packages/jsonschema/__init__.py python3-jsonschema
 fi
 
 if [[ ${#packages[@]} -eq 0 ]]; then

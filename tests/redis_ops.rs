@@ -10,6 +10,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use common::metrics::{http_get as get, scrape, value};
 use common::redis::{self as r, commit_id, config, OwnRedis};
 use common::*;
 use nix::sys::signal::{kill, Signal};
@@ -27,36 +28,9 @@ fn members(conn: &mut ::redis::Connection, key: &str) -> Vec<String> {
         .expect("SMEMBERS")
 }
 
-/// One GET on loopback: (status, body).
-fn get(url: &str) -> (u16, String) {
-    rt().block_on(async {
-        let response = reqwest::Client::new()
-            .get(url)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{url}: {e}"));
-        let code = response.status().as_u16();
-        (code, response.text().await.unwrap_or_default())
-    })
-}
-
 /// A sample of `/metrics` whose labels include `labels`.
 fn metric(base: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let (code, text) = get(&format!("{base}/metrics"));
-    assert_eq!(code, 200, "{text}");
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{text}"));
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .and_then(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => Some(v),
-            _ => None,
-        })
+    value(&scrape(base), name, labels)
 }
 
 /// The worker of `mkc` whose process title holds `title`

@@ -26,6 +26,7 @@
 #![allow(dead_code)]
 
 pub mod dlog;
+pub mod metrics;
 pub mod redis;
 
 use std::collections::{HashMap, HashSet};
