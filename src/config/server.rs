@@ -172,8 +172,13 @@ impl ServerDraft {
             }
             "kafka-debug" => {
                 if let Some(value) = report.single(d, "kafka-debug CONTEXTS") {
-                    self.seen.note(key, d, report);
-                    self.kafka_debug = Some(value.to_string());
+                    match librdkafka_accepts("debug", value) {
+                        Ok(()) => {
+                            self.seen.note(key, d, report);
+                            self.kafka_debug = Some(value.to_string());
+                        }
+                        Err(why) => report.error(&d.location, format!("kafka-debug: {why}")),
+                    }
                 }
             }
             "property" => self.property(d, report),
@@ -377,7 +382,10 @@ impl ServerDraft {
                      only after delivery"
                 ),
             ),
-            _ => self.properties.push((name.to_string(), value.to_string())),
+            _ => match librdkafka_accepts(name, value) {
+                Ok(()) => self.properties.push((name.to_string(), value.to_string())),
+                Err(why) => report.error(&d.location, format!("property {name}: {why}")),
+            },
         }
     }
 
@@ -951,4 +959,19 @@ pub(super) fn finish_mysql(draft: MysqlDraft, report: &mut Report) -> Option<Mys
         password: draft.password.unwrap_or_default(),
         database: database?,
     })
+}
+
+/// Whether librdkafka takes `name = value` (a known property, a value of
+/// its type and range), asked the way a worker's consumer will be built,
+/// so that `-t` and `-s reload` refuse what would otherwise stop every
+/// worker at start. Only a configuration object is made: no client, no
+/// thread, nothing sent (safe in the master before it forks).
+pub(super) fn librdkafka_accepts(name: &str, value: &str) -> Result<(), String> {
+    let mut config = rdkafka::ClientConfig::new();
+    config.set(name, value);
+    match config.create_native_config() {
+        Ok(_) => Ok(()),
+        Err(rdkafka::error::KafkaError::ClientConfig(_, why, _, _)) => Err(why),
+        Err(other) => Err(other.to_string()),
+    }
 }

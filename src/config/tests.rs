@@ -642,6 +642,42 @@ fn offset_store_keys_are_kept_out_of_properties() {
 }
 
 #[test]
+fn properties_and_kafka_debug_librdkafka_refuses_are_errors_with_their_line() {
+    let errors = rejected(
+        &format!(
+            "{MINIMAL}property fetch.max.bytess 1048576\n\
+             property fetch.max.bytes lots\n\
+             property session.timeout.ms 0\n\
+             kafka-debug consumer,nonsense\n\
+             property queued.min.messages 10\n\
+             property client.rack eu-1\n"
+        ),
+        &[("m.conf", MODULE_M)],
+    );
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+    for (error, (line, start)) in errors.iter().zip([
+        (
+            4,
+            "property fetch.max.bytess: No such configuration property",
+        ),
+        (5, "property fetch.max.bytes: Invalid value"),
+        (
+            6,
+            "property session.timeout.ms: Configuration property \"session.timeout.ms\" value 0",
+        ),
+        (7, "kafka-debug: Invalid value \"nonsense\""),
+    ]) {
+        let prefix = format!("/etc/mkc/server.conf:{line}: {start}");
+        assert!(
+            error.starts_with(&prefix),
+            "{error:?} does not start with {prefix:?}"
+        );
+    }
+    let loaded = server_with("kafka-debug consumer,cgrp\nproperty client.rack eu-1\n");
+    assert_eq!(loaded.config.kafka_debug.as_deref(), Some("consumer,cgrp"));
+}
+
+#[test]
 fn brokers_comma_lists_and_repeats() {
     let loaded = server_with("brokers a:1, b:2,,c:3\nbrokers a:1\nbrokers [::1]:9092\n");
     assert_eq!(
