@@ -36,6 +36,11 @@ struct Args {
     /// Test the configuration and exit (0: valid, 1: invalid).
     #[arg(short = 't', long = "test")]
     test: bool,
+    /// Test the configuration, then print the effective configuration:
+    /// every key with its value, its default and where it was set
+    /// (file:line), secrets masked (0: valid, 1: invalid).
+    #[arg(short = 'T', long = "test-print")]
+    test_print: bool,
     /// Send a command to the running master.
     #[arg(short = 's', long = "signal", value_enum, value_name = "COMMAND")]
     signal: Option<Control>,
@@ -140,8 +145,8 @@ pub fn run() -> ExitCode {
         subcommand(&args.conf, command)
     } else if let Some(control) = args.signal {
         control::control(&args.conf, control)
-    } else if args.test {
-        test(&args.conf)
+    } else if args.test || args.test_print {
+        test(&args.conf, args.test_print)
     } else {
         start(&args.conf)
     };
@@ -200,13 +205,21 @@ fn load(conf: &Path) -> Result<Loaded, ExitCode> {
     }
 }
 
-fn test(conf: &Path) -> anyhow::Result<ExitCode> {
+/// `-t`, and `-T` (which prints the verdict on standard error, as
+/// `nginx -T` does, so that standard output is the configuration alone).
+fn test(conf: &Path, print: bool) -> anyhow::Result<ExitCode> {
     Ok(match load(conf) {
-        Ok(_) => {
-            println!(
+        Ok(loaded) => {
+            let verdict = format!(
                 "mkc: configuration file {} test is successful",
                 conf.display()
             );
+            if print {
+                eprintln!("{verdict}");
+                print!("{}", config::effective(&loaded.config));
+            } else {
+                println!("{verdict}");
+            }
             ExitCode::SUCCESS
         }
         Err(code) => code,
