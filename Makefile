@@ -4,7 +4,9 @@
 #   make demo        build and run `mkc demo` (no Kafka or database needed)
 #   make test        install packages and (once) the test broker, start it and
 #                    MariaDB and Redis when they do not answer, run every test
-#   make install     PREFIX=/usr/local/mkc DESTDIR= : binary, conf, logs, run, systemd unit
+#   make install     PREFIX=/usr/local/mkc DESTDIR= : binary, conf, logs, run, systemd unit,
+#                    man page and shell completions under $(PREFIX)/share
+#   make man         target/man/mkc.1 from the clap definitions (`mkc man`)
 #   make fmt         cargo fmt
 #   make clippy      cargo clippy --all-targets -- -D warnings
 #   make kafka-start / kafka-stop   the test broker (scripts/kafka.sh)
@@ -24,7 +26,12 @@ TEST_THREADS ?= 2
 SYSTEMD_UNIT := systemd/mkc.service
 UNIT_DIR     := $(DESTDIR)/lib/systemd/system
 
-.PHONY: all build demo setup setup-test test bench install fmt clippy kafka-install kafka-start kafka-stop services clean
+MAN_DIR  := $(DESTDIR)$(PREFIX)/share/man/man1
+BASH_DIR := $(DESTDIR)$(PREFIX)/share/bash-completion/completions
+ZSH_DIR  := $(DESTDIR)$(PREFIX)/share/zsh/site-functions
+FISH_DIR := $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+
+.PHONY: man all build demo setup setup-test test bench install fmt clippy kafka-install kafka-start kafka-stop services clean
 
 all: build
 
@@ -89,6 +96,16 @@ install: $(BIN)
 		$(INSTALL) -D -m 0644 $(SYSTEMD_UNIT) $(UNIT_DIR)/mkc.service; \
 	fi
 	$(INSTALL) -D -m 0644 systemd/mkc.logrotate $(DESTDIR)/etc/logrotate.d/mkc
+	$(INSTALL) -d $(MAN_DIR) $(BASH_DIR) $(ZSH_DIR) $(FISH_DIR)
+	$(BIN) man > $(MAN_DIR)/mkc.1
+	$(BIN) completions bash > $(BASH_DIR)/mkc
+	$(BIN) completions zsh > $(ZSH_DIR)/_mkc
+	$(BIN) completions fish > $(FISH_DIR)/mkc.fish
+
+# The man page, generated from the clap definitions of the built binary.
+man: $(BIN)
+	mkdir -p target/man
+	$(BIN) man > target/man/mkc.1
 
 target/release/mkc:
 	$(CARGO) build --release

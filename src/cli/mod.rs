@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, Diagnostic, Loaded};
 use crate::daemon::master;
@@ -67,6 +67,15 @@ enum Sub {
         #[arg(long, value_name = "HOST:PORT", default_value = crate::ops::demo::DEFAULT_REDIS)]
         redis: String,
     },
+    /// Print a completion script for SHELL to standard output
+    /// (`source <(mkc completions bash)`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to standard output (`make man`).
+    #[command(hide = true)]
+    Man,
     /// The demo's broker process (started by `mkc demo`).
     #[command(hide = true)]
     DemoBroker,
@@ -176,6 +185,11 @@ fn subcommand(conf: &Path, command: Sub) -> anyhow::Result<ExitCode> {
             })?;
         }
         Sub::DemoBroker => crate::ops::demo::broker()?,
+        Sub::Completions { shell } => {
+            let mut command = Args::command();
+            clap_complete::generate(shell, &mut command, "mkc", &mut std::io::stdout());
+        }
+        Sub::Man => clap_mangen::Man::new(Args::command()).render(&mut std::io::stdout())?,
     }
     Ok(ExitCode::SUCCESS)
 }
