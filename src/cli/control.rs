@@ -47,7 +47,10 @@ fn pid_file_of(conf: &Path) -> Option<PathBuf> {
     Some(pid_dir.join(name))
 }
 
-pub(super) fn control(conf: &Path, control: Control) -> anyhow::Result<ExitCode> {
+pub(super) fn control(conf: &Path, control: Control, json: bool) -> anyhow::Result<ExitCode> {
+    if json && control != Control::Status {
+        anyhow::bail!("--json goes with -s status only");
+    }
     let (pid_path, shutdown_timeout) = pid_file(conf)?;
     let Some(pid) = master::running_pid(&pid_path)? else {
         if pid_path.exists() {
@@ -81,6 +84,14 @@ pub(super) fn control(conf: &Path, control: Control) -> anyhow::Result<ExitCode>
             // The figures of the state directory; the process list when the
             // configuration no longer loads.
             match config::load(conf) {
+                Ok(loaded) if json => {
+                    let status = crate::ops::status::gather(&loaded.config);
+                    let api = crate::ops::status::ApiStatus::new(status, &loaded.config);
+                    println!("{}", serde_json::to_string_pretty(&api)?);
+                }
+                Err(_) if json => {
+                    anyhow::bail!("{} does not load: no status to show", conf.display())
+                }
                 Ok(loaded) => print!(
                     "{}",
                     crate::ops::status::text(&crate::ops::status::gather(&loaded.config))

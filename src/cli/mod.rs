@@ -44,6 +44,10 @@ struct Args {
     /// Send a command to the running master.
     #[arg(short = 's', long = "signal", value_enum, value_name = "COMMAND")]
     signal: Option<Control>,
+    /// With `-s status`: print the JSON of the admin process's
+    /// `/api/status` instead of text.
+    #[arg(long, requires = "signal")]
+    json: bool,
     #[command(subcommand)]
     command: Option<Sub>,
 }
@@ -153,7 +157,7 @@ pub fn run() -> ExitCode {
     let result = if let Some(command) = args.command {
         subcommand(&args.conf, command)
     } else if let Some(control) = args.signal {
-        control::control(&args.conf, control)
+        control::control(&args.conf, control, args.json)
     } else if args.test || args.test_print {
         test(&args.conf, args.test_print)
     } else {
