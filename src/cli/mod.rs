@@ -20,6 +20,7 @@ use crate::pipeline::dispatch::Cancel;
 use crate::record::dispatch_log::{ReplayFilter, Since, Status};
 
 mod control;
+mod send;
 
 const DEFAULT_CONF: &str = "/usr/local/mkc/conf/server.conf";
 
@@ -71,6 +72,9 @@ enum Sub {
         #[arg(long, value_name = "HOST:PORT", default_value = crate::ops::demo::DEFAULT_REDIS)]
         redis: String,
     },
+    /// Produce a test message with the configured brokers and properties,
+    /// and print its partition and offset.
+    Send(send::SendArgs),
     /// Print a completion script for SHELL to standard output
     /// (`source <(mkc completions bash)`).
     Completions {
@@ -189,6 +193,10 @@ fn subcommand(conf: &Path, command: Sub) -> anyhow::Result<ExitCode> {
             })?;
         }
         Sub::DemoBroker => crate::ops::demo::broker()?,
+        Sub::Send(args) => match load(conf) {
+            Ok(loaded) => send::send(&loaded.config, args)?,
+            Err(code) => return Ok(code),
+        },
         Sub::Completions { shell } => {
             let mut command = Args::command();
             clap_complete::generate(shell, &mut command, "mkc", &mut std::io::stdout());

@@ -206,7 +206,12 @@ const SERVER_KEYS: &[Key<ServerConfig>] = &[
     },
     Key {
         name: "filters",
-        show: |c| c.filters.iter().map(|id| line("filters", &[&id.to_string()])).collect(),
+        show: |c| {
+            c.filters
+                .iter()
+                .map(|id| line("filters", &[&id.to_string()]))
+                .collect()
+        },
     },
     Key {
         name: "module",
@@ -320,7 +325,12 @@ const MODULE_KEYS: &[Key<ModuleConfig>] = &[
     },
     Key {
         name: "filters",
-        show: |m| m.filters.iter().map(|id| line("filters", &[&id.to_string()])).collect(),
+        show: |m| {
+            m.filters
+                .iter()
+                .map(|id| line("filters", &[&id.to_string()]))
+                .collect()
+        },
     },
     Key {
         name: "delay",
@@ -379,9 +389,15 @@ pub fn key_names() -> (Vec<&'static str>, Vec<&'static str>) {
 /// Whether a key or sub-key holds a secret: its value is never printed.
 fn is_secret(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    ["password", "secret", "token", "header", "sasl.oauthbearer.config"]
-        .iter()
-        .any(|word| name.contains(word))
+    [
+        "password",
+        "secret",
+        "token",
+        "header",
+        "sasl.oauthbearer.config",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
 }
 
 /// `line` with secrets masked: the value of a secret key or sub-key, and
@@ -494,7 +510,11 @@ fn section<C>(
         let value = |line: &String| {
             let masked = mask(line);
             let skip = key.name.split(' ').count();
-            masked.splitn(skip + 1, ' ').nth(skip).unwrap_or("").to_string()
+            masked
+                .splitn(skip + 1, ' ')
+                .nth(skip)
+                .unwrap_or("")
+                .to_string()
         };
         let default_text = if required.contains(&key.name) {
             "required".to_string()
@@ -560,9 +580,20 @@ pub fn render(config: &ServerConfig) -> String {
         base.display()
     );
     let directives = read(&config.path);
-    section(&mut out, SERVER_KEYS, (config, &defaults), &directives, base, &[]);
+    section(
+        &mut out,
+        SERVER_KEYS,
+        (config, &defaults),
+        &directives,
+        base,
+        &[],
+    );
     for module in &config.modules {
-        out.push_str(&format!("\n# module {} {}\n", module.name, module.file.display()));
+        out.push_str(&format!(
+            "\n# module {} {}\n",
+            module.name,
+            module.file.display()
+        ));
         let mut directives = read(&module.file);
         for d in &mut directives {
             // The old spelling is read as retry_delay (module.rs).
@@ -571,7 +602,14 @@ pub fn render(config: &ServerConfig) -> String {
             }
         }
         let defaults = module_defaults(module);
-        section(&mut out, MODULE_KEYS, (module, &defaults), &directives, base, REQUIRED);
+        section(
+            &mut out,
+            MODULE_KEYS,
+            (module, &defaults),
+            &directives,
+            base,
+            REQUIRED,
+        );
     }
     out
 }
@@ -587,7 +625,15 @@ fn module_defaults(module: &ModuleConfig) -> ModuleConfig {
         key: key.to_string(),
         args: vec![value.to_string()],
     };
-    let directives = [directive("name", &module.name), directive("uri", &module.uri)];
-    read_module_file(module.file.clone(), &directives, &[], &mut Report::default())
-        .map_or_else(|| module.clone(), |(m, _)| m)
+    let directives = [
+        directive("name", &module.name),
+        directive("uri", &module.uri),
+    ];
+    read_module_file(
+        module.file.clone(),
+        &directives,
+        &[],
+        &mut Report::default(),
+    )
+    .map_or_else(|| module.clone(), |(m, _)| m)
 }
