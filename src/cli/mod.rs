@@ -1,12 +1,12 @@
 //! The command line: `mkc -c server.conf [-t | -T | -s stop|reload|status]`,
 //! the dispatch log commands `mkc -c server.conf skip ...` and
-//! `mkc -c server.conf replay ...`, `mkc send` ([`send`]), and
+//! `mkc -c server.conf replay ...`, `mkc send` (`send.rs`), and
 //! `mkc completions SHELL` / `mkc man` (generated from these definitions).
 //!
 //! Parses flags, loads the configuration, and either starts the master,
 //! tests the configuration (`-t`, like `nginx -t`; `-T` also prints it,
 //! [`crate::config::effective`]), controls a running master through its pid
-//! file (`-s`, [`control`]) or works on the dispatch log
+//! file (`-s`, `control.rs`) or works on the dispatch log
 //! ([`crate::record::replay`]). Returns the process exit code; errors are printed
 //! once, with their chain.
 
