@@ -9,6 +9,8 @@
 #                    into $(BIN).debug), conf, logs, run, systemd unit
 #   make deb         release build, then target/deb/mkc_VERSION_ARCH.deb and
 #                    mkc-dbgsym_VERSION_ARCH.deb (scripts/deb.sh)
+#   make man         target/man/mkc.1 from the clap definitions (`mkc man`)
+#                    (make install also puts the man page and shell completions under $(PREFIX)/share)
 #   make fmt         cargo fmt
 #   make clippy      cargo clippy --all-targets -- -D warnings
 #   make kafka-start / kafka-stop   the test broker (scripts/kafka.sh)
@@ -30,7 +32,12 @@ TEST_THREADS ?= 2
 SYSTEMD_UNIT := systemd/mkc.service
 UNIT_DIR     := $(DESTDIR)/lib/systemd/system
 
-.PHONY: all build demo setup setup-test test bench install deb fmt clippy kafka-install kafka-start kafka-stop services clean
+MAN_DIR  := $(DESTDIR)$(PREFIX)/share/man/man1
+BASH_DIR := $(DESTDIR)$(PREFIX)/share/bash-completion/completions
+ZSH_DIR  := $(DESTDIR)$(PREFIX)/share/zsh/site-functions
+FISH_DIR := $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+
+.PHONY: man all build demo setup setup-test test bench install deb fmt clippy kafka-install kafka-start kafka-stop services clean
 
 all: build
 
@@ -111,6 +118,16 @@ install: $(BIN)
 		$(INSTALL) -D -m 0644 $(SYSTEMD_UNIT) $(UNIT_DIR)/mkc.service; \
 	fi
 	$(INSTALL) -D -m 0644 systemd/mkc.logrotate $(DESTDIR)/etc/logrotate.d/mkc
+	$(INSTALL) -d $(MAN_DIR) $(BASH_DIR) $(ZSH_DIR) $(FISH_DIR)
+	$(BIN) man > $(MAN_DIR)/mkc.1
+	$(BIN) completions bash > $(BASH_DIR)/mkc
+	$(BIN) completions zsh > $(ZSH_DIR)/_mkc
+	$(BIN) completions fish > $(FISH_DIR)/mkc.fish
+
+# The man page, generated from the clap definitions of the built binary.
+man: $(BIN)
+	mkdir -p target/man
+	$(BIN) man > target/man/mkc.1
 
 target/release/mkc:
 	$(CARGO) build --release

@@ -22,8 +22,9 @@
 //! Folders follow a message's path; a dependency points down the list
 //! (daemon → pipeline → source / record → process / config).
 //!
-//! - [`cli`]: command line → exit code (start, `-t`, `-s stop|reload|status`,
-//!   `skip`, `replay`, `demo`).
+//! - [`cli`]: command line → exit code (start, `-t`, `-T`,
+//!   `-s stop|reload|status`, `skip`, `replay`, `send`, `demo`,
+//!   `completions`, `man`).
 //! - [`daemon`]: the master process: pid file, daemonize, fork and supervise
 //!   workers and the admin process, reload ([`daemon::master`]).
 //! - [`pipeline`]: a worker's runtime and lanes ([`pipeline::worker`]), the

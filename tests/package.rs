@@ -226,6 +226,10 @@ fn the_package_installs_runs_as_mkc_keeps_edited_conffiles_on_upgrade_and_purges
         "./lib/systemd/system/mkc.service".to_string(),
         "./usr/share/doc/mkc/README.md".to_string(),
         "./usr/share/doc/mkc/copyright".to_string(),
+        "./usr/share/man/man1/mkc.1".to_string(),
+        "./usr/share/bash-completion/completions/mkc".to_string(),
+        "./usr/share/zsh/vendor-completions/_mkc".to_string(),
+        "./usr/share/fish/vendor_completions.d/mkc.fish".to_string(),
         "./var/lib/mkc/".to_string(),
         "./var/log/mkc/".to_string(),
     ];

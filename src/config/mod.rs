@@ -58,12 +58,14 @@ impl fmt::Display for CommandId {
 }
 
 mod diagnostics;
+mod effective;
 mod module;
 mod reader;
 mod server;
 
 use diagnostics::*;
 pub use diagnostics::{Diagnostic, Location};
+pub use effective::{key_names, render as effective};
 use module::*;
 use reader::*;
 pub use reader::{parse_reader, Directive};

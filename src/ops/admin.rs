@@ -324,21 +324,9 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-#[derive(Serialize)]
-struct ApiStatus {
-    #[serde(flatten)]
-    status: Status,
-    /// Whether the POST routes are enabled (an admin-token is set).
-    admin_actions: bool,
-}
-
 async fn api_status(State(app): State<Arc<App>>) -> Response {
     let status = app.gather().await;
-    Json(ApiStatus {
-        status,
-        admin_actions: app.config.admin_token.is_some(),
-    })
-    .into_response()
+    Json(status::ApiStatus::new(status, &app.config)).into_response()
 }
 
 async fn api_history(State(app): State<Arc<App>>) -> Response {

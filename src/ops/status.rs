@@ -133,6 +133,25 @@ pub struct CounterStatus {
     pub counts: CounterFigures,
 }
 
+/// The JSON of `/api/status` and of `mkc -s status --json`: the status
+/// and whether the admin actions are enabled.
+#[derive(Debug, Serialize)]
+pub struct ApiStatus {
+    #[serde(flatten)]
+    pub status: Status,
+    /// Whether the POST routes are enabled (an admin-token is set).
+    pub admin_actions: bool,
+}
+
+impl ApiStatus {
+    pub fn new(status: Status, config: &ServerConfig) -> ApiStatus {
+        ApiStatus {
+            status,
+            admin_actions: config.admin_token.is_some(),
+        }
+    }
+}
+
 /// Reads the state directory of `config`'s instance.
 pub fn gather(config: &ServerConfig) -> Status {
     let dir = state::state_dir(&config.pid_file);

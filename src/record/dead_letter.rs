@@ -59,22 +59,7 @@ impl DeadLetters {
         if !any {
             return Ok(None);
         }
-        let mut c = ClientConfig::new();
-        // The operator's librdkafka settings (security, ...) apply here
-        // too, but for the consumer's own.
-        for (k, v) in &config.properties {
-            if !is_consumer_property(k) {
-                c.set(k, v);
-            }
-        }
-        c.set("bootstrap.servers", config.brokers.join(","))
-            .set("client.id", client_id)
-            .set("acks", "all")
-            .set("message.timeout.ms", MESSAGE_TIMEOUT_MS)
-            .set_log_level(RDKafkaLogLevel::Error);
-        if let Some(fallback) = &config.fallback {
-            c.set("broker.version.fallback", fallback);
-        }
+        let c = producer_config(config, client_id);
         let producer: FutureProducer = c
             .create()
             .map_err(|e| anyhow::anyhow!("cannot create the dead-letter producer: {e}"))?;
@@ -172,6 +157,27 @@ impl DeadLetters {
             backoff = (backoff * 2).min(RETRY_MAX);
         }
     }
+}
+
+/// The librdkafka configuration of a producer (dead letters, `mkc send`):
+/// the configured brokers and the operator's properties (security, ...),
+/// but for the consumer's own; acks from every in-sync replica.
+pub fn producer_config(config: &ServerConfig, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in &config.properties {
+        if !is_consumer_property(k) {
+            c.set(k, v);
+        }
+    }
+    c.set("bootstrap.servers", config.brokers.join(","))
+        .set("client.id", client_id)
+        .set("acks", "all")
+        .set("message.timeout.ms", MESSAGE_TIMEOUT_MS)
+        .set_log_level(RDKafkaLogLevel::Error);
+    if let Some(fallback) = &config.fallback {
+        c.set("broker.version.fallback", fallback);
+    }
+    c
 }
 
 /// librdkafka properties that only a consumer reads (a producer warns
