@@ -20,6 +20,7 @@
 //! | `POST /api/skip`                   | `{topic, partition, offset, module}` (a Redis source: `redis-list:KEY`, or the bare key) |
 //! | `POST /api/modules/{name}/pause`   | pause deliveries to a module           |
 //! | `POST /api/modules/{name}/resume`  | resume them                            |
+//! | `/api/log/...`                     | the dispatch log browser ([`crate::ops::log_browser`]) |
 //!
 //! POST routes need `admin-token` in server.conf and
 //! `Authorization: Bearer <token>`; without a token they answer 403.
@@ -166,6 +167,7 @@ async fn serve(config: Arc<ServerConfig>, listen: SocketAddr, master: i32) -> an
 }
 
 fn router(app: Arc<App>) -> Router {
+    let log = crate::ops::log_browser::router(app.config.clone());
     Router::new()
         .route("/", get(page))
         .route("/healthz", get(healthz))
@@ -176,6 +178,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/skip", post(api_skip))
         .route("/api/modules/{name}/{action}", post(api_module))
         .with_state(app)
+        .merge(log)
 }
 
 async fn sampler(app: Arc<App>) {
@@ -229,29 +232,6 @@ impl App {
         .unwrap_or_default()
     }
 
-    /// Checks the bearer token of an admin action.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Box<Response>> {
-        let Some(token) = self.config.admin_token.as_deref() else {
-            return Err(Box::new(error(
-                StatusCode::FORBIDDEN,
-                "admin actions are disabled: set admin-token in server.conf",
-            )));
-        };
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            Ok(())
-        } else {
-            Err(Box::new(error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token",
-            )))
-        }
-    }
-
     /// Changes the control file under the lock; expired skips are pruned.
     fn update_control(&self, change: impl FnOnce(&mut Control)) -> Result<(), Box<Response>> {
         let _guard = self.control.lock().unwrap_or_else(|p| p.into_inner());
@@ -272,6 +252,30 @@ impl App {
     }
 }
 
+/// Checks the bearer token of an admin action: 403 when `admin-token` is
+/// not set, 401 when the request's token is missing or wrong.
+pub(crate) fn authorize(config: &ServerConfig, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let Some(token) = config.admin_token.as_deref() else {
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "admin actions are disabled: set admin-token in server.conf",
+        )));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        )))
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -279,7 +283,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn error(code: StatusCode, text: &str) -> Response {
+/// A JSON error answer `{"error": text}`.
+pub(crate) fn error(code: StatusCode, text: &str) -> Response {
     (code, Json(serde_json::json!({ "error": text }))).into_response()
 }
 
@@ -353,7 +358,7 @@ async fn api_skip(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = app.authorize(&headers) {
+    if let Err(r) = authorize(&app.config, &headers) {
         return *r;
     }
     let mut skip: SkipBody = match serde_json::from_slice(&body) {
@@ -482,7 +487,7 @@ async fn api_module(
     UrlPath((name, action)): UrlPath<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = app.authorize(&headers) {
+    if let Err(r) = authorize(&app.config, &headers) {
         return *r;
     }
     let pause = match action.as_str() {

@@ -19,8 +19,10 @@
 //! startup.
 //!
 //! [`Db`] (in `table.rs`) is the table itself, for the writer and for the
-//! `skip` and `replay` commands. Every query binds its values; the payload
-//! is a BLOB, stored byte for byte.
+//! `skip` and `replay` commands; `search.rs` adds what the status page's
+//! log browser reads (searches, one row, its error history in
+//! `mkc_queue_log_error`). Every query binds its values; the payload is a
+//! BLOB, stored byte for byte.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -35,10 +37,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DispatchLogTarget;
 
+mod search;
 mod table;
 
+pub use search::{
+    ErrorEntry, FoundRow, Page, RowDetail, Search, SearchError, SearchIndex, MAX_ERRORS, MAX_PAGE,
+};
 pub use table::{
     is_refused, mysql_options_from_url, Db, LoggedRow, ReplayFilter, Since, SkipResult,
+    HISTORY_REPLAY, HISTORY_RETRIES,
 };
 
 /// The table's name, fixed (operators' scripts of the old program use it).

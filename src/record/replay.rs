@@ -3,7 +3,11 @@
 //! module's current uri with the module's retry policy, and record the
 //! result in their rows).
 //!
-//! Both run in the `mkc` command's own process with a small tokio runtime
+//! [`Replayer::replay_row`] is one row's replay, shared with the status
+//! page's log browser (`crate::ops::log_browser`), so that a replay from
+//! the page records the same result as `mkc replay`.
+//!
+//! The commands run in the `mkc` command's own process with a small tokio runtime
 //! of their own, never in the master. A running mkc needs no signal: its
 //! workers read `is_skip` from the table.
 
@@ -38,7 +42,8 @@ pub struct Summary {
     pub interrupted: bool,
 }
 
-async fn connect(config: &ServerConfig) -> anyhow::Result<Db> {
+/// The dispatch log of `config`, its table created or brought up to date.
+pub async fn connect(config: &ServerConfig) -> anyhow::Result<Db> {
     let db = Db::lazy(&config.dispatch_log)
         .with_context(|| format!("dispatch log {}", config.dispatch_log))?;
     tokio::time::timeout(DB_WAIT, db.migrate())
@@ -49,7 +54,8 @@ async fn connect(config: &ServerConfig) -> anyhow::Result<Db> {
     Ok(db)
 }
 
-async fn wait<T>(
+/// `f`, or an error when the database does not answer in time.
+pub async fn wait<T>(
     what: &str,
     f: impl std::future::Future<Output = Result<T, sqlx::Error>>,
 ) -> anyhow::Result<T> {
@@ -127,6 +133,90 @@ pub async fn replay(
     result
 }
 
+/// What replaying one row did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowResult {
+    /// Delivered; the row now says `replayed`.
+    Delivered { attempts: u32 },
+    /// Failed again; the row says `exhausted` with the new error.
+    Failed { attempts: u32, error: String },
+    /// Not tried, the row is left as it is: why.
+    Unreplayable(String),
+    /// Stopped before a result (Ctrl-C, or a job cancelled); the row is
+    /// left as it is.
+    Interrupted,
+}
+
+/// Replays rows one at a time, with each module's current uri and retry
+/// policy, recording each result in its row: what `mkc replay` and the
+/// status page's Replay buttons share.
+pub struct Replayer {
+    endpoints: HashMap<String, Endpoint>,
+}
+
+impl Replayer {
+    /// Endpoints for the modules of `config`.
+    pub fn new(config: &ServerConfig) -> anyhow::Result<Replayer> {
+        let mut endpoints = HashMap::new();
+        for m in &config.modules {
+            endpoints.insert(m.name.clone(), Endpoint::new(Arc::new(m.clone()))?);
+        }
+        Ok(Replayer { endpoints })
+    }
+
+    /// Sends `row` once more (its module's retries included) and records
+    /// the result in it. `cancel.stop` ends it between attempts.
+    pub async fn replay_row(
+        &self,
+        db: &Db,
+        row: &LoggedRow,
+        cancel: &Cancel,
+    ) -> anyhow::Result<RowResult> {
+        if row.module.is_empty() || row.status == Status::Invalid.as_str() {
+            return Ok(RowResult::Unreplayable(
+                "an invalid message reaches no module".to_string(),
+            ));
+        }
+        let Some(endpoint) = self.endpoints.get(row.module.as_str()) else {
+            return Ok(RowResult::Unreplayable(
+                "no module of that name is configured".to_string(),
+            ));
+        };
+        let Some(msg) = message(row) else {
+            return Ok(RowResult::Unreplayable(
+                "the payload is not a routable message".to_string(),
+            ));
+        };
+        if cancel.stop.is_cancelled() {
+            return Ok(RowResult::Interrupted);
+        }
+        let (status, attempts, http_status, error) = match endpoint.deliver(&msg, cancel).await {
+            Outcome::Delivered { attempts } => (Status::Replayed, attempts, None, None),
+            Outcome::Exhausted {
+                attempts,
+                last_error,
+                http_status,
+            } => (Status::Exhausted, attempts, http_status, Some(last_error)),
+            Outcome::Skipped { .. } | Outcome::Aborted => return Ok(RowResult::Interrupted),
+        };
+        wait(
+            "recording the replay",
+            db.record_replay(
+                row.id,
+                status,
+                attempts.saturating_sub(1),
+                http_status,
+                error.as_deref(),
+            ),
+        )
+        .await?;
+        Ok(match error {
+            None => RowResult::Delivered { attempts },
+            Some(error) => RowResult::Failed { attempts, error },
+        })
+    }
+}
+
 async fn replay_rows(
     config: &ServerConfig,
     db: &Db,
@@ -135,10 +225,7 @@ async fn replay_rows(
     cancel: &Cancel,
     out: &mut impl Write,
 ) -> anyhow::Result<Summary> {
-    let mut endpoints: HashMap<&str, Endpoint> = HashMap::new();
-    for m in &config.modules {
-        endpoints.insert(m.name.as_str(), Endpoint::new(Arc::new(m.clone()))?);
-    }
+    let replayer = Replayer::new(config)?;
     let mut summary = Summary::default();
     let mut after = 0i64;
     'pages: loop {
@@ -163,62 +250,25 @@ async fn replay_rows(
                 )?;
                 continue;
             }
-            let Some(endpoint) = endpoints.get(row.module.as_str()) else {
-                summary.unreplayable += 1;
-                writeln!(
-                    out,
-                    "cannot replay {shown}: no module of that name is configured"
-                )?;
-                continue;
-            };
-            let Some(msg) = message(&row) else {
-                summary.unreplayable += 1;
-                writeln!(
-                    out,
-                    "cannot replay {shown}: the payload is not a routable message"
-                )?;
-                continue;
-            };
-            if cancel.stop.is_cancelled() {
-                summary.interrupted = true;
-                break 'pages;
-            }
-            let (status, attempts, http_status, error) = match endpoint.deliver(&msg, cancel).await
-            {
-                Outcome::Delivered { attempts } => (Status::Replayed, attempts, None, None),
-                Outcome::Exhausted {
-                    attempts,
-                    last_error,
-                    http_status,
-                } => (Status::Exhausted, attempts, http_status, Some(last_error)),
-                Outcome::Skipped { .. } | Outcome::Aborted => {
-                    summary.interrupted = true;
-                    break 'pages;
-                }
-            };
-            wait(
-                "recording the replay",
-                db.record_replay(
-                    row.id,
-                    status,
-                    attempts.saturating_sub(1),
-                    http_status,
-                    error.as_deref(),
-                ),
-            )
-            .await?;
-            match status {
-                Status::Replayed => {
+            match replayer.replay_row(db, &row, cancel).await? {
+                RowResult::Delivered { attempts } => {
                     summary.delivered += 1;
                     writeln!(out, "replayed {shown}: delivered (attempts {attempts})")?;
                 }
-                _ => {
+                RowResult::Failed { attempts, error } => {
                     summary.failed += 1;
                     writeln!(
                         out,
-                        "replayed {shown}: failed again after {attempts} attempt(s): {}",
-                        error.as_deref().unwrap_or("")
+                        "replayed {shown}: failed again after {attempts} attempt(s): {error}"
                     )?;
+                }
+                RowResult::Unreplayable(why) => {
+                    summary.unreplayable += 1;
+                    writeln!(out, "cannot replay {shown}: {why}")?;
+                }
+                RowResult::Interrupted => {
+                    summary.interrupted = true;
+                    break 'pages;
                 }
             }
         }

@@ -20,11 +20,15 @@
 //!   [`Mkc`] SIGKILLs the master and its workers, and if the test is
 //!   failing prints the tail of mkc's log and stderr.
 //!
+//! - The status page in a browser: [`browser`] (headless chromium over
+//!   WebDriver, screenshots into `target/test-output/`).
+//!
 //! Every wait is bounded; a timeout panics with what was seen so far.
 
 // Each test binary includes this module and uses a different part of it.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod dlog;
 pub mod metrics;
 pub mod redis;

@@ -145,6 +145,74 @@ const SQLITE_INDEXES: [&str; 2] = [
     "CREATE INDEX IF NOT EXISTS mkc_queue_log_status ON mkc_queue_log (status, gmt_update)",
 ];
 
+/// The indexes the log browser's searches read (one per kind of filter,
+/// see `search.rs`), as (name, columns). Both databases append the
+/// primary key to a secondary index, so that equal values come in id
+/// order, the order of a page.
+const SEARCH_INDEXES: [(&str, &str); 4] = [
+    ("mkc_queue_log_commit_id", "commit_id"),
+    ("mkc_queue_log_command_id", "command_id"),
+    ("mkc_queue_log_module", "module, status"),
+    ("mkc_queue_log_created", "gmt_create"),
+];
+
+/// The error history: one row per failed attempt written to the log
+/// (while retrying, at most once a second and for the first
+/// [`HISTORY_RETRIES`] retries), per exhausted or invalid message, and per
+/// failed replay. Only appended to; read by a row's key.
+const MYSQL_CREATE_ERRORS: &str = "CREATE TABLE IF NOT EXISTS mkc_queue_log_error (
+    id BIGINT NOT NULL AUTO_INCREMENT,
+    topic_name VARCHAR(249) NOT NULL,
+    `partition` INT NOT NULL,
+    `offset` BIGINT NOT NULL,
+    module VARCHAR(191) NOT NULL DEFAULT '',
+    status VARCHAR(32) NOT NULL,
+    retry_num INT NOT NULL DEFAULT 0,
+    http_status SMALLINT NULL,
+    last_error TEXT NULL,
+    gmt_create DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    PRIMARY KEY (id),
+    KEY mkc_queue_log_error_message (topic_name, `partition`, `offset`, module)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4";
+
+const SQLITE_CREATE_ERRORS: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS mkc_queue_log_error (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic_name TEXT NOT NULL,
+    `partition` INTEGER NOT NULL,
+    `offset` INTEGER NOT NULL,
+    module TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,
+    retry_num INTEGER NOT NULL DEFAULT 0,
+    http_status INTEGER,
+    last_error TEXT,
+    gmt_create TEXT NOT NULL DEFAULT (datetime('now', 'localtime'))
+)",
+    "CREATE INDEX IF NOT EXISTS mkc_queue_log_error_message \
+     ON mkc_queue_log_error (topic_name, `partition`, `offset`, module)",
+];
+
+/// Retries of one message remembered in the error history: a message
+/// retrying forever adds no more after these (its row keeps the last
+/// error).
+pub const HISTORY_RETRIES: u32 = 100;
+
+/// The status written to the error history for a failed replay.
+pub const HISTORY_REPLAY: &str = "replay";
+
+const ERRORS_HEAD: &str = "INSERT INTO mkc_queue_log_error (topic_name, `partition`, `offset`, \
+     module, status, retry_num, http_status, last_error, gmt_create) ";
+
+/// Whether `record` adds an entry to the error history.
+fn goes_to_history(record: &LogRecord) -> bool {
+    record.last_error.is_some()
+        && match record.status {
+            Status::Retrying => record.retry_num < HISTORY_RETRIES,
+            Status::Exhausted | Status::Invalid => true,
+            _ => false,
+        }
+}
+
 const INSERT_HEAD: &str = "INSERT INTO mkc_queue_log (topic_name, `partition`, `offset`, module, \
      commit_id, command_id, content, status, retry_num, http_status, last_error, gmt_create, \
      gmt_update) ";
@@ -191,6 +259,23 @@ macro_rules! push_records {
                 .push_bind(r.http_status.map(i32::from))
                 .push_bind(r.last_error.as_deref())
                 .push($now)
+                .push($now);
+        })
+    };
+}
+
+/// Binds one record's error history entry, in [`ERRORS_HEAD`]'s order.
+macro_rules! push_errors {
+    ($qb:expr, $records:expr, $now:expr) => {
+        $qb.push_values($records, |mut row, r: &&LogRecord| {
+            row.push_bind(&*r.key.topic)
+                .push_bind(r.key.partition)
+                .push_bind(r.key.offset)
+                .push_bind(&*r.key.module)
+                .push_bind(r.status.as_str())
+                .push_bind(i64::from(r.retry_num))
+                .push_bind(r.http_status.map(i32::from))
+                .push_bind(r.last_error.as_deref())
                 .push($now);
         })
     };
@@ -415,6 +500,13 @@ impl Db {
                                (status, gmt_update)";
                     tolerate_race(sqlx::query(sql).execute(pool).await)?;
                 }
+                for (name, columns) in SEARCH_INDEXES {
+                    if !has(name) {
+                        let sql = format!("ALTER TABLE mkc_queue_log ADD KEY {name} ({columns})");
+                        tolerate_race(sqlx::query(&sql).execute(pool).await)?;
+                    }
+                }
+                sqlx::query(MYSQL_CREATE_ERRORS).execute(pool).await?;
                 Ok(())
             }
             Db::Sqlite(pool) => {
@@ -434,29 +526,49 @@ impl Db {
                 for sql in SQLITE_INDEXES {
                     sqlx::query(sql).execute(pool).await?;
                 }
+                for (name, columns) in SEARCH_INDEXES {
+                    let sql =
+                        format!("CREATE INDEX IF NOT EXISTS {name} ON mkc_queue_log ({columns})");
+                    sqlx::query(&sql).execute(pool).await?;
+                }
+                for sql in SQLITE_CREATE_ERRORS {
+                    sqlx::query(sql).execute(pool).await?;
+                }
                 Ok(())
             }
         }
     }
 
     /// Inserts `records`, or updates the rows of their keys, in one
-    /// statement.
+    /// statement; then appends the failures among them to the error
+    /// history, in another.
     pub async fn upsert(&self, records: &[LogRecord]) -> Result<(), sqlx::Error> {
         if records.is_empty() {
             return Ok(());
         }
+        let failures: Vec<&LogRecord> = records.iter().filter(|r| goes_to_history(r)).collect();
         match self {
             Db::Mysql(pool) => {
                 let mut qb = QueryBuilder::<MySql>::new(INSERT_HEAD);
                 push_records!(qb, records, MYSQL_NOW);
                 qb.push(MYSQL_UPSERT_TAIL);
                 qb.build().execute(pool).await?;
+                if !failures.is_empty() {
+                    let mut qb = QueryBuilder::<MySql>::new(ERRORS_HEAD);
+                    push_errors!(qb, &failures, MYSQL_NOW);
+                    qb.build().execute(pool).await?;
+                }
             }
             Db::Sqlite(pool) => {
                 let mut qb = QueryBuilder::<Sqlite>::new(INSERT_HEAD);
                 push_records!(qb, records, SQLITE_NOW);
                 qb.push(SQLITE_UPSERT_TAIL);
                 qb.build().execute(pool).await?;
+                if !failures.is_empty() {
+                    let mut qb = QueryBuilder::<Sqlite>::new(ERRORS_HEAD);
+                    push_errors!(qb, &failures, SQLITE_NOW);
+                    qb.build().execute(pool).await?;
+                }
             }
         }
         Ok(())
@@ -562,15 +674,7 @@ impl Db {
         limit: u32,
     ) -> Result<Vec<LoggedRow>, sqlx::Error> {
         let mysql = matches!(self, Db::Mysql(_));
-        let columns = if mysql {
-            "SELECT CAST(id AS SIGNED), topic_name, CAST(`partition` AS SIGNED), \
-             CAST(`offset` AS SIGNED), module, commit_id, command_id, content, status, \
-             CAST(retry_num AS SIGNED), CAST(gmt_update AS CHAR) FROM mkc_queue_log"
-        } else {
-            "SELECT id, topic_name, `partition`, `offset`, module, CAST(commit_id AS TEXT), \
-             CAST(command_id AS TEXT), CAST(content AS BLOB), CAST(status AS TEXT), retry_num, \
-             CAST(gmt_update AS TEXT) FROM mkc_queue_log"
-        };
+        let columns = self.logged_columns();
         let mut sql = format!("{columns} WHERE id > ? AND `partition` IS NOT NULL");
         if filter.status.is_some() {
             sql.push_str(" AND status = ?");
@@ -625,6 +729,47 @@ impl Db {
         Ok(rows)
     }
 
+    /// The columns of a [`LoggedRow`], `FROM` the table.
+    fn logged_columns(&self) -> &'static str {
+        match self {
+            Db::Mysql(_) => {
+                "SELECT CAST(id AS SIGNED), topic_name, CAST(`partition` AS SIGNED), \
+                 CAST(`offset` AS SIGNED), module, commit_id, command_id, content, status, \
+                 CAST(retry_num AS SIGNED), CAST(gmt_update AS CHAR) FROM mkc_queue_log"
+            }
+            Db::Sqlite(_) => {
+                "SELECT id, topic_name, `partition`, `offset`, module, CAST(commit_id AS TEXT), \
+                 CAST(command_id AS TEXT), CAST(content AS BLOB), CAST(status AS TEXT), \
+                 retry_num, CAST(gmt_update AS TEXT) FROM mkc_queue_log"
+            }
+        }
+    }
+
+    /// Row `id` as `replay` reads it (payload and all); `None` when there
+    /// is no such row, or it has no message place (an old table's row).
+    pub async fn logged_row(&self, id: i64) -> Result<Option<LoggedRow>, sqlx::Error> {
+        let sql = format!(
+            "{} WHERE id = ? AND `partition` IS NOT NULL",
+            self.logged_columns()
+        );
+        match self {
+            Db::Mysql(pool) => sqlx::query(&sql)
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(logged_row)
+                .transpose(),
+            Db::Sqlite(pool) => sqlx::query(&sql)
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(logged_row)
+                .transpose(),
+        }
+    }
+
     /// Records the result of replaying row `id`.
     pub async fn record_replay(
         &self,
@@ -643,6 +788,11 @@ impl Db {
              last_error = ?, gmt_update = {now} WHERE id = ?"
         );
         let last_error = last_error.map(cut_error);
+        // A failed replay joins the row's error history.
+        let history = format!(
+            "{ERRORS_HEAD} SELECT topic_name, `partition`, `offset`, module, ?, ?, ?, ?, {now} \
+             FROM mkc_queue_log WHERE id = ?"
+        );
         macro_rules! run {
             ($pool:expr) => {
                 sqlx::query(&sql)
@@ -652,7 +802,17 @@ impl Db {
                     .bind(last_error.as_deref())
                     .bind(id)
                     .execute($pool)
-                    .await?
+                    .await?;
+                if status != Status::Replayed {
+                    sqlx::query(&history)
+                        .bind(HISTORY_REPLAY)
+                        .bind(i64::from(retry_num))
+                        .bind(http_status.map(i32::from))
+                        .bind(last_error.as_deref())
+                        .bind(id)
+                        .execute($pool)
+                        .await?;
+                }
             };
         }
         match self {
