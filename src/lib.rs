@@ -35,12 +35,13 @@
 //!   the Kafka consumer, rebalances and commits ([`source::kafka`]), offset
 //!   tracking and the offset file store ([`source::offsets`]), a topic
 //!   deleted under a worker ([`source::topic_watch`]).
-//! - [`record`]: the dispatch log table and its writer
+//! - [`record`]: the dispatch log table, its writer and its searches
 //!   ([`record::dispatch_log`]), dead-letter topics ([`record::dead_letter`]),
 //!   `mkc replay` ([`record::replay`]).
 //! - [`ops`]: what an operator sees and steers: a worker's figures and
 //!   controls ([`ops::figures`]), the aggregated status ([`ops::status`]), the
-//!   admin process ([`ops::admin`]), `mkc demo` ([`ops::demo`]).
+//!   admin process ([`ops::admin`]) and its dispatch log browser
+//!   ([`ops::log_browser`]), `mkc demo` ([`ops::demo`]).
 //! - [`process`]: what every process uses: signals, process titles, the
 //!   state directory, logging.
 //! - [`config`]: server.conf / module.conf reader and validation.
