@@ -19,7 +19,7 @@ use serde_json::Value;
 const TOKEN: &str = "log-browser-t0ken";
 
 /// Reads the browser's result table and job line.
-const READ_ROWS: &str = r#"
+const READ_ROWS: &str = r##"
     const rows = [...document.querySelectorAll("#log-rows tr.log-row")];
     return {
       loaded: document.body.dataset.loaded || "",
@@ -32,10 +32,10 @@ const READ_ROWS: &str = r#"
       job: document.getElementById("log-job").dataset.state || "",
       jobText: document.getElementById("log-job").textContent,
       replayAll: !document.getElementById("log-replay-all").hidden,
-    };"#;
+    };"##;
 
 /// Reads the open row's detail.
-const READ_DETAIL: &str = r#"
+const READ_DETAIL: &str = r##"
     const f = {};
     for (const td of document.querySelectorAll("#log-fields td.field")) f[td.dataset.field] = td.textContent;
     return {
@@ -47,7 +47,7 @@ const READ_DETAIL: &str = r#"
       errors: [...document.querySelectorAll("#log-errors tr.log-error-row")].map(r => r.textContent),
       actions: !document.getElementById("log-actions").hidden,
       result: document.getElementById("log-action-result").textContent,
-    };"#;
+    };"##;
 
 fn rows_of(db: &TestDb, module: &str) -> Vec<LogRow> {
     db.rows().into_iter().filter(|r| r.module == module).collect()

@@ -21,6 +21,8 @@ use mkc::record::dispatch_log::{
 /// A database of `backend` with mkc's table: (the handle mkc uses, the
 /// test's own view, the temporary directory of a SQLite file).
 fn open(backend: Backend) -> (Db, TestDb, Option<tempfile::TempDir>) {
+    // The pool starts its maintenance task on the runtime.
+    let _runtime = rt().enter();
     match backend {
         Backend::Mysql => {
             let test = TestDb::mysql();
@@ -129,14 +131,19 @@ fn every_filter(backend: Backend) {
     let all = search(&db, &Search::default());
     assert_eq!(all.len(), 60);
     assert!(all.windows(2).all(|w| w[0].id > w[1].id), "newest first");
-    let one = all.iter().find(|r| r.offset == 7 && r.module == "mail");
-    let one = one.expect("row 7/mail");
-    assert_eq!(one.commit_id.as_deref(), Some("commit-7"));
-    assert_eq!(one.command_id.as_deref(), Some("101"));
+    let one = all.iter().find(|r| r.offset == 5 && r.module == "mail");
+    let one = one.expect("row 5/mail");
+    assert_eq!(one.topic, "orders");
+    assert_eq!(one.partition, 2);
+    assert_eq!(one.commit_id.as_deref(), Some("commit-5"));
+    assert_eq!(one.command_id.as_deref(), Some("102"));
     assert_eq!(one.status, "retrying");
+    assert_eq!(one.retry_num, 1);
+    assert!(!one.is_skip);
     assert_eq!(one.http_status, Some(503));
-    assert_eq!(one.last_error.as_deref(), Some("HTTP 503 at offset 7"));
-    assert_eq!(one.size, "{\"commandId\":101,\"n\":7}".len() as i64);
+    assert_eq!(one.last_error.as_deref(), Some("HTTP 503 at offset 5"));
+    assert_eq!(one.size, "{\"commandId\":102,\"n\":5}".len() as i64);
+    assert_eq!(one.gmt_create.len(), 19, "{}", one.gmt_create);
 
     let cases: Vec<(&str, Search, Box<dyn Fn(&LogRecord) -> bool>)> = vec![
         (
@@ -464,6 +471,7 @@ fn every_search_reads_an_index_in_mariadb() {
     for (s, index) in searches_by_index() {
         assert_eq!(s.index(), index);
         let plan = rt().block_on(db.explain_search(&s)).expect("explain");
+        eprintln!("{:?}: {plan:?}", s.index());
         assert_eq!(plan.len(), 1, "{plan:?}");
         let line = &plan[0];
         assert!(
@@ -491,6 +499,7 @@ fn every_search_reads_an_index_in_sqlite() {
     for (s, index) in searches_by_index() {
         let plan = rt().block_on(db.explain_search(&s)).expect("explain");
         let text = plan.join(" | ");
+        eprintln!("{:?}: {text}", s.index());
         assert!(
             plan.iter().any(|l| l.starts_with("SEARCH mkc_queue_log USING ")
                 && l.contains(&format!("INDEX {} (", index.name()))),
@@ -620,6 +629,7 @@ fn an_existing_mariadb_table_gets_the_search_indexes() {
          content, status) VALUES ('t', 0, 1, 'm', 'old', 'x', 'exhausted')",
         &[],
     );
+    let _runtime = rt().enter();
     let db = Db::lazy(&DispatchLogTarget::MysqlUrl(test.url())).expect("options");
     rt().block_on(db.migrate()).expect("migrate");
     rt().block_on(db.migrate()).expect("migrate again");
@@ -652,6 +662,8 @@ fn an_existing_mariadb_table_gets_the_search_indexes() {
 fn an_existing_sqlite_table_gets_the_search_indexes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("log.db");
+    // An empty file is an empty SQLite database.
+    std::fs::File::create(&path).expect("create the file");
     let test = TestDb::sqlite(path.clone());
     test.execute(
         "CREATE TABLE mkc_queue_log (id INTEGER PRIMARY KEY AUTOINCREMENT, topic_name TEXT NOT NULL, \
@@ -667,6 +679,7 @@ fn an_existing_sqlite_table_gets_the_search_indexes() {
          content, status) VALUES ('t', 0, 1, 'm', 'old', x'78', 'exhausted')",
         &[],
     );
+    let _runtime = rt().enter();
     let db = Db::lazy(&DispatchLogTarget::Sqlite(path)).expect("options");
     rt().block_on(db.migrate()).expect("migrate");
     rt().block_on(db.migrate()).expect("migrate again");

@@ -22,7 +22,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -362,22 +361,17 @@ async fn api_skip_row(
     let Ok(partition) = i32::try_from(row.partition) else {
         return error(StatusCode::CONFLICT, "the row has no partition");
     };
-    let set = db.set_skip(&row.topic, partition, row.offset, Some(&row.module));
+    let set = db.set_skip(&row.topic, partition, row.offset, Some(row.module.as_str()));
     match replay::wait("setting is_skip", set).await {
         Ok(_) => {
             tracing::warn!(topic = %row.topic, partition, offset = row.offset, module = %row.module,
                 id, "admin: skip set in the dispatch log");
-            let retrying = row.status == Status::Retrying.as_str();
-            Json(serde_json::json!({
-                "ok": true,
-                "id": id,
-                "note": if retrying {
-                    "the worker retrying it gives it up within about half a second"
-                } else {
-                    "the row is not retrying: the flag matters only if the message is retried again"
-                },
-            }))
-            .into_response()
+            let note = if row.status == Status::Retrying.as_str() {
+                "the worker retrying it gives it up within about half a second"
+            } else {
+                "the row is not retrying: the flag matters only if the message is retried again"
+            };
+            Json(serde_json::json!({ "ok": true, "id": id, "note": note })).into_response()
         }
         Err(e) => db_error(e),
     }
