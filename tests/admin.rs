@@ -27,7 +27,6 @@ fn messages(n: usize, partitions: &[i32], id: &str, first: usize) -> Vec<Record>
         .collect()
 }
 
-
 fn status(base: &str) -> Value {
     let (code, text) = http("GET", &format!("{base}/api/status"), None, None);
     assert_eq!(code, 200, "{text}");

@@ -50,7 +50,10 @@ const READ_DETAIL: &str = r##"
     };"##;
 
 fn rows_of(db: &TestDb, module: &str) -> Vec<LogRow> {
-    db.rows().into_iter().filter(|r| r.module == module).collect()
+    db.rows()
+        .into_iter()
+        .filter(|r| r.module == module)
+        .collect()
 }
 
 /// Sets the search form (every field given; the others emptied) and
@@ -109,7 +112,12 @@ fn log_browser_in_chromium_searches_pages_opens_replays_and_skips() {
     let db = TestDb::sqlite(mkc.dir().join("mkc-dispatch-log.db"));
     let base = mkc.admin_url(Duration::from_secs(30));
     let mut records: Vec<Record> = (0..25u64)
-        .map(|i| Record::new(0, envelope(i, "7", &format!("{{\"n\":{i},\"tags\":[\"a\",\"b\"]}}"))))
+        .map(|i| {
+            Record::new(
+                0,
+                envelope(i, "7", &format!("{{\"n\":{i},\"tags\":[\"a\",\"b\"]}}")),
+            )
+        })
         .collect();
     records.push(Record::new(0, envelope(99, "9", "{\"stuck\":true}")));
     let produced = produce(&topic, records);
@@ -185,7 +193,11 @@ fn log_browser_in_chromium_searches_pages_opens_replays_and_skips() {
     // Search: 25 exhausted rows of `flaky`, 20 a page.
     search(
         &browser,
-        &[("module", "flaky"), ("status", "exhausted"), ("limit", "20")],
+        &[
+            ("module", "flaky"),
+            ("status", "exhausted"),
+            ("limit", "20"),
+        ],
     );
     let first = wait_rows(&mkc, &browser, "the first page", |v| {
         v["ids"].as_array().is_some_and(|a| a.len() == 20)
@@ -210,7 +222,9 @@ fn log_browser_in_chromium_searches_pages_opens_replays_and_skips() {
     let more: Vec<i64> = serde_json::from_value(second["ids"].clone()).unwrap();
     assert!(more[0] < *ids.last().unwrap(), "{ids:?} then {more:?}");
     browser.click("#log-newer");
-    wait_rows(&mkc, &browser, "the first page again", |v| v["ids"] == first["ids"]);
+    wait_rows(&mkc, &browser, "the first page again", |v| {
+        v["ids"] == first["ids"]
+    });
 
     // Open the oldest row: its payload pretty-printed, its errors.
     let oldest = *more.last().unwrap();
@@ -343,9 +357,9 @@ fn log_browser_in_chromium_searches_pages_opens_replays_and_skips() {
     mkc.wait_log_contains("skipped by the operator", Duration::from_secs(10));
     search(&browser, &[("module", "stuck")]);
     wait_rows(&mkc, &browser, "the skipped row", |v| {
-        v["statuses"]
-            .as_array()
-            .is_some_and(|s| s.len() == 1 && s[0].as_str().is_some_and(|t| t.starts_with("skipped")))
+        v["statuses"].as_array().is_some_and(|s| {
+            s.len() == 1 && s[0].as_str().is_some_and(|t| t.starts_with("skipped"))
+        })
     });
     browser.click(&format!("#log-rows tr[data-id='{id}']"));
     browser
@@ -409,9 +423,7 @@ fn log_browser_without_a_token_is_read_only() {
         .unwrap_or_else(|v| mkc.fail(&format!("the row never opened: {v}")));
     assert_eq!(detail["actions"], false, "{detail}");
     assert!(
-        detail["errors"]
-            .as_array()
-            .is_some_and(|e| !e.is_empty()),
+        detail["errors"].as_array().is_some_and(|e| !e.is_empty()),
         "{detail}"
     );
     browser.screenshot(&output_dir().join("log-browser-read-only.png"));

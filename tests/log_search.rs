@@ -50,7 +50,10 @@ fn record(topic: &str, partition: i32, offset: i64, module: &str, status: Status
         },
         commit_id: Some(format!("commit-{offset}")),
         command_id: Some(format!("{}", 100 + offset % 3)),
-        content: Bytes::from(format!("{{\"commandId\":{},\"n\":{offset}}}", 100 + offset % 3)),
+        content: Bytes::from(format!(
+            "{{\"commandId\":{},\"n\":{offset}}}",
+            100 + offset % 3
+        )),
         status,
         retry_num: 1,
         http_status: Some(503),
@@ -248,9 +251,7 @@ fn every_filter(backend: Backend) {
                 to: Some("2020-01-02".parse().unwrap()),
                 ..Search::default()
             },
-            Box::new(|r| {
-                r.key.offset % 3 == 0 && &*r.key.module == "billing" && r.key.offset < 5
-            }),
+            Box::new(|r| r.key.offset % 3 == 0 && &*r.key.module == "billing" && r.key.offset < 5),
         ),
     ];
     for (what, s, cond) in &cases {
@@ -376,7 +377,11 @@ fn injection(backend: Backend) {
         ];
         for s in &searches {
             let rows = search(&db, s);
-            assert!(rows.is_empty(), "{backend:?} {s:?} found {} rows", rows.len());
+            assert!(
+                rows.is_empty(),
+                "{backend:?} {s:?} found {} rows",
+                rows.len()
+            );
         }
     }
     assert_eq!(test.count(), 60, "the table is intact");
@@ -501,8 +506,9 @@ fn every_search_reads_an_index_in_sqlite() {
         let text = plan.join(" | ");
         eprintln!("{:?}: {text}", s.index());
         assert!(
-            plan.iter().any(|l| l.starts_with("SEARCH mkc_queue_log USING ")
-                && l.contains(&format!("INDEX {} (", index.name()))),
+            plan.iter()
+                .any(|l| l.starts_with("SEARCH mkc_queue_log USING ")
+                    && l.contains(&format!("INDEX {} (", index.name()))),
             "{s:?} does not search {}: {text}",
             index.name()
         );
@@ -579,12 +585,24 @@ fn detail_and_history(backend: Backend) {
     let history: Vec<(String, i64, Option<i64>, String)> = d
         .errors
         .iter()
-        .map(|e| (e.status.clone(), e.retry_num, e.http_status, e.error.clone()))
+        .map(|e| {
+            (
+                e.status.clone(),
+                e.retry_num,
+                e.http_status,
+                e.error.clone(),
+            )
+        })
         .collect();
     assert_eq!(
         history,
         vec![
-            (HISTORY_REPLAY.to_string(), 0, Some(502), "replay failed".into()),
+            (
+                HISTORY_REPLAY.to_string(),
+                0,
+                Some(502),
+                "replay failed".into()
+            ),
             ("exhausted".into(), 3, Some(504), "final failure".into()),
             ("retrying".into(), 2, Some(502), "failure 2".into()),
             ("retrying".into(), 1, Some(501), "failure 1".into()),
@@ -592,7 +610,10 @@ fn detail_and_history(backend: Backend) {
         ]
     );
     assert!(d.errors.iter().all(|e| e.at.len() == 19), "{:?}", d.errors);
-    assert!(rt().block_on(db.row_detail(id + 1000, 10)).unwrap().is_none());
+    assert!(rt()
+        .block_on(db.row_detail(id + 1000, 10))
+        .unwrap()
+        .is_none());
     rt().block_on(db.close());
 }
 
@@ -647,7 +668,10 @@ fn an_existing_mariadb_table_gets_the_search_indexes() {
             ..Search::default()
         }))
         .expect("explain");
-    assert!(plan[0].contains(" key=mkc_queue_log_commit_id "), "{plan:?}");
+    assert!(
+        plan[0].contains(" key=mkc_queue_log_commit_id "),
+        "{plan:?}"
+    );
     for (s, index) in searches_by_index() {
         let plan = rt().block_on(db.explain_search(&s)).expect("explain");
         assert!(

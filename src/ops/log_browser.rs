@@ -132,12 +132,7 @@ fn db_error(e: anyhow::Error) -> Response {
 /// The filters of a query string; empty values are absent (a form sends
 /// every field). Also the page size.
 fn parse_search(params: &HashMap<String, String>) -> Result<(Search, u32), String> {
-    let get = |name: &str| {
-        params
-            .get(name)
-            .map(|v| v.trim())
-            .filter(|v| !v.is_empty())
-    };
+    let get = |name: &str| params.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
     fn number<T: std::str::FromStr>(name: &str, v: Option<&str>) -> Result<Option<T>, String> {
         v.map(|v| {
             v.parse::<T>()
@@ -428,9 +423,7 @@ async fn api_replay_search(
     if rows.len() > REPLAY_CAP as usize {
         return error(
             StatusCode::BAD_REQUEST,
-            &format!(
-                "more than {REPLAY_CAP} rows match: narrow the search (or use mkc replay)"
-            ),
+            &format!("more than {REPLAY_CAP} rows match: narrow the search (or use mkc replay)"),
         );
     }
     if rows.is_empty() {
@@ -497,13 +490,7 @@ fn start_job(app: &Arc<LogBrowser>, db: Db, what: String, ids: Vec<i64>) -> Resp
         .into_response()
 }
 
-async fn run_job(
-    db: Db,
-    replayer: Replayer,
-    ids: Vec<i64>,
-    job: Arc<Mutex<Job>>,
-    cancel: Cancel,
-) {
+async fn run_job(db: Db, replayer: Replayer, ids: Vec<i64>, job: Arc<Mutex<Job>>, cancel: Cancel) {
     for id in ids {
         if cancel.stop.is_cancelled() {
             lock(&job).state = "cancelled";
@@ -578,8 +565,15 @@ async fn run_job(
     if j.state == "running" {
         j.state = "done";
     }
-    tracing::warn!(job = j.id, state = j.state, delivered = j.delivered, failed = j.failed,
-        unreplayable = j.unreplayable, "admin: replay of {} ended", j.what);
+    tracing::warn!(
+        job = j.id,
+        state = j.state,
+        delivered = j.delivered,
+        failed = j.failed,
+        unreplayable = j.unreplayable,
+        "admin: replay of {} ended",
+        j.what
+    );
 }
 
 async fn api_job(State(app): State<Arc<LogBrowser>>, UrlPath(id): UrlPath<u64>) -> Response {
@@ -618,7 +612,8 @@ mod tests {
 
     #[test]
     fn pretty_json_keeps_order_numbers_and_strings() {
-        let text = r#"{"b":1,"a":[1.50,{"x":"a,b:{c}\"]"}],"e":{},"f":[ ],"n":18446744073709551615}"#;
+        let text =
+            r#"{"b":1,"a":[1.50,{"x":"a,b:{c}\"]"}],"e":{},"f":[ ],"n":18446744073709551615}"#;
         assert_eq!(
             pretty_json(text),
             "{\n  \"b\": 1,\n  \"a\": [\n    1.50,\n    {\n      \"x\": \"a,b:{c}\\\"]\"\n    }\n  ],\n  \

@@ -222,7 +222,6 @@ pub fn output_dir() -> PathBuf {
     dir
 }
 
-
 impl Browser<'_> {
     /// Clicks the element `css` selects.
     pub fn click(&self, css: &str) {

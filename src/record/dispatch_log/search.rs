@@ -222,7 +222,8 @@ macro_rules! push_search {
                 }
             }
         }
-        $qb.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from($limit));
+        $qb.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from($limit));
     }};
 }
 
@@ -254,9 +255,8 @@ fn sqlite_search(s: &Search, limit: u32, explain: bool) -> QueryBuilder<'static,
         SearchIndex::Primary => String::new(),
         other => format!(" INDEXED BY {}", other.name()),
     };
-    let mut qb = QueryBuilder::<Sqlite>::new(format!(
-        "{head}{SQLITE_COLUMNS} FROM mkc_queue_log{hint}"
-    ));
+    let mut qb =
+        QueryBuilder::<Sqlite>::new(format!("{head}{SQLITE_COLUMNS} FROM mkc_queue_log{hint}"));
     push_search!(qb, s, limit, sqlite_ago, SQLITE_SINCE);
     qb
 }
@@ -399,10 +399,7 @@ impl Db {
              ORDER BY id DESC LIMIT ?";
         macro_rules! detail {
             ($pool:expr, $columns:expr, $substr:expr, $errors:expr) => {{
-                let sql = format!(
-                    "{}, {} FROM mkc_queue_log WHERE id = ?",
-                    $columns, $substr
-                );
+                let sql = format!("{}, {} FROM mkc_queue_log WHERE id = ?", $columns, $substr);
                 let Some(r) = sqlx::query(&sql)
                     .bind(cap)
                     .bind(id)
@@ -432,12 +429,7 @@ impl Db {
             }};
         }
         match self {
-            Db::Mysql(pool) => detail!(
-                pool,
-                MYSQL_COLUMNS,
-                "SUBSTRING(content, 1, ?)",
-                errors_sql
-            ),
+            Db::Mysql(pool) => detail!(pool, MYSQL_COLUMNS, "SUBSTRING(content, 1, ?)", errors_sql),
             Db::Sqlite(pool) => {
                 let sqlite_errors = errors_sql
                     .replace("CAST(retry_num AS SIGNED)", "retry_num")
