@@ -49,6 +49,11 @@ const READ_DETAIL: &str = r##"
       result: document.getElementById("log-action-result").textContent,
     };"##;
 
+/// The id of the row the detail shows.
+fn shown_id(detail: &Value) -> Option<i64> {
+    detail["id"].as_str().and_then(|s| s.parse().ok())
+}
+
 fn rows_of(db: &TestDb, module: &str) -> Vec<LogRow> {
     db.rows()
         .into_iter()
@@ -235,7 +240,7 @@ fn log_browser_in_chromium_searches_pages_opens_replays_and_skips() {
     browser.click(&format!("#log-rows tr[data-id='{oldest}']"));
     let detail = browser
         .wait_js(Duration::from_secs(20), READ_DETAIL, |v| {
-            v["shown"] == true && v["id"] == oldest.to_string()
+            v["shown"] == true && shown_id(v) == Some(oldest)
         })
         .unwrap_or_else(|v| mkc.fail(&format!("the row never opened: {v}")));
     assert_eq!(detail["fields"]["module"], "flaky", "{detail}");
@@ -339,7 +344,7 @@ fn log_browser_in_chromium_searches_pages_opens_replays_and_skips() {
     browser.click(&format!("#log-rows tr[data-id='{id}']"));
     browser
         .wait_js(Duration::from_secs(20), READ_DETAIL, |v| {
-            v["id"] == id.to_string()
+            shown_id(v) == Some(id)
         })
         .unwrap_or_else(|v| mkc.fail(&format!("the stuck row never opened: {v}")));
     browser.click("#log-skip");

@@ -122,6 +122,9 @@ fn expected(
     k
 }
 
+/// Which records a search must find.
+type Matches = Box<dyn Fn(&LogRecord) -> bool>;
+
 fn every_filter(backend: Backend) {
     let (db, test, _dir) = open(backend);
     let records = fill(&db);
@@ -148,7 +151,7 @@ fn every_filter(backend: Backend) {
     assert_eq!(one.size, "{\"commandId\":102,\"n\":5}".len() as i64);
     assert_eq!(one.gmt_create.len(), 19, "{}", one.gmt_create);
 
-    let cases: Vec<(&str, Search, Box<dyn Fn(&LogRecord) -> bool>)> = vec![
+    let cases: Vec<(&str, Search, Matches)> = vec![
         (
             "topic",
             Search {
