@@ -185,6 +185,45 @@ fn log_browser_in_chromium_searches_pages_opens_replays_and_skips() {
     assert_eq!(v["rows"].as_array().map(Vec::len), Some(10));
     assert_eq!(v["index"], "mkc_queue_log_module");
 
+    // A replay of a search is bounded: 501 rows are refused, one row of
+    // a module no longer configured is a job that cannot replay it.
+    db.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 501) \
+         INSERT INTO mkc_queue_log (topic_name, `partition`, `offset`, module, content, status) \
+         SELECT 'bulk', 0, i, 'gone', x'7b7d', 'exhausted' FROM n",
+        &[],
+    );
+    let (code, text) = http(
+        "POST",
+        &format!("{base}/api/log/replay?module=gone"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("more than 500 rows match"), "{text}");
+    let (code, text) = http(
+        "POST",
+        &format!("{base}/api/log/replay?topic=bulk&partition=0&offset=7"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 202, "{text}");
+    let job = serde_json::from_str::<Value>(&text).unwrap()["job"].clone();
+    let mut last = Value::Null;
+    let ended = wait_until(Duration::from_secs(20), || {
+        let (_, text) = http("GET", &format!("{base}/api/log/jobs/{job}"), None, None);
+        last = serde_json::from_str(&text).unwrap_or(Value::Null);
+        last["state"] == "done"
+    });
+    assert!(ended, "{last}");
+    assert_eq!(last["unreplayable"], 1, "{last}");
+    assert_eq!(last["results"][0]["result"], "unreplayable", "{last}");
+    assert_eq!(
+        last["results"][0]["detail"],
+        "no module of that name is configured"
+    );
+    db.execute("DELETE FROM mkc_queue_log WHERE module = 'gone'", &[]);
+
     // ── the browser ──
     let out = output_dir();
     let driver = start_driver(mkc.dir());
