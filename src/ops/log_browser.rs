@@ -432,7 +432,7 @@ async fn api_replay_search(
     // Oldest first, as `mkc replay` goes.
     let mut ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     ids.sort_unstable();
-    let what = format!("search ({} row(s))", ids.len());
+    let what = format!("{} row(s) of a search", ids.len());
     start_job(&app, db, what, ids)
 }
 
