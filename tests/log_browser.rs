@@ -85,6 +85,15 @@ fn search(browser: &Browser, fields: &[(&str, &str)]) {
     browser.click("#log-go");
 }
 
+/// Scrolls the element `css` selects to the top of the window (for a
+/// screenshot of the log browser rather than the top of the page).
+fn scroll_to(browser: &Browser, css: &str) {
+    browser.js(&format!(
+        "document.querySelector({}).scrollIntoView({{block: 'start'}}); return true;",
+        serde_json::to_string(css).unwrap()
+    ));
+}
+
 fn wait_rows(mkc: &Mkc, browser: &Browser, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
     browser
         .wait_js(Duration::from_secs(20), READ_ROWS, ok)
@@ -256,6 +265,7 @@ fn log_browser_in_chromium_searches_pages_opens_replays_and_skips() {
         .all(|s| s == "exhausted"));
     let ids: Vec<i64> = serde_json::from_value(first["ids"].clone()).unwrap();
     assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
+    scroll_to(&browser, "#log-search");
     browser.screenshot(&out.join("log-browser-search.png"));
     browser.click("#log-older");
     let second = wait_rows(&mkc, &browser, "the second page", |v| {
@@ -355,6 +365,7 @@ fn log_browser_in_chromium_searches_pages_opens_replays_and_skips() {
             .is_some_and(|t| t.contains("24/24") && t.contains("delivered 24")),
         "{done}"
     );
+    scroll_to(&browser, "#log-search");
     browser.screenshot(&out.join("log-browser-replay-search.png"));
     assert_eq!(flaky.count(), before + 24);
     let rows = rows_of(&db, "flaky");
