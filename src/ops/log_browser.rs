@@ -47,32 +47,44 @@ const JOBS_KEPT: usize = 20;
 
 /// What the log browser's routes share.
 pub(crate) struct LogBrowser {
+    /// Where the table lives, the modules and the admin token.
     config: Arc<ServerConfig>,
     /// Reached and migrated on first use.
     db: tokio::sync::OnceCell<Db>,
+    /// The replay jobs.
     jobs: Mutex<Jobs>,
 }
 
 #[derive(Default)]
 struct Jobs {
+    /// The last id given.
     next: u64,
+    /// The jobs kept, by id (the oldest dropped past [`JOBS_KEPT`]).
     all: BTreeMap<u64, Arc<Mutex<Job>>>,
+    /// How to stop each.
     cancels: HashMap<u64, Cancel>,
 }
 
 /// A replay job as `GET /api/log/jobs/{id}` shows it.
 #[derive(Debug, Clone, Serialize)]
 struct Job {
+    /// Its number, from 1 in this admin process.
     id: u64,
     /// `running`, `done`, `cancelled` or `failed`.
     state: &'static str,
     /// What it replays: a row, or a search.
     what: String,
+    /// Rows to replay.
     total: usize,
+    /// Rows tried so far.
     done: usize,
+    /// Rows delivered (now `replayed`).
     delivered: usize,
+    /// Rows that failed again (`exhausted`, with the new error).
     failed: usize,
+    /// Rows that cannot be replayed (left as they are).
     unreplayable: usize,
+    /// Each row's result, in the order tried.
     results: Vec<JobResult>,
     /// Why the job stopped early (the database failed).
     error: Option<String>,
@@ -80,6 +92,7 @@ struct Job {
 
 #[derive(Debug, Clone, Serialize)]
 struct JobResult {
+    /// The row's id, and where its message came from.
     id: i64,
     topic: String,
     partition: i64,
@@ -87,7 +100,9 @@ struct JobResult {
     module: String,
     /// `delivered`, `failed`, `unreplayable` or `interrupted`.
     result: &'static str,
+    /// Attempts the replay made.
     attempts: Option<u32>,
+    /// The error, or why the row cannot be replayed.
     detail: Option<String>,
 }
 

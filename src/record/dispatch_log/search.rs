@@ -119,19 +119,31 @@ impl Search {
 /// One row as a search lists it (no payload, only its size).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct FoundRow {
+    /// The row's id: the pages' order and cursor.
     pub id: i64,
+    /// Kafka topic, or the Redis key or channel.
     pub topic: String,
+    /// -1 for an old table's row without one.
     pub partition: i64,
+    /// -1 for an old table's row without one.
     pub offset: i64,
+    /// Empty for an invalid message.
     pub module: String,
     pub commit_id: Option<String>,
     pub command_id: Option<String>,
+    /// The `status` column as written (an old table may hold others).
     pub status: String,
+    /// Retries made: failed attempts after the first.
     pub retry_num: i64,
+    /// An operator set `is_skip`.
     pub is_skip: bool,
+    /// HTTP status of the last failed attempt.
     pub http_status: Option<i64>,
+    /// The last failed attempt's error.
     pub last_error: Option<String>,
+    /// When the row was first written (database's local time).
     pub gmt_create: String,
+    /// When the row last changed.
     pub gmt_update: String,
     /// Payload size in bytes.
     pub size: i64,
@@ -140,6 +152,7 @@ pub struct FoundRow {
 /// One page of a search.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Page {
+    /// Newest first.
     pub rows: Vec<FoundRow>,
     /// The cursor of the next (older) page, when there is one.
     pub next_before: Option<i64>,
@@ -148,16 +161,22 @@ pub struct Page {
 /// One failed attempt (or replay) remembered in `mkc_queue_log_error`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ErrorEntry {
+    /// `retrying`, `exhausted`, `invalid`, or `replay` (a failed replay).
     pub status: String,
+    /// Retries made when it was written.
     pub retry_num: i64,
+    /// The attempt's HTTP status, when there was an answer.
     pub http_status: Option<i64>,
+    /// The attempt's error (cut at 2000 characters).
     pub error: String,
+    /// When it was written (database's local time).
     pub at: String,
 }
 
 /// One row with the beginning of its payload and its error history.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RowDetail {
+    /// The row's columns.
     pub row: FoundRow,
     /// The payload's first bytes (at most the cap asked for).
     #[serde(skip)]
