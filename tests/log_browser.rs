@@ -365,6 +365,13 @@ fn log_browser_in_chromium_searches_pages_opens_replays_and_skips() {
             .is_some_and(|t| t.contains("24/24") && t.contains("delivered 24")),
         "{done}"
     );
+    // The rows of `flaky`, all replayed now, under the job's summary.
+    search(&browser, &[("module", "flaky")]);
+    wait_rows(&mkc, &browser, "25 replayed rows", |v| {
+        v["statuses"]
+            .as_array()
+            .is_some_and(|s| s.len() == 25 && s.iter().all(|t| t == "replayed"))
+    });
     scroll_to(&browser, "#log-search");
     browser.screenshot(&out.join("log-browser-replay-search.png"));
     assert_eq!(flaky.count(), before + 24);
