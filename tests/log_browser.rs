@@ -490,3 +490,125 @@ fn log_browser_without_a_token_is_read_only() {
     );
     browser.screenshot(&output_dir().join("log-browser-read-only.png"));
 }
+
+/// The same routes over a dispatch log in MariaDB: search, open a row,
+/// replay it (the result recorded in MariaDB), skip a retrying one.
+#[test]
+fn log_api_over_a_mariadb_dispatch_log() {
+    let topic = unique_name("logb-my");
+    create_topic(&topic, 1);
+    let sink = Sink::with(Behavior::status(502));
+    let stuck = Sink::with(Behavior::status(500));
+    let db = TestDb::mysql();
+    let mkc = Mkc::start(
+        &MkcConfig::new(&topic, &unique_name("g"))
+            .module(
+                Module::new("m", sink.url("/m"))
+                    .filter(7)
+                    .retrynum(1)
+                    .retry_delay(50),
+            )
+            .module(
+                Module::new("s", stuck.url("/s"))
+                    .filter(9)
+                    .retrynum(0)
+                    .retry_delay(300),
+            )
+            .line(&format!("dispatch-log {}", db.url()))
+            .line(&format!("admin-token {TOKEN}")),
+    );
+    let base = mkc.admin_url(Duration::from_secs(30));
+    let produced = produce(
+        &topic,
+        vec![
+            Record::new(0, envelope(1, "7", "{\"big\":18446744073709551615}")),
+            Record::new(0, envelope(2, "7", "{}")),
+            Record::new(0, envelope(3, "9", "{}")),
+        ],
+    );
+    db.wait_rows(Duration::from_secs(60), |rows| {
+        rows.iter().filter(|r| r.status == "exhausted").count() == 2
+            && rows.iter().any(|r| r.status == "retrying")
+    });
+    let get = |path: &str| -> Value {
+        let (code, text) = http("GET", &format!("{base}{path}"), None, None);
+        assert_eq!(code, 200, "{path}: {text}");
+        serde_json::from_str(&text).unwrap()
+    };
+    let found = get(&format!(
+        "/api/log/search?topic={topic}&partition=0&offset={}",
+        produced[0].offset
+    ));
+    assert_eq!(found["index"], "mkc_queue_log_message");
+    let rows = found["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{found}");
+    let id = rows[0]["id"].as_i64().unwrap();
+    let row = get(&format!("/api/log/rows/{id}"));
+    assert_eq!(row["payload_format"], "json", "{row}");
+    assert_eq!(
+        row["payload"],
+        "{\n  \"commitId\": 1,\n  \"commandId\": 7,\n  \"data\": {\n    \"big\": 18446744073709551615\n  }\n}"
+    );
+    assert_eq!(row["payload_truncated"], false);
+    assert_eq!(row["errors"].as_array().map(Vec::len), Some(2), "{row}");
+    assert_eq!(row["errors"][0]["http_status"], 502);
+
+    // Replay it while the endpoint still fails: exhausted again, with the
+    // failed replay in its history; then once more, delivered.
+    let replay = |expect: &str| -> Value {
+        let (code, text) = http(
+            "POST",
+            &format!("{base}/api/log/rows/{id}/replay"),
+            Some(TOKEN),
+            None,
+        );
+        assert_eq!(code, 202, "{text}");
+        let job = serde_json::from_str::<Value>(&text).unwrap()["job"].clone();
+        let mut last = Value::Null;
+        let ended = wait_until(Duration::from_secs(30), || {
+            last = get(&format!("/api/log/jobs/{job}"));
+            last["state"] != "running"
+        });
+        assert!(ended, "{last}");
+        assert_eq!(last["state"], "done", "{last}");
+        assert_eq!(last["results"][0]["result"], expect, "{last}");
+        last
+    };
+    replay("failed");
+    let row = get(&format!("/api/log/rows/{id}"));
+    assert_eq!(row["row"]["status"], "exhausted");
+    assert_eq!(row["errors"][0]["status"], "replay", "{row}");
+    assert_eq!(row["errors"].as_array().map(Vec::len), Some(3), "{row}");
+    sink.set_behavior(Behavior::ok());
+    replay("delivered");
+    let rows = db.rows();
+    let replayed = rows
+        .iter()
+        .find(|r| r.offset == produced[0].offset)
+        .unwrap();
+    assert_eq!(replayed.status, "replayed");
+    assert_eq!(replayed.last_error, None);
+    assert_eq!(
+        rows.iter()
+            .find(|r| r.offset == produced[1].offset)
+            .unwrap()
+            .status,
+        "exhausted",
+        "the other row is left as it is"
+    );
+
+    // Skip the retrying row.
+    let found = get("/api/log/search?module=s&status=retrying");
+    let id = found["rows"][0]["id"].as_i64().unwrap();
+    let (code, text) = http(
+        "POST",
+        &format!("{base}/api/log/rows/{id}/skip"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 200, "{text}");
+    db.wait_rows(Duration::from_secs(20), |rows| {
+        rows.iter()
+            .any(|r| r.module == "s" && r.status == "skipped" && r.is_skip == 1)
+    });
+}
