@@ -1,5 +1,7 @@
 //! The `mkc_queue_log` table itself, in MySQL/MariaDB or SQLite: schema
-//! creation and migration, the batched upsert, skip flags, and what the
+//! creation and migration (with the log browser's indexes and the error
+//! history table `mkc_queue_log_error`), the batched upsert (which
+//! appends failures to the error history), skip flags, and what the
 //! `skip` and `replay` commands read and write. Every value is bound;
 //! identifiers are fixed. `partition` and `offset` are quoted with
 //! backticks (MySQL reserves `PARTITION`; SQLite accepts backticks too).
