@@ -118,9 +118,19 @@ StateDirectory=mkc
 StateDirectoryMode=0750
 LogsDirectory=mkc
 LogsDirectoryMode=0750
-NoNewPrivileges=yes
-ProtectSystem=full
-PrivateTmp=yes"
+# Beyond the unit's own sandboxing: the whole file system read-only but
+# the three directories above (add ReadWritePaths= in a drop-in for files
+# configured elsewhere), no home directories, no capabilities, no
+# other users' processes, only the system calls of a system service,
+# files not world-readable.
+ProtectSystem=strict
+ProtectHome=yes
+CapabilityBoundingSet=
+ProtectProc=invisible
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+UMask=0027"
 if grep -n /usr/local "$unit"; then die "$unit: a /usr/local path is left"; fi
 
 # ─── logrotate: systemd/mkc.logrotate with the package's paths ───────────
