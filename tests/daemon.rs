@@ -721,3 +721,61 @@ fn stop_with_a_hung_endpoint_and_a_slow_coordinator_ends_before_the_masters_dead
         || format!("expected one warning that the final commit was given up: {abandoned:#?}"),
     );
 }
+
+/// Issue 15: a worker that cannot start for a reason of its
+/// configuration (here an offset directory it cannot create) is reported
+/// once in the log, however often it is restarted, and `-s status` says
+/// which worker fails and why; once the cause is gone it starts and
+/// delivers.
+#[test]
+fn a_worker_that_cannot_start_is_reported_once_and_named_in_the_status() {
+    let topic = unique_name("cannotstart");
+    let group = unique_name("cannotstart-g");
+    create_topic(&topic, 1);
+    let offsets = tempfile::tempdir().expect("temporary directory");
+    // A file where the group's offset directory must go.
+    let blocker = offsets.path().join(&group);
+    std::fs::write(&blocker, "not a directory").expect("blocking file");
+    let sink = Sink::start();
+    let config = MkcConfig::new(&topic, &group)
+        .offset_store(OffsetStore::File)
+        .property("offset.store.path", offsets.path().display())
+        .module(Module::new("m", sink.url("/m")).filter(1001));
+    produce(
+        &topic,
+        (0..5u64)
+            .map(|i| Record::new(0, envelope(i, "1001", &format!(r#"{{"i": {i}}}"#))))
+            .collect(),
+    );
+    let mut mkc = Mkc::start(&config);
+    // Three failed starts: after 1 s, 2 s and 4 s of backoff.
+    let mut status = String::new();
+    let failing = wait_until(Duration::from_secs(30), || {
+        status = mkc.command(&["-s", "status"], Duration::from_secs(10)).1;
+        status.contains(&format!("{topic} worker #0: failing (3 restarts)"))
+    });
+    mkc.check(failing, || {
+        format!("-s status does not say that the worker failed 3 times:\n{status}")
+    });
+    let reason = format!("offset store {}", offsets.path().display());
+    mkc.check(
+        status.contains(&reason) && status.contains("NOT READY"),
+        || format!("-s status does not give the reason ({reason}) or is ready:\n{status}"),
+    );
+    // (The tests' log level is debug: each restart's own line is there.)
+    let said = mkc.log_lines(&reason);
+    let errors = said.iter().filter(|l| !l.contains("DEBUG")).count();
+    mkc.check(errors == 1 && said[0].contains("ERROR"), || {
+        format!("the failure is not logged once as an error after 3 restarts: {said:#?}")
+    });
+    std::fs::remove_file(&blocker).expect("remove the blocking file");
+    sink.wait_for(5, Duration::from_secs(60));
+    let recovered = wait_until(Duration::from_secs(15), || {
+        status = mkc.command(&["-s", "status"], Duration::from_secs(10)).1;
+        !status.contains("failing (") && !status.contains("NOT READY")
+    });
+    mkc.check(recovered, || {
+        format!("-s status still reports the failure once the worker runs:\n{status}")
+    });
+    mkc.stop_clean();
+}

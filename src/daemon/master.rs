@@ -242,7 +242,7 @@ impl Master {
             }
             Err(e) => {
                 tracing::error!(topic = %topic, index, "cannot fork a worker: {e}");
-                self.schedule_restart(i);
+                self.schedule_restart(i, false);
             }
         }
     }
@@ -348,12 +348,18 @@ impl Master {
         }
     }
 
-    fn schedule_restart(&mut self, i: usize) {
+    /// `quiet`: the exit was a failure already reported.
+    fn schedule_restart(&mut self, i: usize, quiet: bool) {
         let slot = &mut self.slots[i];
         let delay = restart_delay(slot.started, &mut slot.failures);
         slot.pid = None;
         slot.restart_at = Some(Instant::now() + delay);
-        tracing::warn!(topic = %slot.topic, index = slot.index, "restarting worker in {delay:?}");
+        let (topic, index) = (&slot.topic, slot.index);
+        if quiet {
+            tracing::debug!(topic = %topic, index, "restarting worker in {delay:?}");
+        } else {
+            tracing::warn!(topic = %topic, index, "restarting worker in {delay:?}");
+        }
     }
 
     /// The main loop: until a stop is asked.
@@ -408,15 +414,33 @@ impl Master {
                         continue;
                     };
                     let slot = &self.slots[i];
-                    if let Some(state) = self.state.as_mut() {
-                        state.worker_exited(&slot.topic, slot.index);
+                    let failure = self
+                        .state
+                        .as_mut()
+                        .and_then(|state| state.worker_exited(&slot.topic, slot.index));
+                    let (pid, topic, index) = (pid.as_raw(), &slot.topic, slot.index);
+                    let (how, after) = (describe(&status), slot.started.elapsed());
+                    let quiet = matches!(failure, Some((_, true)));
+                    match failure {
+                        // Said once: a worker that cannot start (a file it
+                        // cannot write, a server that refuses it) would
+                        // otherwise fill the log at every restart.
+                        Some((reason, true)) => tracing::debug!(
+                            pid, topic = %topic, index,
+                            "worker failed again ({how} after {after:?}): {reason}"
+                        ),
+                        Some((reason, false)) => tracing::error!(
+                            pid, topic = %topic, index,
+                            "worker failed ({how} after {after:?}): {reason}; restarting it \
+                             (backoff up to {RESTART_MAX:?}); the same failure again is not \
+                             logged, `mkc -s status` and /readyz show it while it lasts"
+                        ),
+                        None => tracing::warn!(
+                            pid, topic = %topic, index,
+                            "worker exited unexpectedly ({how}) after {after:?}"
+                        ),
                     }
-                    tracing::warn!(
-                        pid = pid.as_raw(), topic = %slot.topic, index = slot.index,
-                        "worker exited unexpectedly ({}) after {:?}",
-                        describe(&status), slot.started.elapsed()
-                    );
-                    self.schedule_restart(i);
+                    self.schedule_restart(i, quiet);
                 }
             }
         }

@@ -63,6 +63,10 @@ pub struct WorkerStatus {
     pub source_disconnected: bool,
     /// A Redis source's worker's reconnections.
     pub source_reconnects: u64,
+    /// Why the slot's workers fail, while they do (the master keeps it
+    /// until one has run a minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -208,7 +212,16 @@ pub fn gather_from(
             assigned: snapshot.map(|s| s.assigned.clone()).unwrap_or_default(),
             source_disconnected: snapshot.is_some_and(|s| s.source_disconnected),
             source_reconnects: snapshot.map_or(0, |s| s.source_reconnects),
+            failure: slot.failure.clone(),
         });
+        // While its worker is down; once one runs, the page still shows
+        // the last failure for a minute.
+        if let (Some(reason), None) = (&slot.failure, snapshot) {
+            status.not_ready.push(format!(
+                "{} worker #{}: failing ({} restarts): {reason}",
+                slot.topic, slot.index, slot.restarts
+            ));
+        }
     }
 
     let threshold = config.stuck_threshold.as_secs_f64();
@@ -955,6 +968,7 @@ mod tests {
             pid,
             started_ms: now - 5000,
             restarts: u64::from(index),
+            failure: None,
         };
         let master = MasterState {
             pid: 1,
@@ -1046,6 +1060,7 @@ mod tests {
                 pid: Some(10),
                 started_ms: now - 5000,
                 restarts: 0,
+                failure: None,
             }],
             admin_pid: None,
         };

@@ -74,6 +74,7 @@ use crate::pipeline::dispatch::{Cancel, Controls, Endpoint, Message, Observer, O
 use crate::pipeline::envelope;
 use crate::pipeline::router::Router;
 use crate::process::signals::{WorkerEvent, WorkerSignals};
+use crate::process::state;
 use crate::record::dead_letter::{DeadLetters, Letter};
 use crate::record::dispatch_log::{DispatchLog, Key, LogRecord, SkipWatch, Status};
 use crate::source::kafka::{self, PartitionOwner, WorkerConsumer, WorkerContext};
@@ -153,26 +154,48 @@ pub fn run(config: Arc<ServerConfig>, topic: &str, index: u32, master: Option<i3
     };
     let code = runtime.block_on(async {
         let run = match source.kind {
-            SourceKind::Kafka => from_kafka::run(config, &planned, index, master).await,
-            SourceKind::RedisList => from_redis::run_list(config, &planned, index, master)
+            SourceKind::Kafka => from_kafka::run(config.clone(), &planned, index, master).await,
+            SourceKind::RedisList => from_redis::run_list(config.clone(), &planned, index, master)
                 .await
                 .map(|()| Ended::Stopped),
-            SourceKind::RedisSubscribe => from_redis::run_subscribe(config, &planned, master)
-                .await
-                .map(|()| Ended::Stopped),
+            SourceKind::RedisSubscribe => {
+                from_redis::run_subscribe(config.clone(), &planned, master)
+                    .await
+                    .map(|()| Ended::Stopped)
+            }
         };
         match run {
             Ok(Ended::Stopped) => 0,
             // Said when decided; the master starts a new worker.
             Ok(Ended::Restart) => 1,
             Err(e) => {
-                tracing::error!(topic, index, "worker failed: {e:#}");
+                report_failure(&config, topic, index, master, &format!("{e:#}"));
                 1
             }
         }
     });
     runtime.shutdown_timeout(RUNTIME_STOP);
     code
+}
+
+/// Says why the worker fails: to its master, which logs a failure once
+/// however often the restarted worker fails the same way and shows it in
+/// the status (the file [`state::worker_failure_file`]); in the log
+/// directly when there is no master or the file cannot be written.
+fn report_failure(
+    config: &ServerConfig,
+    topic: &str,
+    index: u32,
+    master: Option<i32>,
+    reason: &str,
+) {
+    if master.is_some() {
+        let dir = state::state_dir(&config.pid_file);
+        if std::fs::write(state::worker_failure_file(&dir, topic, index), reason).is_ok() {
+            return;
+        }
+    }
+    tracing::error!(topic, index, "worker failed: {reason}");
 }
 
 /// Allocations at least this large get pages of their own, returned to

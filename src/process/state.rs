@@ -71,6 +71,18 @@ pub fn worker_file(dir: &Path, topic: &str, index: u32) -> PathBuf {
     dir.join(format!("worker-{topic}-{index}.json"))
 }
 
+/// Why the worker of slot (topic, index) failed: one line of text the
+/// worker writes as it exits with an error, read and removed by the
+/// master when it reaps the worker (see [`MasterPublisher::worker_exited`]).
+pub fn worker_failure_file(dir: &Path, topic: &str, index: u32) -> PathBuf {
+    dir.join(format!("worker-{topic}-{index}.failed"))
+}
+
+/// A worker that keeps failing for the same reason is reported once; the
+/// reason stays in master.json (status, `/readyz`) until a worker of its
+/// slot has run this long.
+pub const FAILURE_CLEARS_AFTER_MS: i64 = 60_000;
+
 /// Writes `value` as JSON to `path` through a temporary file and a rename.
 /// No fsync: these are figures, not data; a crash may lose the last one.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
@@ -131,6 +143,10 @@ pub struct SlotState {
     pub started_ms: i64,
     /// Unplanned exits of this slot's workers since the master started.
     pub restarts: u64,
+    /// Why its last worker failed (the worker's own words), until a worker
+    /// of the slot has run [`FAILURE_CLEARS_AFTER_MS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 /// The master's side: keeps restart counts per slot and rewrites
@@ -142,6 +158,8 @@ pub struct MasterPublisher {
     pid: i32,
     started_ms: i64,
     restarts: HashMap<(String, u32), u64>,
+    /// The reason of each slot's last failure, while it stands.
+    failures: HashMap<(String, u32), String>,
     /// Slot pids and start times as last written.
     slot_starts: HashMap<(String, u32), (Option<i32>, i64)>,
     last: Option<MasterState>,
@@ -167,6 +185,7 @@ impl MasterPublisher {
             pid,
             started_ms: now_ms(),
             restarts: HashMap::new(),
+            failures: HashMap::new(),
             slot_starts: HashMap::new(),
             last: None,
         })
@@ -177,8 +196,20 @@ impl MasterPublisher {
     }
 
     /// A worker of slot (topic, index) exited without being asked to.
-    pub fn worker_exited(&mut self, topic: &str, index: u32) {
-        *self.restarts.entry((topic.to_string(), index)).or_default() += 1;
+    /// Returns the reason it left in its failure file, if any, and whether
+    /// it is the slot's standing failure again (already reported).
+    pub fn worker_exited(&mut self, topic: &str, index: u32) -> Option<(String, bool)> {
+        let key = (topic.to_string(), index);
+        *self.restarts.entry(key.clone()).or_default() += 1;
+        let path = worker_failure_file(&self.dir, topic, index);
+        let text = fs::read(&path).ok()?;
+        let _ = fs::remove_file(&path);
+        // Bounded: a line, not whatever a file there might hold.
+        let mut reason = String::from_utf8_lossy(&text[..text.len().min(2048)]).into_owned();
+        reason.truncate(reason.trim_end().len());
+        let repeated = self.failures.get(&key) == Some(&reason);
+        self.failures.insert(key, reason.clone());
+        Some((reason, repeated))
     }
 
     /// Writes master.json if the slots changed since the last write.
@@ -197,7 +228,11 @@ impl MasterPublisher {
                 _ => now,
             };
             self.slot_starts.insert(key.clone(), (pid, started));
+            if pid.is_some() && now - started >= FAILURE_CLEARS_AFTER_MS {
+                self.failures.remove(&key);
+            }
             workers.push(SlotState {
+                failure: self.failures.get(&key).cloned(),
                 restarts: self.restarts.get(&key).copied().unwrap_or(0),
                 topic: key.0,
                 index,
