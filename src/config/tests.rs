@@ -1099,6 +1099,7 @@ fn every_module_key_is_read_into_its_field() {
             concurrency: 64,
             order_key: None,
             dead_letter_topic: None,
+            script: None,
         }]
     );
 }

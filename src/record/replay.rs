@@ -137,7 +137,12 @@ async fn replay_rows(
 ) -> anyhow::Result<Summary> {
     let mut endpoints: HashMap<&str, Endpoint> = HashMap::new();
     for m in &config.modules {
-        endpoints.insert(m.name.as_str(), Endpoint::new(Arc::new(m.clone()))?);
+        let script = m
+            .script
+            .as_ref()
+            .map(|s| Arc::new(crate::script::Engine::new(s.clone(), config.script_limits)));
+        let endpoint = Endpoint::new(Arc::new(m.clone()))?.with_script(script);
+        endpoints.insert(m.name.as_str(), endpoint);
     }
     let mut summary = Summary::default();
     let mut after = 0i64;
@@ -191,6 +196,9 @@ async fn replay_rows(
                     last_error,
                     http_status,
                 } => (Status::Exhausted, attempts, http_status, Some(last_error)),
+                // The module's script runs on a replay as on a delivery.
+                Outcome::Filtered => (Status::Filtered, 0, None, None),
+                Outcome::ScriptError { error } => (Status::ScriptError, 0, None, Some(error)),
                 Outcome::Skipped { .. } | Outcome::Aborted => {
                     summary.interrupted = true;
                     break 'pages;
@@ -211,6 +219,10 @@ async fn replay_rows(
                 Status::Replayed => {
                     summary.delivered += 1;
                     writeln!(out, "replayed {shown}: delivered (attempts {attempts})")?;
+                }
+                Status::Filtered => {
+                    summary.delivered += 1;
+                    writeln!(out, "replayed {shown}: dropped by the module's script")?;
                 }
                 _ => {
                     summary.failed += 1;
