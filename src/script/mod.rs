@@ -616,9 +616,11 @@ fn reshape(t: &Table) -> Result<Reshape, String> {
                 }
                 out.headers.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
             }
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "a table with the unknown field {other:?} (body, headers, path, query, delay_ms)"
-            )),
+            ))
+            }
         }
     }
     Ok(out)
