@@ -760,7 +760,7 @@ fn route_failed(
 ) {
     tracing::error!(topic = %pipeline.topic, partition = partition.number, offset = m.offset(),
         command_id = %envelope.command_id, module = crate::ops::figures::ROUTE_MODULE,
-        "route script failed: {error}");
+        error = %one_line(&error), "route script failed; the message reaches no module");
     pipeline.figures.route_error(envelope.command_id);
     let mut record = LogRecord::invalid(
         pipeline.topic.clone(),
@@ -774,6 +774,17 @@ fn route_failed(
     record.commit_id = envelope.commit_id.clone();
     pipeline.log.record(record);
     dead_letter_unrouted(pipeline, partition, m, Status::ScriptError, error);
+}
+
+/// A script's error with its traceback on one log line (the dispatch log
+/// and the dead letter keep its lines).
+fn one_line(error: &str) -> String {
+    error
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// An invalid message: logged, sent to the dead-letter topic if there is
@@ -1019,7 +1030,7 @@ impl LaneCtx {
             Outcome::ScriptError { error } => {
                 tracing::error!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
                     command_id = %msg.envelope.command_id, commit_id = msg.envelope.commit_id.as_deref().unwrap_or(""),
-                    module = %name, "script failed, giving up on this message: {error}");
+                    module = %name, error = %one_line(&error), "script failed, giving up on this message");
                 if !self.dead_letter(msg, Status::ScriptError, &error, 0).await {
                     return false;
                 }
