@@ -199,7 +199,7 @@ fn scripts_route_reshape_drop_and_fail_per_message() {
     for part in [
         format!("offset={}", produced[4].offset),
         "module=b".to_string(),
-        format!("partition=0"),
+        "partition=0".to_string(),
         format!("topic={topic}"),
         "b.lua:4: boom at offset".to_string(),
     ] {
