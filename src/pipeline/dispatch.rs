@@ -695,6 +695,32 @@ mod tests {
     }
 
     #[test]
+    fn a_script_path_replaces_or_extends_the_uri_and_query_is_appended() {
+        let with = |base: &str, path: Option<&str>, query: Option<&str>| {
+            let base: Uri = base.parse().unwrap();
+            target_uri(&base, path, query).map(|u| u.to_string())
+        };
+        let base = "http://h:8080/api/commit?src=mkc";
+        assert_eq!(
+            with(base, Some("/other"), None).unwrap(),
+            "http://h:8080/other?src=mkc"
+        );
+        assert_eq!(
+            with(base, Some("orders/7"), None).unwrap(),
+            "http://h:8080/api/commit/orders/7?src=mkc"
+        );
+        assert_eq!(
+            with("http://h/api/", Some("orders"), Some("a=1")).unwrap(),
+            "http://h/api/orders?a=1"
+        );
+        assert_eq!(
+            with(base, None, Some("?a=1&b=2")).unwrap(),
+            "http://h:8080/api/commit?src=mkc&a=1&b=2"
+        );
+        assert!(with(base, Some("a b"), None).is_err(), "a space is no URL");
+    }
+
+    #[test]
     fn future_timestamps_wait_at_most_the_delay() {
         let d = Duration::from_millis(2000);
         assert_eq!(delay_left(Some(99_000), d, at(10_000)), Some(d));

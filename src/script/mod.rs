@@ -138,15 +138,20 @@ pub struct ScriptError(pub String);
 /// What a call sees of the message (README: Scripts, "msg").
 #[derive(Debug, Clone, Copy)]
 pub struct Msg<'a> {
+    /// `kafka`, `redis-list` or `redis-subscribe`.
     pub source: &'a str,
+    /// The topic, list key or channel.
     pub topic: &'a str,
     pub partition: i32,
     pub offset: i64,
+    /// The Kafka message key.
     pub key: Option<&'a [u8]>,
+    /// The Kafka timestamp (Redis: when mkc took the message).
     pub timestamp_ms: Option<i64>,
     /// As text: the full u64 range fits no Lua number.
     pub command_id: &'a str,
     pub commit_id: Option<&'a str>,
+    /// The payload, byte for byte (`msg.json` is decoded from it).
     pub payload: &'a [u8],
 }
 
