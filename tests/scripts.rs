@@ -413,3 +413,75 @@ fn script_test_prints_what_would_be_sent_with_the_shipped_examples() {
     );
     assert!(out.contains("stack traceback"), "{out}");
 }
+
+/// A route script that fails for a message: the message reaches no module,
+/// is dead-lettered to server.conf's topic with status script_error,
+/// counted under module "(route)", committed; the next one is routed.
+#[test]
+fn a_failing_route_script_dead_letters_the_message_and_moves_on() {
+    let topic = unique_name("scripts-route");
+    let group = unique_name("scripts-route-group");
+    let dead = unique_name("scripts-route-dead");
+    create_topic(&topic, 1);
+    create_topic(&dead, 1);
+    let scripts = tempfile::tempdir().unwrap();
+    let route = write_script(
+        scripts.path(),
+        "route.lua",
+        "function route(msg)\n  if msg.json.data.bad then error('no route for this') end\n  return { 'm' }\nend\n",
+    );
+    let sink = Sink::start();
+    let config = MkcConfig::new(&topic, &group)
+        .module(Module::new("m", sink.url("/m")).filter(99))
+        .line(&format!("route {}", route.display()))
+        .line(&format!("dead-letter-topic {dead}"));
+    let mkc = Mkc::start(&config);
+    mkc.wait_log_contains("partitions assigned", Duration::from_secs(60));
+    // commandId 1 is in no module's filters: only the script routes it.
+    let produced = produce(
+        &topic,
+        vec![
+            Record::new(0, envelope(1, "1", r#"{"bad": true}"#)),
+            Record::new(0, envelope(2, "1", r#"{"bad": false}"#)),
+        ],
+    );
+    let got = sink.wait_for(1, Duration::from_secs(60));
+    sink.assert_no_more(1, Duration::from_secs(1));
+    assert_eq!(got[0].offset(), produced[1].offset);
+    assert_eq!(got[0].body.as_ref(), produced[1].body());
+    let letters = consume(&dead, 1, 1, Duration::from_secs(60));
+    assert_eq!(letters.len(), 1, "dead letters");
+    assert_eq!(letters[0].payload, produced[0].body());
+    assert_eq!(
+        letters[0].header("mkc-status").as_deref(),
+        Some("script_error")
+    );
+    assert_eq!(letters[0].header("mkc-module").as_deref(), Some(""));
+    assert!(
+        letters[0]
+            .header("mkc-last-error")
+            .is_some_and(|e| e.contains("route.lua:2: no route for this")),
+        "{:?}",
+        letters[0].header("mkc-last-error")
+    );
+    let end = produced[1].offset + 1;
+    assert!(
+        wait_until(Duration::from_secs(30), || committed_offsets(
+            &group, &topic, 1
+        ) == vec![Some(end)]),
+        "committed {:?}, expected {end}",
+        committed_offsets(&group, &topic, 1)
+    );
+    let admin = mkc.admin_url(Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(30), || value(
+            &scrape(&admin),
+            "mkc_script_errors_total",
+            &[("module", "(route)")]
+        ) == Some(1.0)),
+        "mkc_script_errors_total{{module=\"(route)\"}} is not 1"
+    );
+    assert_eq!(mkc.log_count("route script failed"), 1);
+    let mut mkc = mkc;
+    mkc.stop_clean();
+}
