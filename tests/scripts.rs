@@ -246,6 +246,27 @@ fn scripts_route_reshape_drop_and_fail_per_message() {
     assert!(status.is_some_and(|s| s.success()), "{out}");
     assert!(out.contains("filtered 1  script errors 0"), "{out}");
     assert!(out.contains("filtered 0  script errors 1"), "{out}");
+
+    // The script fixed, `mkc replay --status script_error` sends the
+    // message through it, and the row says so.
+    write_script(
+        scripts.path(),
+        "b.lua",
+        "function handle(msg) return true end\n",
+    );
+    let (status, out) = mkc.command(
+        &["replay", "--status", "script_error"],
+        Duration::from_secs(60),
+    );
+    assert!(status.is_some_and(|s| s.success()), "{out}");
+    let replayed = sink.wait_for(8, Duration::from_secs(30));
+    let last = &replayed[7];
+    assert_eq!((last.module(), last.offset()), ("b", produced[4].offset));
+    assert_eq!(last.body.as_ref(), produced[4].body());
+    db.wait_rows(Duration::from_secs(30), |rows| {
+        rows.iter()
+            .any(|r| r.module == "b" && r.offset == produced[4].offset && r.status == "replayed")
+    });
     mkc.stop_clean();
 }
 
