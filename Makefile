@@ -113,6 +113,8 @@ install: $(BIN)
 		$(INSTALL) -m 0644 conf/server.conf $(DESTDIR)$(PREFIX)/conf/server.conf; \
 	fi
 	$(INSTALL) -m 0644 conf/module-example.conf $(DESTDIR)$(PREFIX)/conf/module-example.conf
+	$(INSTALL) -m 0644 conf/module-example.lua $(DESTDIR)$(PREFIX)/conf/module-example.lua
+	$(INSTALL) -m 0644 conf/route.lua $(DESTDIR)$(PREFIX)/conf/route.lua
 	@if [ -f $(SYSTEMD_UNIT) ]; then \
 		echo "$(INSTALL) -D -m 0644 $(SYSTEMD_UNIT) $(UNIT_DIR)/mkc.service"; \
 		$(INSTALL) -D -m 0644 $(SYSTEMD_UNIT) $(UNIT_DIR)/mkc.service; \

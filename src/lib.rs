@@ -20,7 +20,7 @@
 //! # Layout
 //!
 //! Folders follow a message's path; a dependency points down the list
-//! (daemon → pipeline → source / record → process / config).
+//! (daemon → pipeline → source / record → process / config → script).
 //!
 //! - [`cli`]: command line → exit code (start, `-t`, `-T`,
 //!   `-s stop|reload|status`, `skip`, `replay`, `send`, `demo`,
@@ -45,6 +45,9 @@
 //! - [`process`]: what every process uses: signals, process titles, the
 //!   state directory, logging.
 //! - [`config`]: server.conf / module.conf reader and validation.
+//! - [`script`]: the Lua engine of `route` and `handle` scripts: sandbox,
+//!   time and memory bounds, one state per thread; the configuration
+//!   checks scripts with it, the pipeline runs them.
 
 pub mod cli;
 pub mod config;
@@ -53,4 +56,5 @@ pub mod ops;
 pub mod pipeline;
 pub mod process;
 pub mod record;
+pub mod script;
 pub mod source;

@@ -499,7 +499,12 @@ fn make_install_puts_files_where_the_readme_says_and_the_unit_verifies() {
         "{} has no .debug_info",
         debug_file.display()
     );
-    for f in ["conf/server.conf", "conf/module-example.conf"] {
+    for f in [
+        "conf/server.conf",
+        "conf/module-example.conf",
+        "conf/module-example.lua",
+        "conf/route.lua",
+    ] {
         assert!(prefix.join(f).is_file(), "{f} missing");
     }
     assert!(prefix.join("logs").is_dir() && prefix.join("run").is_dir());

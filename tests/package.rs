@@ -24,9 +24,11 @@ use nix::unistd::Pid;
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
 /// What the package ships in /etc, every one a conffile.
-const CONFFILES: [&str; 3] = [
+const CONFFILES: [&str; 5] = [
     "/etc/logrotate.d/mkc",
     "/etc/mkc/module-example.conf",
+    "/etc/mkc/module-example.lua",
+    "/etc/mkc/route.lua",
     "/etc/mkc/server.conf",
 ];
 

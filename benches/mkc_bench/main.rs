@@ -17,7 +17,9 @@
 //! 4. measures mkc (the release binary) end to end, from the first
 //!    message to the N-th distinct message the sink counts: `ordered` with
 //!    1 and P workers, `keyed` and `unordered` with one worker and
-//!    `--concurrency` requests in flight;
+//!    `--concurrency` requests in flight, and `unordered` again with a
+//!    module script (issue 13: reads one field of `msg.json`, adds a
+//!    header);
 //! 5. measures the baseline: a Python consumer (confluent-kafka +
 //!    requests, one POST per message) committing after each message and
 //!    every 1,000, over `--baseline-messages` messages;
@@ -94,7 +96,8 @@ struct Opts {
     #[arg(long)]
     quick: bool,
     /// Only the scenarios whose name contains one of these (broker, http,
-    /// ordered-1w, ordered-Pw, keyed, unordered, python; redis-consume,
+    /// ordered-1w, ordered-Pw, keyed, unordered, unordered-script, python;
+    /// redis-consume,
     /// redis-ordered, redis-unordered). The Redis scenarios match only a
     /// filter that says `redis` (`--only redis`: all of them, with the HTTP
     /// ceilings they are compared with); `--only unordered` stays Kafka's.
@@ -274,14 +277,23 @@ fn run(mut opts: Opts) -> anyhow::Result<()> {
 }
 
 /// The scenarios that need the Kafka broker; those that need Redis.
-const KAFKA_SCENARIOS: [&str; 6] = [
+const KAFKA_SCENARIOS: [&str; 7] = [
     "broker",
     "ordered-1w",
     "ordered-Pw",
     "keyed",
     "unordered",
+    "unordered-script",
     "python",
 ];
+
+/// The module script of the `unordered-script` rows (issue 13): reads one
+/// field of `msg.json`, adds a header, sends the payload unchanged.
+const BENCH_SCRIPT: &str = r#"
+function handle(msg)
+  return { headers = { ["X-Command"] = tostring(msg.json.commandId) } }
+end
+"#;
 const REDIS_SCENARIOS: [&str; 3] = ["redis-consume", "redis-ordered", "redis-unordered"];
 
 /// Whether `--only` selects scenario `name`. A Redis scenario matches only
@@ -370,10 +382,19 @@ fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
                     "unordered",
                     1,
                 ),
+                (
+                    format!("mkc unordered c{} script", opts.concurrency),
+                    "unordered-script",
+                    "unordered",
+                    1,
+                ),
             ];
             for (name, key, mode, workers) in mkc_cases {
+                // `--only unordered` also selects unordered-script: the
+                // script rows are compared with the same rows without.
                 if wants(&opts, key) {
-                    let s = measure_mkc(ctx, latency, mode, workers, run, Source::Kafka)?;
+                    let script = key.ends_with("script");
+                    let s = measure_mkc(ctx, latency, mode, workers, run, Source::Kafka, script)?;
                     add(&mut rows, &name, Some(latency), s);
                 }
             }
@@ -391,7 +412,7 @@ fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
             ];
             for (name, key, mode) in redis_cases {
                 if wants(&opts, key) {
-                    let s = measure_mkc(ctx, latency, mode, 1, run, Source::RedisList)?;
+                    let s = measure_mkc(ctx, latency, mode, 1, run, Source::RedisList, false)?;
                     add(&mut rows, &name, Some(latency), s);
                 }
             }
@@ -626,20 +647,29 @@ fn measure_mkc(
     workers: u32,
     run: usize,
     source: Source,
+    script: bool,
 ) -> anyhow::Result<Sample> {
     let n = ctx.opts.messages;
     let kind = match source {
         Source::Kafka => "",
         Source::RedisList => "redis-",
     };
-    let name = format!("mkc-{kind}{mode}-{workers}w-{latency}ms-{run}");
+    let with_script = if script { "-script" } else { "" };
+    let name = format!("mkc-{kind}{mode}{with_script}-{workers}w-{latency}ms-{run}");
     let dir = ctx.dir.join("runs").join(&name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
+    let script_line = if script {
+        let path = dir.join("bench.lua");
+        std::fs::write(&path, BENCH_SCRIPT)?;
+        format!("script {}\n", path.display())
+    } else {
+        String::new()
+    };
     std::fs::write(
         dir.join("sink.conf"),
         format!(
-            "name sink\nuri http://{}/mkc\nfilters 1001\nmode {mode}\n{}",
+            "name sink\nuri http://{}/mkc\nfilters 1001\nmode {mode}\n{}{script_line}",
             ctx.sink_addr,
             if mode == "ordered" {
                 String::new()
@@ -995,6 +1025,31 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
             python(*l).map(|r| 20.0 * r),
             "msgs/s",
             false,
+        );
+    }
+    let scripted = format!("mkc unordered c{} script", o.concurrency);
+    for l in &o.latencies {
+        let plain = find(rows, &unordered, Some(*l));
+        let with_script = find(rows, &scripted, Some(*l));
+        target(
+            format!("unordered with a script, {l} ms sink >= 85% of the same row without"),
+            with_script.map(Row::rate),
+            plain.map(|r| 0.85 * r.rate()),
+            "msgs/s",
+            false,
+        );
+        // mkc's CPU seconds of the run: the script's cost per message.
+        let cpu = |r: &Row| r.median(|s| s.cpu.get("mkc").copied());
+        let added_us = match (with_script.and_then(cpu), plain.and_then(cpu)) {
+            (Some(a), Some(b)) => Some((a - b) / o.messages as f64 * 1e6),
+            _ => None,
+        };
+        target(
+            format!("unordered with a script, {l} ms sink: added mkc CPU per message <= 10 us"),
+            added_us,
+            Some(10.0),
+            "us",
+            true,
         );
     }
     let redis_unordered = format!("mkc redis-list unordered c{}", o.concurrency);

@@ -1,6 +1,7 @@
 //! The command line: `mkc -c server.conf [-t | -T | -s stop|reload|status]`,
 //! the dispatch log commands `mkc -c server.conf skip ...` and
-//! `mkc -c server.conf replay ...`, `mkc send` (`send.rs`), and
+//! `mkc -c server.conf replay ...`, `mkc send` (`send.rs`), `mkc
+//! script-test` (`script_test.rs`), and
 //! `mkc completions SHELL` / `mkc man` (generated from these definitions).
 //!
 //! Parses flags, loads the configuration, and either starts the master,
@@ -22,6 +23,7 @@ use crate::pipeline::dispatch::Cancel;
 use crate::record::dispatch_log::{ReplayFilter, Since, Status};
 
 mod control;
+mod script_test;
 mod send;
 
 const DEFAULT_CONF: &str = "/usr/local/mkc/conf/server.conf";
@@ -77,6 +79,10 @@ enum Sub {
     /// Produce a test message with the configured brokers and properties,
     /// and print its partition and offset.
     Send(send::SendArgs),
+    /// Run the configuration's scripts (route, then each module's handle)
+    /// on a message from a file and print what would be sent; nothing is
+    /// sent (exit 1 when a script fails).
+    ScriptTest(script_test::ScriptTestArgs),
     /// Print a completion script for SHELL to standard output
     /// (`source <(mkc completions bash)`).
     Completions {
@@ -197,6 +203,14 @@ fn subcommand(conf: &Path, command: Sub) -> anyhow::Result<ExitCode> {
         Sub::DemoBroker => crate::ops::demo::broker()?,
         Sub::Send(args) => match load(conf) {
             Ok(loaded) => send::send(&loaded.config, args)?,
+            Err(code) => return Ok(code),
+        },
+        Sub::ScriptTest(args) => match load(conf) {
+            Ok(loaded) => {
+                if !script_test::script_test(&loaded.config, args)? {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             Err(code) => return Ok(code),
         },
         Sub::Completions { shell } => {

@@ -297,6 +297,18 @@ const SERVER_KEYS: &[Key<ServerConfig>] = &[
         name: "stuck-threshold",
         show: |c| one("stuck-threshold", c.stuck_threshold.as_secs()),
     },
+    Key {
+        name: "route",
+        show: |c| opt("route", c.route.as_ref().map(|s| path_text(&s.path))),
+    },
+    Key {
+        name: "script-timeout",
+        show: |c| one("script-timeout", c.script_limits.timeout.as_millis()),
+    },
+    Key {
+        name: "script-memory",
+        show: |c| one("script-memory", c.script_limits.memory),
+    },
 ];
 
 fn mysql(c: &ServerConfig, field: &str, value: fn(&MysqlConfig) -> String) -> Vec<String> {
@@ -374,6 +386,10 @@ const MODULE_KEYS: &[Key<ModuleConfig>] = &[
     Key {
         name: "dead_letter_topic",
         show: |m| opt("dead_letter_topic", m.dead_letter_topic.as_ref()),
+    },
+    Key {
+        name: "script",
+        show: |m| opt("script", m.script.as_ref().map(|s| path_text(&s.path))),
     },
 ];
 
@@ -633,6 +649,7 @@ fn module_defaults(module: &ModuleConfig) -> ModuleConfig {
         module.file.clone(),
         &directives,
         &[],
+        None,
         &mut Report::default(),
     )
     .map_or_else(|| module.clone(), |(m, _)| m)

@@ -19,9 +19,10 @@
 //! # Paths
 //!
 //! [`load`] makes the server.conf path absolute; every relative path inside
-//! it (`conf-path`, `log-file`, `pid-path`, `offset.store.path`) is
-//! resolved against server.conf's directory, and `module FILE` against
-//! `conf-path` — wherever in the file `conf-path` appears.
+//! it (`conf-path`, `log-file`, `pid-path`, `offset.store.path`, `route`)
+//! is resolved against server.conf's directory, and `module FILE` (and a
+//! module's `script FILE`) against `conf-path` — wherever in the file
+//! `conf-path` appears.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -61,6 +62,7 @@ mod diagnostics;
 mod effective;
 mod module;
 mod reader;
+mod script;
 mod server;
 
 use diagnostics::*;
@@ -69,7 +71,9 @@ pub use effective::{key_names, render as effective};
 use module::*;
 use reader::*;
 pub use reader::{parse_reader, Directive};
+use script::*;
 use server::*;
+use std::sync::Arc;
 
 /// Log levels of the old program, mapped onto tracing levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +248,9 @@ pub struct ModuleConfig {
     /// `dead_letter_topic NAME`: where exhausted messages of this module
     /// go (default: server.conf's `dead-letter-topic`, if any).
     pub dead_letter_topic: Option<String>,
+    /// `script FILE` (relative to `conf-path`): its `handle(msg)` decides
+    /// per message whether and what is sent (README: Scripts).
+    pub script: Option<Arc<crate::script::Script>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -327,6 +334,12 @@ pub struct ServerConfig {
     /// `stuck-threshold SECONDS` (default 300): a partition whose oldest
     /// unfinished message has held its commit position longer is stuck.
     pub stuck_threshold: Duration,
+    /// `route FILE` (relative to server.conf's directory): its
+    /// `route(msg)` picks the modules of each message (README: Scripts).
+    pub route: Option<Arc<crate::script::Script>>,
+    /// `script-timeout MILLISECONDS` (default 100) and `script-memory
+    /// BYTES` (default 64 MiB): the bounds of every script call and state.
+    pub script_limits: crate::script::Limits,
 }
 
 /// A validated configuration with the warnings found while reading it.
@@ -361,6 +374,11 @@ const DEFAULT_SND_TIMEOUT_S: u64 = 5;
 const DEFAULT_DISPATCH_LOG_FILE: &str = "mkc-dispatch-log.db";
 const DEFAULT_DISPATCH_LOG_QUEUE: u64 = 10_000;
 const MAX_DISPATCH_LOG_QUEUE: u64 = 10_000_000;
+/// `script-timeout` at most (ms): a script call is not a request.
+const MAX_SCRIPT_TIMEOUT_MS: u64 = 60_000;
+/// `script-memory` bounds (bytes): Lua's own libraries need some.
+const MIN_SCRIPT_MEMORY: u64 = 1024 * 1024;
+const MAX_SCRIPT_MEMORY: u64 = 1 << 34;
 
 /// Upper bounds, so that no later `Instant + duration` can overflow and a
 /// typo cannot fork thousands of processes or allocate gigabytes.

@@ -10,8 +10,14 @@ pub(super) fn load_modules(
     conf_path: &Path,
     global: &[(CommandId, Location)],
     read_module: &impl Fn(&Path) -> io::Result<Vec<u8>>,
+    limits: crate::script::Limits,
     report: &mut Report,
 ) -> Vec<ModuleConfig> {
+    let scripts = ScriptLoader {
+        base: conf_path,
+        read: read_module,
+        limits,
+    };
     let mut modules: Vec<(ModuleConfig, Location)> = Vec::new();
     let mut files: Vec<(PathBuf, &Location)> = Vec::new();
     for (name, at) in lines {
@@ -37,7 +43,9 @@ pub(super) fn load_modules(
         };
         let (directives, errors) = lex(&file, bytes.as_slice());
         report.errors.extend(errors);
-        let Some((module, name_at)) = read_module_file(file, &directives, global, report) else {
+        let Some((module, name_at)) =
+            read_module_file(file, &directives, global, Some(&scripts), report)
+        else {
             continue;
         };
         if let Some((_, first)) = modules.iter().find(|(m, _)| m.name == module.name) {
@@ -81,6 +89,7 @@ pub(super) fn read_module_file(
     file: PathBuf,
     directives: &[Directive],
     global: &[(CommandId, Location)],
+    scripts: Option<&ScriptLoader>,
     report: &mut Report,
 ) -> Option<(ModuleConfig, Location)> {
     let mut seen = Seen::default();
@@ -100,6 +109,7 @@ pub(super) fn read_module_file(
     let mut concurrency: Option<(u64, Location)> = None;
     let mut order_key: Option<(Vec<String>, Location)> = None;
     let mut dead_letter: Option<String> = None;
+    let mut script = None;
 
     for d in directives {
         let key = d.key.as_str();
@@ -245,6 +255,16 @@ pub(super) fn read_module_file(
                     }
                 }
             }
+            "script" => {
+                if let (Some(value), Some(scripts)) = (report.single(d, "script FILE"), scripts) {
+                    if let Some(loaded) =
+                        scripts.load(d, value, crate::script::Entry::Handle, report)
+                    {
+                        seen.note(key, d, report);
+                        script = Some(loaded);
+                    }
+                }
+            }
             _ => report.error(&d.location, format!("unknown key \"{key}\"")),
         }
     }
@@ -297,6 +317,7 @@ pub(super) fn read_module_file(
         concurrency: concurrency.map_or(DEFAULT_CONCURRENCY as u32, |(n, _)| n as u32),
         order_key: order_key.map(|(path, _)| path),
         dead_letter_topic: dead_letter,
+        script,
     };
     Some((module, name_at))
 }

@@ -63,6 +63,9 @@ pub(super) struct ServerDraft {
     admin_listen_at: Option<Location>,
     admin_token: Option<String>,
     stuck_threshold: Duration,
+    /// The `route FILE` line, loaded once the script limits are known.
+    route: Option<(Directive, String)>,
+    script_limits: crate::script::Limits,
 }
 
 impl ServerDraft {
@@ -107,6 +110,8 @@ impl ServerDraft {
             admin_listen_at: None,
             admin_token: None,
             stuck_threshold: secs(DEFAULT_STUCK_THRESHOLD_S),
+            route: None,
+            script_limits: crate::script::Limits::default(),
         }
     }
 
@@ -328,6 +333,37 @@ impl ServerDraft {
                 }
             }
             "admin-listen" | "admin-token" | "stuck-threshold" => self.admin(d, report),
+            "route" => {
+                if let Some(value) = report.single(d, "route FILE") {
+                    self.seen.note(key, d, report);
+                    self.route = Some((d.clone(), value.to_string()));
+                }
+            }
+            "script-timeout" => {
+                if let Some(value) = report.single(d, "script-timeout MILLISECONDS") {
+                    let max = MAX_SCRIPT_TIMEOUT_MS;
+                    if let Some(n) = report.uint(d, "", value, 1, max, "(milliseconds)") {
+                        self.seen.note(key, d, report);
+                        self.script_limits.timeout = ms(n);
+                    }
+                }
+            }
+            "script-memory" => {
+                if let Some(value) = report.single(d, "script-memory BYTES") {
+                    let max = MAX_SCRIPT_MEMORY;
+                    if let Some(n) = report.uint(d, "", value, 1, max, "(bytes)") {
+                        if n < MIN_SCRIPT_MEMORY {
+                            report.error(
+                                &d.location,
+                                format!("script-memory: {n} is less than {MIN_SCRIPT_MEMORY} bytes (Lua needs some for itself)"),
+                            );
+                            return;
+                        }
+                        self.seen.note(key, d, report);
+                        self.script_limits.memory = usize::try_from(n).unwrap_or(usize::MAX);
+                    }
+                }
+            }
             "zookeeper" | "zookeeper-debug" => report.warn(
                 &d.location,
                 format!("{key} is ignored: mkc talks to the Kafka brokers directly"),
@@ -756,8 +792,17 @@ impl ServerDraft {
             &conf_path,
             &self.filters,
             read_module,
+            self.script_limits,
             report,
         );
+        let route = self.route.as_ref().and_then(|(d, value)| {
+            let scripts = ScriptLoader {
+                base: &self.dir,
+                read: read_module,
+                limits: self.script_limits,
+            };
+            scripts.load(d, value, crate::script::Entry::Route, report)
+        });
         // A dead-letter topic that is also consumed would feed its letters
         // back in (an invalid message, forever).
         let consumed = |name: &str| self.topics.iter().any(|(t, _)| t.name == name);
@@ -829,6 +874,8 @@ impl ServerDraft {
             admin_listen: self.admin_listen,
             admin_token: self.admin_token,
             stuck_threshold: self.stuck_threshold,
+            route,
+            script_limits: self.script_limits,
         }
     }
 }

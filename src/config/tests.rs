@@ -1099,6 +1099,7 @@ fn every_module_key_is_read_into_its_field() {
             concurrency: 64,
             order_key: None,
             dead_letter_topic: None,
+            script: None,
         }]
     );
 }
@@ -1627,4 +1628,103 @@ fn redis_password_is_not_displayed() {
     let server = redis_server("redis://:s3cret@10.0.0.1:6380/1").unwrap();
     assert_eq!(server.db, 1);
     assert!(!server.to_string().contains("s3cret"), "{server}");
+}
+
+// ─── scripts (issue 13) ──────────────────────────────────────────────────
+
+const HANDLE: &str = "function handle(msg) return true end\n";
+const ROUTE: &str = "function route(msg) return nil end\n";
+
+#[test]
+fn scripts_are_read_relative_to_their_base_and_loaded() {
+    let server = format!(
+        "{MINIMAL}conf-path modules\nroute scripts/route.lua\nscript-timeout 250\nscript-memory 2097152\n"
+    );
+    let loaded = accepted(
+        &server,
+        &[
+            ("modules/m.conf", &format!("{MODULE_M}script lua/m.lua\n")),
+            ("modules/lua/m.lua", HANDLE),
+            ("scripts/route.lua", ROUTE),
+        ],
+    );
+    let c = &loaded.config;
+    let route = c.route.as_ref().expect("route");
+    assert_eq!(route.path, Path::new("/etc/mkc/scripts/route.lua"));
+    assert_eq!(&route.source[..], ROUTE.as_bytes());
+    let script = c.modules[0].script.as_ref().expect("script");
+    assert_eq!(script.path, Path::new("/etc/mkc/modules/lua/m.lua"));
+    assert_eq!(script.entry, crate::script::Entry::Handle);
+    assert_eq!(c.script_limits.timeout, Duration::from_millis(250));
+    assert_eq!(c.script_limits.memory, 2_097_152);
+    // Defaults.
+    let c = server_with("").config;
+    assert_eq!(c.route, None);
+    assert_eq!(c.modules[0].script, None);
+    assert_eq!(c.script_limits, crate::script::Limits::default());
+}
+
+#[test]
+fn a_script_that_does_not_load_is_an_error_with_its_file_and_line() {
+    let errors = rejected(
+        MINIMAL,
+        &[
+            ("m.conf", &format!("{MODULE_M}script m.lua\n")),
+            ("m.lua", "function handle(msg)\n  return = 1\nend\n"),
+        ],
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("/etc/mkc/m.lua:2: unexpected symbol"),
+        "{errors:#?}"
+    );
+    let errors = rejected(
+        &format!("{MINIMAL}route r.lua\n"),
+        &[("m.conf", MODULE_M), ("r.lua", HANDLE)],
+    );
+    assert_eq!(
+        errors,
+        ["/etc/mkc/server.conf:4: route: /etc/mkc/r.lua: r.lua defines no function route(msg)"]
+    );
+    let errors = rejected(
+        MINIMAL,
+        &[("m.conf", &format!("{MODULE_M}script gone.lua\n"))],
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("/etc/mkc/m.conf:4: script: cannot read /etc/mkc/gone.lua"),
+        "{errors:#?}"
+    );
+    // Top-level code runs at load, within the budget.
+    let errors = rejected(
+        &format!("{MINIMAL}script-timeout 20\n"),
+        &[
+            ("m.conf", &format!("{MODULE_M}script m.lua\n")),
+            ("m.lua", "while true do end\n"),
+        ],
+    );
+    assert!(errors[0].contains("time budget"), "{errors:#?}");
+}
+
+#[test]
+fn script_limits_are_checked() {
+    for (line, says) in [
+        (
+            "script-timeout 0",
+            "script-timeout: \"0\" is not a positive integer",
+        ),
+        ("script-timeout 60001", "script-timeout"),
+        (
+            "script-memory 1000",
+            "script-memory: 1000 is less than 1048576 bytes",
+        ),
+        ("script-memory lots", "is not a positive integer"),
+        ("route", "route FILE"),
+    ] {
+        let errors = rejected(&format!("{MINIMAL}{line}\n"), &[("m.conf", MODULE_M)]);
+        assert!(
+            errors.iter().any(|e| e.contains(says)),
+            "{line}: {errors:#?}"
+        );
+    }
 }

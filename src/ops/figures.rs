@@ -42,6 +42,10 @@ const BROKER_QUERY_EVERY: Duration = Duration::from_secs(10);
 /// The window of the rates.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 
+/// The module name under which failures of server.conf's route script
+/// are counted (metrics, status).
+pub const ROUTE_MODULE: &str = "(route)";
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -52,6 +56,8 @@ struct Counts {
     failed_attempts: u64,
     exhausted: u64,
     skipped: u64,
+    filtered: u64,
+    script_errors: u64,
 }
 
 #[derive(Debug)]
@@ -93,6 +99,8 @@ pub struct WorkerFigures {
     carried: Vec<CounterFigures>,
     invalid: AtomicU64,
     unrouted: AtomicU64,
+    /// Failures of server.conf's route script, per commandId.
+    route_errors: Mutex<HashMap<CommandId, u64>>,
     /// `stuck-threshold`: how long a partition may wait before the worker
     /// logs that its fetching stalls.
     stuck_threshold: Duration,
@@ -148,7 +156,14 @@ impl WorkerFigures {
             .collect();
         let mut counters = HashMap::new();
         let mut carried = Vec::new();
+        let mut route_errors = HashMap::new();
         for c in previous.counters {
+            if c.module == ROUTE_MODULE {
+                if let Some(id) = CommandId::parse(&c.command_id) {
+                    route_errors.insert(id, c.script_errors);
+                    continue;
+                }
+            }
             let module = modules.iter().position(|m| m.name == c.module);
             match (module, CommandId::parse(&c.command_id)) {
                 (Some(m), Some(id)) => {
@@ -159,6 +174,8 @@ impl WorkerFigures {
                             failed_attempts: c.failed_attempts,
                             exhausted: c.exhausted,
                             skipped: c.skipped,
+                            filtered: c.filtered,
+                            script_errors: c.script_errors,
                         },
                     );
                 }
@@ -176,6 +193,7 @@ impl WorkerFigures {
             carried,
             invalid: AtomicU64::new(previous.invalid),
             unrouted: AtomicU64::new(previous.unrouted),
+            route_errors: Mutex::new(route_errors),
             stuck_threshold: config.stuck_threshold,
             stuck: Mutex::new(HashMap::new()),
             stuck_len: AtomicUsize::new(0),
@@ -217,8 +235,17 @@ impl WorkerFigures {
             Outcome::Delivered { .. } => c.delivered += 1,
             Outcome::Exhausted { .. } => c.exhausted += 1,
             Outcome::Skipped { .. } => c.skipped += 1,
+            Outcome::Filtered => c.filtered += 1,
+            Outcome::ScriptError { .. } => c.script_errors += 1,
             Outcome::Aborted => {}
         }
+    }
+
+    /// server.conf's route script failed for a message of `command_id`:
+    /// counted as module [`ROUTE_MODULE`].
+    pub fn route_error(&self, command_id: CommandId) {
+        let mut route = lock(&self.route_errors);
+        *route.entry(command_id).or_default() += 1;
     }
 
     /// Applies the control file at `now_ms`: paused modules, and the skip
@@ -309,9 +336,19 @@ impl WorkerFigures {
                 failed_attempts: c.failed_attempts,
                 exhausted: c.exhausted,
                 skipped: c.skipped,
+                filtered: c.filtered,
+                script_errors: c.script_errors,
             })
             .collect();
         drop(counters);
+        for (id, &n) in lock(&self.route_errors).iter() {
+            list.push(CounterFigures {
+                module: ROUTE_MODULE.to_string(),
+                command_id: id.to_string(),
+                script_errors: n,
+                ..CounterFigures::default()
+            });
+        }
         list.extend(self.carried.iter().cloned());
         list.sort_by(|a, b| (&a.module, &a.command_id).cmp(&(&b.module, &b.command_id)));
         list

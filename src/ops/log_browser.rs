@@ -98,7 +98,8 @@ struct JobResult {
     partition: i64,
     offset: i64,
     module: String,
-    /// `delivered`, `failed`, `unreplayable` or `interrupted`.
+    /// `delivered`, `filtered` (the module's script dropped it; counted
+    /// as delivered), `failed`, `unreplayable` or `interrupted`.
     result: &'static str,
     /// Attempts the replay made.
     attempts: Option<u32>,
@@ -558,6 +559,15 @@ async fn run_job(db: Db, replayer: Replayer, ids: Vec<i64>, job: Arc<Mutex<Job>>
             Ok(RowResult::Failed { attempts, error }) => {
                 push("failed", Some(attempts), Some(error));
                 j.failed += 1;
+            }
+            Ok(RowResult::Filtered) => {
+                // Finished, as a delivery is: the row says `filtered`.
+                push(
+                    "filtered",
+                    None,
+                    Some("dropped by the module's script".to_string()),
+                );
+                j.delivered += 1;
             }
             Ok(RowResult::Unreplayable(why)) => {
                 push("unreplayable", None, Some(why));

@@ -119,6 +119,12 @@ pub struct ModuleStatus {
     pub failed_attempts: u64,
     pub exhausted: u64,
     pub skipped: u64,
+    /// Dropped by the module's script.
+    #[serde(default)]
+    pub filtered: u64,
+    /// Failures of the module's script.
+    #[serde(default)]
+    pub script_errors: u64,
     pub delivered_rate: f64,
     pub failed_rate: f64,
     pub last_error: Option<LastError>,
@@ -342,6 +348,8 @@ pub fn gather_from(
             e.failed_attempts += c.failed_attempts;
             e.exhausted += c.exhausted;
             e.skipped += c.skipped;
+            e.filtered += c.filtered;
+            e.script_errors += c.script_errors;
         }
         status.dispatch_log.dropped += s.dispatch_log.dropped;
     }
@@ -385,6 +393,8 @@ pub fn gather_from(
             m.failed_attempts += c.counts.failed_attempts;
             m.exhausted += c.counts.exhausted;
             m.skipped += c.counts.skipped;
+            m.filtered += c.counts.filtered;
+            m.script_errors += c.counts.script_errors;
         }
     }
     for s in &snapshots {
@@ -484,7 +494,7 @@ pub fn prometheus(status: &Status) -> String {
     f.sample("mkc_ready", &[], f64::from(u8::from(status.ready)));
 
     type Counter = (&'static str, &'static str, fn(&CounterFigures) -> u64);
-    let counter_families: [Counter; 4] = [
+    let counter_families: [Counter; 6] = [
         (
             "mkc_messages_delivered_total",
             "Messages delivered (2xx) per topic, module and commandId.",
@@ -504,6 +514,16 @@ pub fn prometheus(status: &Status) -> String {
             "mkc_messages_skipped_total",
             "Messages skipped by an operator.",
             |c| c.skipped,
+        ),
+        (
+            "mkc_messages_filtered_total",
+            "Messages a module's script dropped (handle returned false or nil).",
+            |c| c.filtered,
+        ),
+        (
+            "mkc_script_errors_total",
+            "Messages a script failed on (error, time budget, memory limit, bad return value); module \"(route)\" is server.conf's route script.",
+            |c| c.script_errors,
         ),
     ];
     for (name, help, get) in counter_families {
@@ -835,7 +855,7 @@ pub fn text(status: &Status) -> String {
     for m in &status.modules {
         let _ = writeln!(
             out,
-            "  {}{}  delivered {} ({:.1}/s)  failed attempts {} ({:.1}/s)  exhausted {}  skipped {}  in flight {}",
+            "  {}{}  delivered {} ({:.1}/s)  failed attempts {} ({:.1}/s)  exhausted {}  skipped {}  filtered {}  script errors {}  in flight {}",
             m.name,
             if m.paused { " [PAUSED]" } else { "" },
             m.delivered,
@@ -844,6 +864,8 @@ pub fn text(status: &Status) -> String {
             m.failed_rate,
             m.exhausted,
             m.skipped,
+            m.filtered,
+            m.script_errors,
             m.in_flight
         );
         if let Some(e) = &m.last_error {
@@ -937,6 +959,8 @@ mod tests {
                 failed_attempts: 2,
                 exhausted: 1,
                 skipped: 1,
+                filtered: 3,
+                script_errors: 4,
             }],
             invalid: 1,
             stuck: vec![StuckMessage {

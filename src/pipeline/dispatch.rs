@@ -6,6 +6,11 @@
 //! a graceful stop lets the attempt on the wire finish but starts no new
 //! one; an abort (partition revoked, shutdown deadline) drops it at once.
 //!
+//! A module with a script runs its `handle(msg)` once per delivery,
+//! before the delay and the first attempt ([`Endpoint::prepare`]); what it
+//! returns (drop, or the body, headers, path, query and delay to use) holds
+//! for every attempt of that delivery.
+//!
 //! [`Endpoint::deliver_observed`] also reports failed attempts to an
 //! [`Observer`] (the dispatch log) and asks it, before each retry and
 //! while waiting `retry_delay`, whether an operator said to skip the
@@ -26,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HttpMethod, ModuleConfig};
 use crate::pipeline::envelope::Envelope;
+use crate::script::{Engine, Reshape, Verdict};
 use crate::source::SourceKind;
 
 /// One message, owned, as the lanes of a partition share it.
@@ -67,9 +73,32 @@ pub enum Outcome {
     /// An operator asked to skip it (admin API or dispatch log), after
     /// `attempts` attempts: final, committed.
     Skipped { attempts: u32 },
+    /// The module's script dropped it (`handle` returned `false` or
+    /// `nil`): final, committed, no request made.
+    Filtered,
+    /// The module's script failed (a Lua error, its budget or memory
+    /// limit, a return value the contract does not allow): final, the
+    /// message is dead-lettered and committed. `error` holds Lua's message
+    /// and traceback.
+    ScriptError { error: String },
     /// Stopped before a final outcome (stop or revoke): not final, the
     /// message stays uncommitted and is delivered again later.
     Aborted,
+}
+
+/// How a message goes to a module: the payload to the module's uri, or
+/// what its script made of it.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The request body: the payload, or the script's `body`.
+    pub body: Bytes,
+    /// The module's uri, with the script's `path` and `query`.
+    pub uri: Uri,
+    /// The script's `headers`: added after mkc's own (replacing those of
+    /// the same name).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The module's `delay`, or the script's `delay_ms`.
+    pub delay: Duration,
 }
 
 /// What a delivery reports while it retries, and whom it asks whether to
@@ -176,6 +205,8 @@ pub struct Endpoint {
     method: Method,
     module_header: HeaderValue,
     controls: Controls,
+    /// The module's `script`, ready to run on any thread.
+    script: Option<Arc<Engine>>,
 }
 
 static X_MKC_TOPIC: HeaderName = HeaderName::from_static("x-mkc-topic");
@@ -231,7 +262,63 @@ impl Endpoint {
             method,
             module_header,
             controls: Controls::default(),
+            script: None,
         })
+    }
+
+    /// The same endpoint, running `script`'s `handle(msg)` on each message.
+    pub fn with_script(mut self, script: Option<Arc<Engine>>) -> Endpoint {
+        self.script = script;
+        self
+    }
+
+    /// Runs the module's script on `msg`, if it has one: `Ok(None)` when
+    /// the script drops the message, `Err` with Lua's message and
+    /// traceback when it fails.
+    pub fn prepare(&self, msg: &Message) -> Result<Option<Prepared>, String> {
+        let unchanged = Prepared {
+            body: msg.payload.clone(),
+            uri: self.uri.clone(),
+            headers: Vec::new(),
+            delay: self.module.delay,
+        };
+        let Some(script) = &self.script else {
+            return Ok(Some(unchanged));
+        };
+        let command_id = msg.envelope.command_id.to_string();
+        let view = crate::script::Msg {
+            source: msg.source.as_str(),
+            topic: &msg.topic,
+            partition: msg.partition,
+            offset: msg.offset,
+            key: msg.key.as_deref(),
+            timestamp_ms: msg.timestamp_ms,
+            command_id: &command_id,
+            commit_id: msg.envelope.commit_id.as_deref(),
+            payload: &msg.payload,
+        };
+        match script.handle(&view).map_err(|e| e.0)? {
+            Verdict::Drop => Ok(None),
+            Verdict::Send(reshape) => {
+                let Reshape {
+                    body,
+                    headers,
+                    path,
+                    query,
+                    delay,
+                } = reshape;
+                let uri = match (&path, &query) {
+                    (None, None) => unchanged.uri,
+                    _ => target_uri(&self.uri, path.as_deref(), query.as_deref())?,
+                };
+                Ok(Some(Prepared {
+                    body: body.unwrap_or(unchanged.body),
+                    uri,
+                    headers,
+                    delay: delay.unwrap_or(unchanged.delay),
+                }))
+            }
+        }
     }
 
     /// The same endpoint, observed and controlled by `controls`.
@@ -324,7 +411,12 @@ impl Endpoint {
             w.started(msg);
         }
         let _watching = Watching(watch.map(|w| (w, msg)));
-        if let Some(wait) = delay_left(msg.timestamp_ms, m.delay, SystemTime::now()) {
+        let prepared = match self.prepare(msg) {
+            Ok(Some(prepared)) => prepared,
+            Ok(None) => return Outcome::Filtered,
+            Err(error) => return Outcome::ScriptError { error },
+        };
+        if let Some(wait) = delay_left(msg.timestamp_ms, prepared.delay, SystemTime::now()) {
             tokio::select! {
                 biased;
                 _ = cancel.abort.cancelled() => return Outcome::Aborted,
@@ -346,7 +438,7 @@ impl Endpoint {
             let result = tokio::select! {
                 biased;
                 _ = cancel.abort.cancelled() => return Outcome::Aborted,
-                r = self.attempt(msg, attempts) => r,
+                r = self.attempt(msg, &prepared, attempts) => r,
             };
             if let Some(w) = watch {
                 let error = result.as_ref().err().map(|e| e.text.as_str());
@@ -392,9 +484,14 @@ impl Endpoint {
 
     /// One HTTP request; `Ok` on any 2xx. `rcv_timeout` bounds all of it:
     /// connecting, sending, the answer and its body.
-    async fn attempt(&self, msg: &Message, attempt: u32) -> Result<(), AttemptError> {
+    async fn attempt(
+        &self,
+        msg: &Message,
+        prepared: &Prepared,
+        attempt: u32,
+    ) -> Result<(), AttemptError> {
         let timeout = self.module.rcv_timeout;
-        match tokio::time::timeout(timeout, self.request(msg, attempt)).await {
+        match tokio::time::timeout(timeout, self.request(msg, prepared, attempt)).await {
             Ok(result) => result,
             Err(_) => Err(AttemptError {
                 status: None,
@@ -403,11 +500,20 @@ impl Endpoint {
         }
     }
 
-    async fn request(&self, msg: &Message, attempt: u32) -> Result<(), AttemptError> {
-        let mut request = Request::new(Full::new(msg.payload.clone()));
+    async fn request(
+        &self,
+        msg: &Message,
+        prepared: &Prepared,
+        attempt: u32,
+    ) -> Result<(), AttemptError> {
+        let mut request = Request::new(Full::new(prepared.body.clone()));
         *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.headers_mut() = self.headers(msg, attempt);
+        *request.uri_mut() = prepared.uri.clone();
+        let mut headers = self.headers(msg, attempt);
+        for (name, value) in &prepared.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        *request.headers_mut() = headers;
         let response = self
             .client
             .request(request)
@@ -493,6 +599,34 @@ pub fn idempotency_key(msg: &Message) -> String {
     }
 }
 
+/// The module's uri with a script's `path` (starting with `/`: replaces
+/// the uri's path; otherwise appended to it, with a `/` between) and
+/// `query` (appended to the uri's query with `&`, or set).
+fn target_uri(base: &Uri, path: Option<&str>, query: Option<&str>) -> Result<Uri, String> {
+    let base_path = base.path();
+    let path = match path {
+        None => base_path.to_string(),
+        Some(p) if p.starts_with('/') => p.to_string(),
+        Some(p) if base_path.ends_with('/') => format!("{base_path}{p}"),
+        Some(p) => format!("{base_path}/{p}"),
+    };
+    let query = match (base.query().filter(|q| !q.is_empty()), query) {
+        (b, None) => b.map(str::to_string),
+        (None, Some(q)) => Some(q.trim_start_matches('?').to_string()),
+        (Some(b), Some(q)) => Some(format!("{b}&{}", q.trim_start_matches('?'))),
+    };
+    let text = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(text.parse().map_err(|e| {
+        format!("handle returned a path or query that is not valid in a URL ({text:?}): {e}")
+    })?);
+    Uri::from_parts(parts)
+        .map_err(|e| format!("handle returned a path or query that makes no URL: {e}"))
+}
+
 /// 64-bit FNV-1a: stable across versions and machines, unlike std's hasher.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
@@ -561,6 +695,32 @@ mod tests {
     }
 
     #[test]
+    fn a_script_path_replaces_or_extends_the_uri_and_query_is_appended() {
+        let with = |base: &str, path: Option<&str>, query: Option<&str>| {
+            let base: Uri = base.parse().unwrap();
+            target_uri(&base, path, query).map(|u| u.to_string())
+        };
+        let base = "http://h:8080/api/commit?src=mkc";
+        assert_eq!(
+            with(base, Some("/other"), None).unwrap(),
+            "http://h:8080/other?src=mkc"
+        );
+        assert_eq!(
+            with(base, Some("orders/7"), None).unwrap(),
+            "http://h:8080/api/commit/orders/7?src=mkc"
+        );
+        assert_eq!(
+            with("http://h/api/", Some("orders"), Some("a=1")).unwrap(),
+            "http://h/api/orders?a=1"
+        );
+        assert_eq!(
+            with(base, None, Some("?a=1&b=2")).unwrap(),
+            "http://h:8080/api/commit?src=mkc&a=1&b=2"
+        );
+        assert!(with(base, Some("a b"), None).is_err(), "a space is no URL");
+    }
+
+    #[test]
     fn future_timestamps_wait_at_most_the_delay() {
         let d = Duration::from_millis(2000);
         assert_eq!(delay_left(Some(99_000), d, at(10_000)), Some(d));
@@ -598,6 +758,7 @@ mod tests {
             concurrency: 64,
             order_key: None,
             dead_letter_topic: None,
+            script: None,
         }
     }
 

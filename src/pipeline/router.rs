@@ -63,6 +63,7 @@ mod tests {
             concurrency: 64,
             order_key: None,
             dead_letter_topic: None,
+            script: None,
         }
     }
 

@@ -77,6 +77,7 @@ use crate::process::signals::{WorkerEvent, WorkerSignals};
 use crate::process::state;
 use crate::record::dead_letter::{DeadLetters, Letter};
 use crate::record::dispatch_log::{DispatchLog, Key, LogRecord, SkipWatch, Status};
+use crate::script::Engine;
 use crate::source::kafka::{self, PartitionOwner, WorkerConsumer, WorkerContext};
 use crate::source::offsets::{Arrival, Tracker};
 use crate::source::topic_watch::{TopicWatch, Verdict};
@@ -374,6 +375,8 @@ pub(crate) struct Pipeline {
     /// Where invalid messages go (server.conf `dead-letter-topic`).
     invalid_dead_letter: Option<String>,
     router: Router,
+    /// server.conf's `route` script, and the global filters it comes after.
+    route: Option<RouteScript>,
     max_message_bytes: usize,
     partitions: Mutex<HashMap<i32, Arc<Partition>>>,
     /// The consumer, for splitting partition queues on assignment (set
@@ -392,6 +395,34 @@ pub(crate) struct Pipeline {
     runtime: tokio::runtime::Handle,
     /// Counters and gauges for the admin process and `-s status`.
     figures: Arc<WorkerFigures>,
+}
+
+/// server.conf's route script with what it needs to turn names into
+/// module indexes.
+struct RouteScript {
+    engine: Engine,
+    /// The global `filters` allow-list (empty: none): applied before the
+    /// script, which never sees what it filters out.
+    global: std::collections::HashSet<CommandId>,
+    /// Module name → index in the configuration.
+    modules: HashMap<String, usize>,
+}
+
+/// Where `accept` sends a message.
+enum Targets<'a> {
+    /// The modules' filters (or the route script said to use them).
+    Filters(&'a [usize]),
+    /// What the route script returned, in configuration order.
+    Script(Vec<usize>),
+}
+
+impl Targets<'_> {
+    fn as_slice(&self) -> &[usize] {
+        match self {
+            Targets::Filters(t) => t,
+            Targets::Script(t) => t,
+        }
+    }
 }
 
 impl Pipeline {
@@ -417,7 +448,12 @@ impl Pipeline {
                     watch: Some(figures.watch(i)),
                     skips: vec![figures.clone()],
                 };
-                Endpoint::new(Arc::new(m.clone())).map(|e| Arc::new(e.with_controls(controls)))
+                let script = m
+                    .script
+                    .as_ref()
+                    .map(|s| Arc::new(Engine::new(s.clone(), config.script_limits)));
+                Endpoint::new(Arc::new(m.clone()))
+                    .map(|e| Arc::new(e.with_controls(controls).with_script(script)))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let permits = config
@@ -425,10 +461,11 @@ impl Pipeline {
             .iter()
             .map(|m| Arc::new(Semaphore::new(m.concurrency as usize)))
             .collect();
-        let needs_kafka_key = config
-            .modules
-            .iter()
-            .any(|m| m.mode == DeliveryMode::Keyed && m.order_key.is_none());
+        // Scripts see msg.key.
+        let needs_kafka_key = config.route.is_some()
+            || config.modules.iter().any(|m| {
+                m.script.is_some() || (m.mode == DeliveryMode::Keyed && m.order_key.is_none())
+            });
         let log = DispatchLog::start(
             &config.dispatch_log,
             config.dispatch_log_queue,
@@ -470,6 +507,16 @@ impl Pipeline {
                 .collect(),
             invalid_dead_letter: config.dead_letter_topic.clone(),
             router: Router::new(&config.filters, &config.modules),
+            route: config.route.as_ref().map(|script| RouteScript {
+                engine: Engine::new(script.clone(), config.script_limits),
+                global: config.filters.iter().copied().collect(),
+                modules: config
+                    .modules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| (m.name.clone(), i))
+                    .collect(),
+            }),
             max_message_bytes: config.max_message_bytes,
             partitions: Mutex::new(HashMap::new()),
             consumer: OnceLock::new(),
@@ -631,7 +678,14 @@ pub(crate) fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &i
             return;
         }
     };
-    let targets = pipeline.router.route(envelope.command_id);
+    let targets = match route(pipeline, partition, m, &envelope) {
+        Ok(targets) => targets,
+        Err(error) => {
+            route_failed(pipeline, partition, m, &envelope, error);
+            return;
+        }
+    };
+    let targets = targets.as_slice();
     if tracing::enabled!(tracing::Level::DEBUG) {
         let preview = String::from_utf8_lossy(&payload[..payload.len().min(PAYLOAD_PREVIEW)]);
         tracing::debug!(%topic, partition = partition.number, offset, command_id = %envelope.command_id,
@@ -673,6 +727,89 @@ pub(crate) fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &i
     }
 }
 
+/// The modules of a message: the route script's answer when server.conf
+/// has one (after the global filters), else the modules' filters.
+fn route<'p>(
+    pipeline: &'p Pipeline,
+    partition: &Partition,
+    m: &impl Incoming,
+    envelope: &envelope::Envelope,
+) -> Result<Targets<'p>, String> {
+    let filters = Targets::Filters(pipeline.router.route(envelope.command_id));
+    let Some(route) = &pipeline.route else {
+        return Ok(filters);
+    };
+    if !route.global.is_empty() && !route.global.contains(&envelope.command_id) {
+        return Ok(filters);
+    }
+    let command_id = envelope.command_id.to_string();
+    let topic = m.channel().unwrap_or(&pipeline.topic);
+    let view = crate::script::Msg {
+        source: pipeline.source.as_str(),
+        topic,
+        partition: partition.number,
+        offset: m.offset(),
+        key: m.key(),
+        timestamp_ms: m.timestamp_ms(),
+        command_id: &command_id,
+        commit_id: envelope.commit_id.as_deref(),
+        payload: m.payload(),
+    };
+    let Some(names) = route.engine.route(&view).map_err(|e| e.0)? else {
+        return Ok(filters);
+    };
+    let mut targets = Vec::with_capacity(names.len());
+    for name in &names {
+        match route.modules.get(name) {
+            Some(&i) => targets.push(i),
+            None => tracing::warn!(%topic, partition = partition.number, offset = m.offset(),
+                module = %name, "the route script names a module that is not configured: ignored"),
+        }
+    }
+    targets.sort_unstable();
+    targets.dedup();
+    Ok(Targets::Script(targets))
+}
+
+/// server.conf's route script failed for a message: logged with Lua's
+/// traceback, counted, recorded in the dispatch log (`script_error`, no
+/// module), dead-lettered like an invalid message, then finished.
+fn route_failed(
+    pipeline: &Arc<Pipeline>,
+    partition: &Arc<Partition>,
+    m: &impl Incoming,
+    envelope: &envelope::Envelope,
+    error: String,
+) {
+    tracing::error!(topic = %pipeline.topic, partition = partition.number, offset = m.offset(),
+        command_id = %envelope.command_id, module = crate::ops::figures::ROUTE_MODULE,
+        error = %one_line(&error), "route script failed; the message reaches no module");
+    pipeline.figures.route_error(envelope.command_id);
+    let mut record = LogRecord::invalid(
+        pipeline.topic.clone(),
+        partition.number,
+        m.offset(),
+        Bytes::copy_from_slice(m.payload()),
+        &error,
+    );
+    record.status = Status::ScriptError;
+    record.command_id = Some(envelope.command_id.to_string());
+    record.commit_id = envelope.commit_id.clone();
+    pipeline.log.record(record);
+    dead_letter_unrouted(pipeline, partition, m, Status::ScriptError, error);
+}
+
+/// A script's error with its traceback on one log line (the dispatch log
+/// and the dead letter keep its lines).
+fn one_line(error: &str) -> String {
+    error
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 /// An invalid message: logged, sent to the dead-letter topic if there is
 /// one, and only then finished.
 fn invalid(
@@ -681,15 +818,28 @@ fn invalid(
     m: &impl Incoming,
     reason: String,
 ) {
-    let offset = m.offset();
-    let payload = Bytes::copy_from_slice(m.payload());
     pipeline.log.record(LogRecord::invalid(
         pipeline.topic.clone(),
         partition.number,
-        offset,
-        payload.clone(),
+        m.offset(),
+        Bytes::copy_from_slice(m.payload()),
         &reason,
     ));
+    dead_letter_unrouted(pipeline, partition, m, Status::Invalid, reason);
+}
+
+/// A message that reaches no module (invalid, or its route script failed):
+/// sent to server.conf's dead-letter topic if there is one, and only then
+/// finished.
+fn dead_letter_unrouted(
+    pipeline: &Arc<Pipeline>,
+    partition: &Arc<Partition>,
+    m: &impl Incoming,
+    status: Status,
+    reason: String,
+) {
+    let offset = m.offset();
+    let payload = Bytes::copy_from_slice(m.payload());
     let (Some(dead_letters), Some(to)) = (&pipeline.dead_letters, &pipeline.invalid_dead_letter)
     else {
         partition.finish(offset);
@@ -711,7 +861,7 @@ fn invalid(
             partition: partition.number,
             offset,
             module: "",
-            status: Status::Invalid.as_str(),
+            status: status.as_str(),
             last_error: &reason,
             command_id: None,
             commit_id: None,
@@ -801,6 +951,14 @@ impl<'a> Retrying<'a> {
                 last.http_status,
                 last.error.as_deref(),
             ),
+            Outcome::Filtered => {
+                if self.log.logs_success() {
+                    self.record(Status::Filtered, 0, None, None);
+                }
+            }
+            Outcome::ScriptError { error } => {
+                self.record(Status::ScriptError, 0, None, Some(error))
+            }
             Outcome::Aborted => {}
         }
     }
@@ -888,6 +1046,18 @@ impl LaneCtx {
                     command_id = %msg.envelope.command_id, module = %name, attempts, "delivered");
             }
             Outcome::Skipped { .. } => {}
+            Outcome::Filtered => {
+                tracing::debug!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+                    command_id = %msg.envelope.command_id, module = %name, "dropped by the module's script");
+            }
+            Outcome::ScriptError { error } => {
+                tracing::error!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+                    command_id = %msg.envelope.command_id, commit_id = msg.envelope.commit_id.as_deref().unwrap_or(""),
+                    module = %name, error = %one_line(&error), "script failed, giving up on this message");
+                if !self.dead_letter(msg, Status::ScriptError, &error, 0).await {
+                    return false;
+                }
+            }
             Outcome::Exhausted {
                 attempts,
                 last_error,
@@ -897,34 +1067,44 @@ impl LaneCtx {
                     command_id = %msg.envelope.command_id, commit_id = msg.envelope.commit_id.as_deref().unwrap_or(""),
                     module = %name, attempts, http_status = http_status.unwrap_or(0), last_error = %last_error,
                     "retries exhausted, giving up on this message");
-                if let (Some(dead_letters), Some(to)) = (
-                    &pipeline.dead_letters,
-                    &pipeline.module_dead_letter[self.module],
-                ) {
-                    let letter = Letter {
-                        to,
-                        payload: msg.payload.clone(),
-                        key: None,
-                        topic: &msg.topic,
-                        partition: msg.partition,
-                        offset: msg.offset,
-                        module: name,
-                        status: Status::Exhausted.as_str(),
-                        last_error: &last_error,
-                        command_id: Some(msg.envelope.command_id.to_string()),
-                        commit_id: msg.envelope.commit_id.as_deref(),
-                        attempts,
-                    };
-                    if !dead_letters.send(&letter, &self.cancel).await {
-                        // Stopped before the broker had it: the message
-                        // stays unfinished and is handled again later.
-                        return false;
-                    }
+                if !self
+                    .dead_letter(msg, Status::Exhausted, &last_error, attempts)
+                    .await
+                {
+                    return false;
                 }
             }
         }
         job.module_done();
         true
+    }
+
+    /// Sends `msg` to the module's dead-letter topic, if it has one.
+    /// Returns false when stopped before the broker had it: the message
+    /// stays unfinished and is handled again later.
+    async fn dead_letter(&self, msg: &Message, status: Status, error: &str, attempts: u32) -> bool {
+        let pipeline = &self.pipeline;
+        let (Some(dead_letters), Some(to)) = (
+            &pipeline.dead_letters,
+            &pipeline.module_dead_letter[self.module],
+        ) else {
+            return true;
+        };
+        let letter = Letter {
+            to,
+            payload: msg.payload.clone(),
+            key: None,
+            topic: &msg.topic,
+            partition: msg.partition,
+            offset: msg.offset,
+            module: &self.endpoint.module.name,
+            status: status.as_str(),
+            last_error: error,
+            command_id: Some(msg.envelope.command_id.to_string()),
+            commit_id: msg.envelope.commit_id.as_deref(),
+            attempts,
+        };
+        dead_letters.send(&letter, &self.cancel).await
     }
 }
 

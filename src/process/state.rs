@@ -361,6 +361,13 @@ pub struct CounterFigures {
     pub failed_attempts: u64,
     pub exhausted: u64,
     pub skipped: u64,
+    /// Dropped by the module's script (`handle` returned false or nil).
+    #[serde(default)]
+    pub filtered: u64,
+    /// The module's script failed (or, module `(route)`, server.conf's
+    /// route script).
+    #[serde(default)]
+    pub script_errors: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -87,10 +87,16 @@ pub enum Status {
     Delivered,
     /// Delivered again by `mkc replay`.
     Replayed,
+    /// The module's script failed for this message (README: Scripts);
+    /// `last_error` holds Lua's message and traceback.
+    ScriptError,
+    /// The module's script dropped this message (only with
+    /// `dispatch-log-success on`, as `delivered`).
+    Filtered,
 }
 
 impl Status {
-    pub const ALL: [Status; 7] = [
+    pub const ALL: [Status; 9] = [
         Status::Retrying,
         Status::DeliveredAfterRetry,
         Status::Exhausted,
@@ -98,6 +104,8 @@ impl Status {
         Status::Invalid,
         Status::Delivered,
         Status::Replayed,
+        Status::ScriptError,
+        Status::Filtered,
     ];
 
     /// The value in the `status` column.
@@ -110,6 +118,8 @@ impl Status {
             Status::Invalid => "invalid",
             Status::Delivered => "delivered",
             Status::Replayed => "replayed",
+            Status::ScriptError => "script_error",
+            Status::Filtered => "filtered",
         }
     }
 }

@@ -138,8 +138,11 @@ pub async fn replay(
 pub enum RowResult {
     /// Delivered; the row now says `replayed`.
     Delivered { attempts: u32 },
-    /// Failed again; the row says `exhausted` with the new error.
+    /// Failed again; the row says `exhausted` (or `script_error`) with
+    /// the new error.
     Failed { attempts: u32, error: String },
+    /// The module's script dropped it; the row says `filtered`.
+    Filtered,
     /// Not tried, the row is left as it is: why.
     Unreplayable(String),
     /// Stopped before a result (Ctrl-C, or a job cancelled); the row is
@@ -159,7 +162,13 @@ impl Replayer {
     pub fn new(config: &ServerConfig) -> anyhow::Result<Replayer> {
         let mut endpoints = HashMap::new();
         for m in &config.modules {
-            endpoints.insert(m.name.clone(), Endpoint::new(Arc::new(m.clone()))?);
+            // The module's script runs on a replay as on a delivery.
+            let script = m
+                .script
+                .as_ref()
+                .map(|s| Arc::new(crate::script::Engine::new(s.clone(), config.script_limits)));
+            let endpoint = Endpoint::new(Arc::new(m.clone()))?.with_script(script);
+            endpoints.insert(m.name.clone(), endpoint);
         }
         Ok(Replayer { endpoints })
     }
@@ -197,6 +206,8 @@ impl Replayer {
                 last_error,
                 http_status,
             } => (Status::Exhausted, attempts, http_status, Some(last_error)),
+            Outcome::Filtered => (Status::Filtered, 0, None, None),
+            Outcome::ScriptError { error } => (Status::ScriptError, 0, None, Some(error)),
             Outcome::Skipped { .. } | Outcome::Aborted => return Ok(RowResult::Interrupted),
         };
         wait(
@@ -210,9 +221,10 @@ impl Replayer {
             ),
         )
         .await?;
-        Ok(match error {
-            None => RowResult::Delivered { attempts },
-            Some(error) => RowResult::Failed { attempts, error },
+        Ok(match (status, error) {
+            (Status::Filtered, _) => RowResult::Filtered,
+            (_, None) => RowResult::Delivered { attempts },
+            (_, Some(error)) => RowResult::Failed { attempts, error },
         })
     }
 }
@@ -261,6 +273,10 @@ async fn replay_rows(
                         out,
                         "replayed {shown}: failed again after {attempts} attempt(s): {error}"
                     )?;
+                }
+                RowResult::Filtered => {
+                    summary.delivered += 1;
+                    writeln!(out, "replayed {shown}: dropped by the module's script")?;
                 }
                 RowResult::Unreplayable(why) => {
                     summary.unreplayable += 1;

@@ -161,7 +161,8 @@ pub struct Page {
 /// One failed attempt (or replay) remembered in `mkc_queue_log_error`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ErrorEntry {
-    /// `retrying`, `exhausted`, `invalid`, or `replay` (a failed replay).
+    /// `retrying`, `exhausted`, `invalid`, `script_error`, or `replay` (a
+    /// failed replay).
     pub status: String,
     /// Retries made when it was written.
     pub retry_num: i64,

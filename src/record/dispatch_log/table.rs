@@ -210,7 +210,7 @@ fn goes_to_history(record: &LogRecord) -> bool {
     record.last_error.is_some()
         && match record.status {
             Status::Retrying => record.retry_num < HISTORY_RETRIES,
-            Status::Exhausted | Status::Invalid => true,
+            Status::Exhausted | Status::Invalid | Status::ScriptError => true,
             _ => false,
         }
 }
