@@ -238,3 +238,58 @@ fn a_missing_environment_variable_fails_the_check_with_file_and_line() {
         "{err}"
     );
 }
+
+#[test]
+fn a_reload_with_a_missing_variable_keeps_the_old_configuration_running() {
+    let topic = unique_name("contract-reload");
+    let group = unique_name("contract-reload-group");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let config = MkcConfig::new(&topic, &group)
+        .env("MKC_CONTRACT_TEST_TENANT", "v1")
+        .module(
+            Module::new("m", sink.url("/m"))
+                .filter(1001)
+                .line("header X-Tenant ${MKC_CONTRACT_TEST_TENANT}"),
+        );
+    let mut mkc = start(&config);
+    let send = |n: u64| produce(&topic, vec![Record::new(0, envelope(n, "1001", "{}"))]);
+    let tenants = |count: usize| -> Vec<String> {
+        sink.wait_for(count, Duration::from_secs(60))
+            .iter()
+            .map(|r| r.header("x-tenant").unwrap_or("none").to_string())
+            .collect()
+    };
+    send(1);
+    mkc.check(tenants(1) == ["v1"], || format!("{:?}", tenants(1)));
+
+    // The master's environment has no MKC_CONTRACT_TEST_UNSET_ON_RELOAD.
+    let module = mkc.dir().join("module-0-m.conf");
+    let mut text = std::fs::read_to_string(&module).unwrap();
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let line = text.lines().count() + 1;
+    text.push_str("header X-Other ${MKC_CONTRACT_TEST_UNSET_ON_RELOAD}\n");
+    std::fs::write(&module, text).unwrap();
+    let workers = mkc.worker_pids();
+    let (status, out) = mkc.command(&["-s", "reload"], Duration::from_secs(60));
+    let want = format!(
+        "module-0-m.conf:{line}: header X-Other: environment variable \
+         MKC_CONTRACT_TEST_UNSET_ON_RELOAD is not set"
+    );
+    mkc.check(status.and_then(|s| s.code()) == Some(1), || {
+        format!("reload: {status:?}\n{out}")
+    });
+    mkc.check(out.contains(&want), || format!("reload output:\n{out}"));
+    mkc.wait_log_contains("reload rejected", Duration::from_secs(30));
+    mkc.check(mkc.worker_pids() == workers, || {
+        "workers changed on a rejected reload".to_string()
+    });
+    send(2);
+    let seen = tenants(2);
+    mkc.check(seen == ["v1", "v1"], || {
+        format!("the old configuration should still run: {seen:?}")
+    });
+    mkc.stop_clean();
+}

@@ -1939,3 +1939,32 @@ fn a_header_value_with_control_characters_is_refused_without_showing_it() {
         vec!["/etc/mkc/m.conf:4: header X-A: the value is not a valid HTTP header value (control characters)"]
     );
 }
+
+#[test]
+fn dash_t_masks_env_and_credential_header_values_but_shows_the_others() {
+    let loaded = module_with(
+        "header X-Path ${PATH}\nheader X-Api-Key literal-k3y\nheader Authorization \"Basic abc\"\n\
+         header X-Tenant \"acme corp\"\nretry_backoff exponential\nfail_on 4xx 500\n",
+    );
+    let out = effective(&loaded.config);
+    let path = std::env::var("PATH").unwrap();
+    for secret in [path.as_str(), "literal-k3y", "Basic abc"] {
+        assert!(!out.contains(secret), "{secret} shown:\n{out}");
+    }
+    for shown in [
+        "header X-Path ***",
+        "header X-Api-Key ***",
+        "header Authorization ***",
+        "header X-Tenant \"acme corp\"",
+        "retry_backoff exponential",
+        "fail_on 4xx 500",
+        "retry_max_delay 60000",
+        "# retry_max_age",
+        "# retry_on",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(shown)),
+            "no line {shown:?}:\n{out}"
+        );
+    }
+}
