@@ -293,3 +293,43 @@ fn a_reload_with_a_missing_variable_keeps_the_old_configuration_running() {
     });
     mkc.stop_clean();
 }
+
+#[test]
+fn retry_after_pauses_the_whole_module_in_the_worker() {
+    let topic = unique_name("contract-pause");
+    let group = unique_name("contract-pause-group");
+    create_topic(&topic, 1);
+    // Every message's first attempt gets 429 with Retry-After: 3.
+    let sink = Sink::with(Behavior::fail_first(1, 429).retry_after("3"));
+    let config = MkcConfig::new(&topic, &group).module(
+        Module::new("paused", sink.url("/paused"))
+            .filter(1001)
+            .retrynum(3)
+            .retry_delay(50)
+            .line("mode unordered"),
+    );
+    let mut mkc = start(&config);
+    produce(&topic, vec![Record::new(0, envelope(1, "1001", "{}"))]);
+    let first = sink.wait_for(1, Duration::from_secs(60))[0].clone();
+    // A second message, in a lane of its own, while the module pauses.
+    produce(&topic, vec![Record::new(0, envelope(2, "1001", "{}"))]);
+    let requests = sink.wait_for(4, Duration::from_secs(60));
+    let second_key = requests
+        .iter()
+        .map(|r| r.idempotency_key().to_string())
+        .find(|k| k != first.idempotency_key())
+        .unwrap_or_else(|| mkc.fail("no request for the second message"));
+    let second_first = requests
+        .iter()
+        .find(|r| r.idempotency_key() == second_key)
+        .unwrap();
+    let waited = second_first.at.duration_since(first.at);
+    mkc.check(waited >= Duration::from_millis(2900), || {
+        format!("the second message's first attempt came {waited:?} after the 429 (Retry-After: 3)")
+    });
+    mkc.check(mkc.log_count("module paused") >= 1, || {
+        "no 'module paused' in the log".to_string()
+    });
+    sink.assert_no_more(4, Duration::from_secs(1));
+    mkc.stop_clean();
+}

@@ -435,6 +435,10 @@ impl Endpoint {
         let mut paused = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
         if paused.is_none_or(|current| current < until) {
             *paused = Some(until);
+            tracing::info!(
+                module = %self.module.name, wait_ms = wait.as_millis() as u64,
+                "module paused: its server answered with Retry-After"
+            );
         }
     }
 
