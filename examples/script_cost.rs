@@ -48,6 +48,7 @@ fn module(script: Option<Arc<Script>>) -> ModuleConfig {
         order_key: None,
         dead_letter_topic: None,
         script,
+        contract: Default::default(),
     }
 }
 

@@ -391,7 +391,82 @@ const MODULE_KEYS: &[Key<ModuleConfig>] = &[
         name: "script",
         show: |m| opt("script", m.script.as_ref().map(|s| path_text(&s.path))),
     },
+    Key {
+        name: "retry_backoff",
+        show: |m| match m.contract.backoff {
+            Backoff::Fixed => one("retry_backoff", "fixed"),
+            Backoff::Exponential => one("retry_backoff", "exponential"),
+        },
+    },
+    Key {
+        name: "retry_max_delay",
+        show: |m| one("retry_max_delay", m.contract.retry_max_delay.as_millis()),
+    },
+    Key {
+        name: "retry_max_age",
+        show: |m| {
+            opt(
+                "retry_max_age",
+                m.contract.retry_max_age.map(|d| d.as_secs()),
+            )
+        },
+    },
+    Key {
+        name: "retry_on",
+        show: |m| statuses("retry_on", &m.contract.retry_on),
+    },
+    Key {
+        name: "fail_on",
+        show: |m| statuses("fail_on", &m.contract.fail_on),
+    },
+    Key {
+        name: "header",
+        show: |m| {
+            m.contract
+                .headers
+                .iter()
+                .map(|h| match h.from_env {
+                    // Masked here: `mask` sees only the line.
+                    true => line("header", &[&h.name, MASKED]),
+                    false => line("header", &[&h.name, &h.value]),
+                })
+                .collect()
+        },
+    },
 ];
+
+/// What `-T` shows instead of a secret.
+const MASKED: &str = "***";
+
+/// A `retry_on` / `fail_on` line, when the list is not empty.
+fn statuses(key: &str, list: &[StatusPattern]) -> Vec<String> {
+    if list.is_empty() {
+        return Vec::new();
+    }
+    let texts: Vec<String> = list.iter().map(ToString::to_string).collect();
+    let args: Vec<&str> = texts.iter().map(String::as_str).collect();
+    vec![line(key, &args)]
+}
+
+/// Whether a module `header` of this name carries credentials (its value
+/// is masked even when written in the file).
+fn is_secret_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
+    ) || [
+        "token",
+        "secret",
+        "password",
+        "key",
+        "auth",
+        "session",
+        "signature",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
+}
 
 /// The keys `-T` knows, server.conf's then module.conf's (for the test
 /// that README documents each).
@@ -421,6 +496,13 @@ fn is_secret(name: &str) -> bool {
 fn mask(text: &str) -> String {
     let tokens: Vec<&str> = text.split(' ').collect();
     let (key, rest) = (tokens[0], &tokens[1..]);
+    // A module header: the name is shown, a credential's value is not.
+    if key == "header" {
+        return match rest.first() {
+            Some(name) if is_secret_header(name) => format!("{key} {name} {MASKED}"),
+            _ => text.to_string(),
+        };
+    }
     if is_secret(key) {
         return format!("{key} ***");
     }

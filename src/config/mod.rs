@@ -213,6 +213,147 @@ impl fmt::Display for DispatchLogTarget {
     }
 }
 
+/// How the wait between two attempts grows (module key `retry_backoff`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backoff {
+    /// `retry_delay` every time (the default).
+    Fixed,
+    /// The n-th retry waits a random time between half and all of
+    /// min(`retry_max_delay`, `retry_delay` × 2^(n−1)) ("equal jitter").
+    Exponential,
+}
+
+/// An HTTP status code (`404`) or class (`4xx`) in `retry_on` / `fail_on`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusPattern {
+    /// One code, 100..=599.
+    Code(u16),
+    /// A class: the hundreds digit, 1..=5.
+    Class(u16),
+}
+
+impl StatusPattern {
+    /// `404`, or `4xx` (case-insensitive `x`).
+    pub fn parse(text: &str) -> Option<StatusPattern> {
+        let lower = text.to_ascii_lowercase();
+        if let Some(digit) = lower.strip_suffix("xx") {
+            return match digit.as_bytes() {
+                [d @ b'1'..=b'5'] => Some(StatusPattern::Class(u16::from(d - b'0'))),
+                _ => None,
+            };
+        }
+        if text.len() != 3 || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let code: u16 = text.parse().ok()?;
+        (100..=599)
+            .contains(&code)
+            .then_some(StatusPattern::Code(code))
+    }
+
+    fn matches(self, status: u16) -> bool {
+        match self {
+            StatusPattern::Code(code) => code == status,
+            StatusPattern::Class(class) => status / 100 == class,
+        }
+    }
+}
+
+impl fmt::Display for StatusPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StatusPattern::Code(code) => write!(f, "{code}"),
+            StatusPattern::Class(class) => write!(f, "{class}xx"),
+        }
+    }
+}
+
+/// What an HTTP answer means for a delivery (README: Delivery contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerKind {
+    /// Delivered.
+    Success,
+    /// Try again (while retries last).
+    Retry,
+    /// Final failure: exhausted at once, no retry.
+    Fail,
+}
+
+/// One `header NAME VALUE` line of a module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleHeader {
+    /// The header name as written.
+    pub name: String,
+    /// The value, `${VAR}` references replaced by the environment.
+    pub value: String,
+    /// Whether the value took anything from the environment: `-T` never
+    /// shows it.
+    pub from_env: bool,
+}
+
+/// A module's delivery contract (issue 14): backoff, which answers are
+/// final, extra headers. The default is mkc's behaviour before these keys
+/// existed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryContract {
+    /// `retry_backoff fixed|exponential` (default fixed).
+    pub backoff: Backoff,
+    /// `retry_max_delay` ms (default 60000): the cap of an exponential
+    /// wait and of a `Retry-After`.
+    pub retry_max_delay: Duration,
+    /// `retry_max_age` s: no retry starts later than this after the first
+    /// attempt; `None` (the default): no limit.
+    pub retry_max_age: Option<Duration>,
+    /// `retry_on CODE|CLASS...` lines (default none).
+    pub retry_on: Vec<StatusPattern>,
+    /// `fail_on CODE|CLASS...` lines (default none).
+    pub fail_on: Vec<StatusPattern>,
+    /// `header NAME VALUE` lines, in file order.
+    pub headers: Vec<ModuleHeader>,
+}
+
+impl Default for DeliveryContract {
+    fn default() -> DeliveryContract {
+        DeliveryContract {
+            backoff: Backoff::Fixed,
+            retry_max_delay: Duration::from_millis(DEFAULT_RETRY_MAX_DELAY_MS),
+            retry_max_age: None,
+            retry_on: Vec::new(),
+            fail_on: Vec::new(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+impl DeliveryContract {
+    /// What an answer with `status` means. Precedence: a code listed in
+    /// `fail_on` or `retry_on`, then a class listed there, then the
+    /// default (2xx success, anything else retry). A code or class cannot
+    /// be in both lists (the configuration is refused).
+    pub fn answer(&self, status: u16) -> AnswerKind {
+        let listed = |exact: bool| {
+            let hit = |list: &[StatusPattern]| {
+                list.iter()
+                    .any(|p| matches!(p, StatusPattern::Code(_)) == exact && p.matches(status))
+            };
+            if hit(&self.fail_on) {
+                Some(AnswerKind::Fail)
+            } else if hit(&self.retry_on) {
+                Some(AnswerKind::Retry)
+            } else {
+                None
+            }
+        };
+        listed(true)
+            .or_else(|| listed(false))
+            .unwrap_or(if (200..300).contains(&status) {
+                AnswerKind::Success
+            } else {
+                AnswerKind::Retry
+            })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModuleConfig {
     /// `name`; unique across modules.
@@ -251,6 +392,9 @@ pub struct ModuleConfig {
     /// `script FILE` (relative to `conf-path`): its `handle(msg)` decides
     /// per message whether and what is sent (README: Scripts).
     pub script: Option<Arc<crate::script::Script>>,
+    /// `retry_backoff`, `retry_max_delay`, `retry_max_age`, `retry_on`,
+    /// `fail_on`, `header` (README: Delivery contract).
+    pub contract: DeliveryContract,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -369,6 +513,7 @@ const DEFAULT_STUCK_THRESHOLD_S: u64 = 300;
 const MAX_CONCURRENCY: u64 = 4096;
 const DEFAULT_RETRYNUM: u32 = 3;
 const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
+const DEFAULT_RETRY_MAX_DELAY_MS: u64 = 60_000;
 const DEFAULT_RCV_TIMEOUT_S: u64 = 30;
 const DEFAULT_SND_TIMEOUT_S: u64 = 5;
 const DEFAULT_DISPATCH_LOG_FILE: &str = "mkc-dispatch-log.db";

@@ -110,6 +110,9 @@ pub(super) fn read_module_file(
     let mut order_key: Option<(Vec<String>, Location)> = None;
     let mut dead_letter: Option<String> = None;
     let mut script = None;
+    let mut contract = DeliveryContract::default();
+    // Where each status pattern was listed, to refuse one in both lists.
+    let mut listed: Vec<(StatusPattern, &str, Location)> = Vec::new();
 
     for d in directives {
         let key = d.key.as_str();
@@ -265,6 +268,88 @@ pub(super) fn read_module_file(
                     }
                 }
             }
+            "retry_backoff" => {
+                let Some(value) = report.single(d, "retry_backoff fixed|exponential") else {
+                    continue;
+                };
+                contract.backoff = match value.to_ascii_lowercase().as_str() {
+                    "fixed" => Backoff::Fixed,
+                    "exponential" => Backoff::Exponential,
+                    _ => {
+                        report.error(
+                            &d.location,
+                            format!("retry_backoff: \"{value}\" is not fixed or exponential"),
+                        );
+                        continue;
+                    }
+                };
+                seen.note(key, d, report);
+            }
+            "retry_max_delay" => {
+                if let Some(value) = report.single(d, "retry_max_delay MILLISECONDS") {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_MS, "(milliseconds)") {
+                        seen.note(key, d, report);
+                        contract.retry_max_delay = ms(n);
+                    }
+                }
+            }
+            "retry_max_age" => {
+                if let Some(value) = report.single(d, "retry_max_age SECONDS") {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_SECS, "(seconds)") {
+                        seen.note(key, d, report);
+                        contract.retry_max_age = Some(secs(n));
+                    }
+                }
+            }
+            "retry_on" | "fail_on" => {
+                let usage = format!("{key} CODE|CLASS...");
+                let Some(args) = report.args(d, 1, usize::MAX, &usage) else {
+                    continue;
+                };
+                for text in args {
+                    let Some(pattern) = StatusPattern::parse(text) else {
+                        report.error(
+                            &d.location,
+                            format!(
+                                "{key}: \"{text}\" is not an HTTP status (100 to 599) \
+                                 or class (1xx to 5xx)"
+                            ),
+                        );
+                        continue;
+                    };
+                    if let Some((_, other, at)) = listed
+                        .iter()
+                        .find(|(p, other, _)| *p == pattern && *other != key)
+                    {
+                        report.error(
+                            &d.location,
+                            format!("{key}: {pattern} is already in {other} at {at}"),
+                        );
+                        continue;
+                    }
+                    let list = match key {
+                        "retry_on" => &mut contract.retry_on,
+                        _ => &mut contract.fail_on,
+                    };
+                    if !list.contains(&pattern) {
+                        list.push(pattern);
+                        let name = if key == "retry_on" {
+                            "retry_on"
+                        } else {
+                            "fail_on"
+                        };
+                        listed.push((pattern, name, d.location.clone()));
+                    }
+                }
+            }
+            "header" => {
+                let Some(args) = report.args(d, 2, 2, "header NAME VALUE") else {
+                    continue;
+                };
+                if let Some(header) = module_header(d, &args[0], &args[1], report) {
+                    contract.headers.push(header);
+                }
+            }
             _ => report.error(&d.location, format!("unknown key \"{key}\"")),
         }
     }
@@ -318,6 +403,103 @@ pub(super) fn read_module_file(
         order_key: order_key.map(|(path, _)| path),
         dead_letter_topic: dead_letter,
         script,
+        contract,
     };
     Some((module, name_at))
+}
+
+/// Headers mkc sets itself from the request (framing and routing): a
+/// `header` line cannot replace them.
+const RESERVED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding", "connection"];
+
+/// A `header NAME VALUE` line checked: a valid, not reserved name, and a
+/// value that, with `${VAR}` replaced, is a valid header value.
+fn module_header(
+    d: &Directive,
+    name: &str,
+    value: &str,
+    report: &mut Report,
+) -> Option<ModuleHeader> {
+    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        report.error(
+            &d.location,
+            format!("header: \"{name}\" is not a valid HTTP header name"),
+        );
+        return None;
+    }
+    if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+        report.error(
+            &d.location,
+            format!("header: {name} is set by mkc and cannot be configured"),
+        );
+        return None;
+    }
+    let (expanded, from_env) = match expand_env(value, |var| std::env::var(var).ok()) {
+        Ok(expanded) => expanded,
+        Err(problem) => {
+            report.error(&d.location, format!("header {name}: {problem}"));
+            return None;
+        }
+    };
+    if http::HeaderValue::from_str(&expanded).is_err() {
+        // The value may be a secret: not shown.
+        report.error(
+            &d.location,
+            format!(
+                "header {name}: the value is not a valid HTTP header value (control characters)"
+            ),
+        );
+        return None;
+    }
+    Some(ModuleHeader {
+        name: name.to_string(),
+        value: expanded,
+        from_env,
+    })
+}
+
+/// Replaces each `${NAME}` in `text` by the variable `NAME` from `lookup`
+/// (the environment); `$${` writes a literal `${`, and any other `$` is
+/// itself. Returns the text and whether a variable was used, or what is
+/// wrong: an unterminated or empty reference, or a variable that is not
+/// set (named, so the operator knows what to export).
+pub(super) fn expand_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<(String, bool), String> {
+    let mut out = String::with_capacity(text.len());
+    let mut used = false;
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("${") {
+            let Some(end) = after.find('}') else {
+                return Err("unterminated ${ (write $${ for a literal ${)".to_string());
+            };
+            let var = &after[..end];
+            let valid = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!(
+                    "\"${{{var}}}\" is not an environment variable reference \
+                     (letters, digits and _; write $${{ for a literal ${{)"
+                ));
+            }
+            match lookup(var) {
+                Some(value) => out.push_str(&value),
+                None => return Err(format!("environment variable {var} is not set")),
+            }
+            used = true;
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok((out, used))
 }

@@ -1100,6 +1100,7 @@ fn every_module_key_is_read_into_its_field() {
             order_key: None,
             dead_letter_topic: None,
             script: None,
+            contract: DeliveryContract::default(),
         }]
     );
 }
@@ -1725,6 +1726,245 @@ fn script_limits_are_checked() {
         assert!(
             errors.iter().any(|e| e.contains(says)),
             "{line}: {errors:#?}"
+        );
+    }
+}
+
+// ---- module.conf: the delivery contract (issue 14) ----
+
+/// The errors of the minimal configuration with `extra` module lines.
+fn module_errors(extra: &str) -> Vec<String> {
+    rejected(MINIMAL, &[("m.conf", &format!("{MODULE_M}{extra}"))])
+}
+
+#[test]
+fn delivery_contract_defaults_keep_todays_behaviour() {
+    let loaded = module_with("");
+    let contract = &loaded.config.modules[0].contract;
+    assert_eq!(*contract, DeliveryContract::default());
+    assert_eq!(contract.backoff, Backoff::Fixed);
+    assert_eq!(contract.retry_max_delay, Duration::from_millis(60_000));
+    assert_eq!(contract.retry_max_age, None);
+    assert!(contract.retry_on.is_empty() && contract.fail_on.is_empty());
+    assert!(contract.headers.is_empty());
+    // 2xx success, everything else retry.
+    for (status, kind) in [
+        (200, AnswerKind::Success),
+        (204, AnswerKind::Success),
+        (299, AnswerKind::Success),
+        (301, AnswerKind::Retry),
+        (400, AnswerKind::Retry),
+        (404, AnswerKind::Retry),
+        (429, AnswerKind::Retry),
+        (500, AnswerKind::Retry),
+    ] {
+        assert_eq!(contract.answer(status), kind, "{status}");
+    }
+}
+
+#[test]
+fn every_delivery_contract_key_is_read() {
+    let loaded = module_with(
+        "retry_backoff EXPONENTIAL\nretry_max_delay 5000\nretry_max_age 120\n\
+         retry_on 429\nfail_on 4xx\nfail_on 500 501\n\
+         header X-Tenant acme\nheader X-Note \"two words\"\nheader X-Tenant second\n",
+    );
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let contract = &loaded.config.modules[0].contract;
+    assert_eq!(contract.backoff, Backoff::Exponential);
+    assert_eq!(contract.retry_max_delay, Duration::from_millis(5000));
+    assert_eq!(contract.retry_max_age, Some(Duration::from_secs(120)));
+    assert_eq!(contract.retry_on, vec![StatusPattern::Code(429)]);
+    assert_eq!(
+        contract.fail_on,
+        vec![
+            StatusPattern::Class(4),
+            StatusPattern::Code(500),
+            StatusPattern::Code(501)
+        ]
+    );
+    let headers: Vec<(&str, &str, bool)> = contract
+        .headers
+        .iter()
+        .map(|h| (h.name.as_str(), h.value.as_str(), h.from_env))
+        .collect();
+    assert_eq!(
+        headers,
+        vec![
+            ("X-Tenant", "acme", false),
+            ("X-Note", "two words", false),
+            ("X-Tenant", "second", false),
+        ]
+    );
+}
+
+#[test]
+fn status_rules_precedence_code_before_class_before_default() {
+    let loaded = module_with("fail_on 4xx 503\nretry_on 429 5xx\nfail_on 204\n");
+    let contract = &loaded.config.modules[0].contract;
+    for (status, kind) in [
+        (200, AnswerKind::Success),
+        // A listed code beats the default success.
+        (204, AnswerKind::Fail),
+        (400, AnswerKind::Fail),
+        (404, AnswerKind::Fail),
+        // A code beats a class.
+        (429, AnswerKind::Retry),
+        (503, AnswerKind::Fail),
+        (500, AnswerKind::Retry),
+        (302, AnswerKind::Retry),
+    ] {
+        assert_eq!(contract.answer(status), kind, "{status}");
+    }
+}
+
+#[test]
+fn delivery_contract_errors_name_file_and_line() {
+    assert_eq!(
+        module_errors("retry_backoff linear\n"),
+        vec!["/etc/mkc/m.conf:4: retry_backoff: \"linear\" is not fixed or exponential"]
+    );
+    assert_eq!(
+        module_errors("retry_max_delay 0\n"),
+        vec!["/etc/mkc/m.conf:4: retry_max_delay: \"0\" is not a positive integer (milliseconds)"]
+    );
+    assert_eq!(
+        module_errors("retry_max_age soon\n"),
+        vec!["/etc/mkc/m.conf:4: retry_max_age: \"soon\" is not a positive integer (seconds)"]
+    );
+    assert_eq!(
+        module_errors("fail_on 4xx 600 abc 6xx 40\n"),
+        vec![
+            "/etc/mkc/m.conf:4: fail_on: \"600\" is not an HTTP status (100 to 599) or class (1xx to 5xx)",
+            "/etc/mkc/m.conf:4: fail_on: \"abc\" is not an HTTP status (100 to 599) or class (1xx to 5xx)",
+            "/etc/mkc/m.conf:4: fail_on: \"6xx\" is not an HTTP status (100 to 599) or class (1xx to 5xx)",
+            "/etc/mkc/m.conf:4: fail_on: \"40\" is not an HTTP status (100 to 599) or class (1xx to 5xx)",
+        ]
+    );
+    assert_eq!(
+        module_errors("retry_on\n"),
+        vec!["/etc/mkc/m.conf:4: retry_on: expected at least 1 argument (`retry_on CODE|CLASS...`), found 0"]
+    );
+    assert_eq!(
+        module_errors("fail_on 404 4xx\nretry_on 4XX\n"),
+        vec!["/etc/mkc/m.conf:5: retry_on: 4xx is already in fail_on at /etc/mkc/m.conf:4"]
+    );
+    assert_eq!(
+        module_errors("header X-Only\n"),
+        vec!["/etc/mkc/m.conf:4: header: expected 2 arguments (`header NAME VALUE`), found 1"]
+    );
+    assert_eq!(
+        module_errors("header \"Bad Name\" v\nheader Host example.org\nheader Content-Length 3\n"),
+        vec![
+            "/etc/mkc/m.conf:4: header: \"Bad Name\" is not a valid HTTP header name",
+            "/etc/mkc/m.conf:5: header: Host is set by mkc and cannot be configured",
+            "/etc/mkc/m.conf:6: header: Content-Length is set by mkc and cannot be configured",
+        ]
+    );
+}
+
+#[test]
+fn a_repeated_backoff_key_warns() {
+    let loaded = module_with("retry_backoff fixed\nretry_backoff exponential\n");
+    assert_eq!(
+        loaded.config.modules[0].contract.backoff,
+        Backoff::Exponential
+    );
+    assert_eq!(
+        warnings(&loaded),
+        vec!["/etc/mkc/m.conf:5: retry_backoff is set again; this line replaces line 4"]
+    );
+}
+
+#[test]
+fn header_values_take_environment_variables() {
+    // PATH is set in every test environment; its value is not shown here.
+    let path = std::env::var("PATH").expect("PATH is set");
+    let loaded = module_with("header X-Path \"p=${PATH};\"\nheader X-Literal \"$${PATH} $5 $\"\n");
+    let headers = &loaded.config.modules[0].contract.headers;
+    assert_eq!(headers[0].value, format!("p={path};"));
+    assert!(headers[0].from_env);
+    assert_eq!(headers[1].value, "${PATH} $5 $");
+    assert!(!headers[1].from_env, "$${{ is no reference");
+}
+
+#[test]
+fn a_missing_environment_variable_is_an_error_with_file_and_line() {
+    assert_eq!(
+        module_errors("header Authorization \"Bearer ${MKC_TEST_SURELY_UNSET_VARIABLE}\"\n"),
+        vec!["/etc/mkc/m.conf:4: header Authorization: environment variable MKC_TEST_SURELY_UNSET_VARIABLE is not set"]
+    );
+    assert_eq!(
+        module_errors("header X-A \"${UNCLOSED\"\nheader X-B ${}\nheader X-C ${A-B}\n"),
+        vec![
+            "/etc/mkc/m.conf:4: header X-A: unterminated ${ (write $${ for a literal ${)",
+            "/etc/mkc/m.conf:5: header X-B: \"${}\" is not an environment variable reference (letters, digits and _; write $${ for a literal ${)",
+            "/etc/mkc/m.conf:6: header X-C: \"${A-B}\" is not an environment variable reference (letters, digits and _; write $${ for a literal ${)",
+        ]
+    );
+}
+
+#[test]
+fn env_expansion_rules() {
+    let env = |var: &str| match var {
+        "TOKEN" => Some("s3cret".to_string()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    };
+    let expand = |text: &str| module::expand_env(text, env);
+    assert_eq!(expand("plain"), Ok(("plain".to_string(), false)));
+    assert_eq!(
+        expand("Bearer ${TOKEN}"),
+        Ok(("Bearer s3cret".to_string(), true))
+    );
+    assert_eq!(
+        expand("${TOKEN}${EMPTY}-${TOKEN}"),
+        Ok(("s3cret-s3cret".to_string(), true))
+    );
+    assert_eq!(expand("$${TOKEN}"), Ok(("${TOKEN}".to_string(), false)));
+    // Leftmost first: `$` then `$${`.
+    assert_eq!(expand("$$${TOKEN}"), Ok(("$${TOKEN}".to_string(), false)));
+    assert_eq!(expand("a$b$"), Ok(("a$b$".to_string(), false)));
+    assert_eq!(
+        expand("${NOPE}"),
+        Err("environment variable NOPE is not set".to_string())
+    );
+}
+
+#[test]
+fn a_header_value_with_control_characters_is_refused_without_showing_it() {
+    let errors = module_errors("header X-A \"a\u{1}b\"\n");
+    assert_eq!(
+        errors,
+        vec!["/etc/mkc/m.conf:4: header X-A: the value is not a valid HTTP header value (control characters)"]
+    );
+}
+
+#[test]
+fn dash_t_masks_env_and_credential_header_values_but_shows_the_others() {
+    let loaded = module_with(
+        "header X-Path ${PATH}\nheader X-Api-Key literal-k3y\nheader Authorization \"Basic abc\"\n\
+         header X-Tenant \"acme corp\"\nretry_backoff exponential\nfail_on 4xx 500\n",
+    );
+    let out = effective(&loaded.config);
+    let path = std::env::var("PATH").unwrap();
+    for secret in [path.as_str(), "literal-k3y", "Basic abc"] {
+        assert!(!out.contains(secret), "{secret} shown:\n{out}");
+    }
+    for shown in [
+        "header X-Path ***",
+        "header X-Api-Key ***",
+        "header Authorization ***",
+        "header X-Tenant \"acme corp\"",
+        "retry_backoff exponential",
+        "fail_on 4xx 500",
+        "retry_max_delay 60000",
+        "# retry_max_age",
+        "# retry_on",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(shown)),
+            "no line {shown:?}:\n{out}"
         );
     }
 }

@@ -11,6 +11,14 @@
 //! returns (drop, or the body, headers, path, query and delay to use) holds
 //! for every attempt of that delivery.
 //!
+//! The module's delivery contract (README: Delivery contract) decides what
+//! an answer means ([`crate::config::DeliveryContract::answer`]: success,
+//! retry, or a final failure), how long to wait before a retry
+//! ([`backoff_delay`], or the server's `Retry-After` on 429 and 503, see
+//! [`retry_after`]), and which headers every request carries (`header`
+//! lines, basic auth from the uri's userinfo). A `Retry-After` pauses the
+//! whole module in this worker: every lane's next attempt waits for it.
+//!
 //! [`Endpoint::deliver_observed`] also reports failed attempts to an
 //! [`Observer`] (the dispatch log) and asks it, before each retry and
 //! while waiting `retry_delay`, whether an operator said to skip the
@@ -20,7 +28,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
+};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
@@ -29,7 +39,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{HttpMethod, ModuleConfig};
+use crate::config::{AnswerKind, Backoff, DeliveryContract, HttpMethod, ModuleConfig};
 use crate::pipeline::envelope::Envelope;
 use crate::script::{Engine, Reshape, Verdict};
 use crate::source::SourceKind;
@@ -188,6 +198,22 @@ pub struct Cancel {
 struct AttemptError {
     status: Option<u16>,
     text: String,
+    /// The answer is a final failure (`fail_on`): no retry.
+    fail: bool,
+    /// The server's `Retry-After` (on 429 and 503), uncapped.
+    retry_after: Option<Duration>,
+}
+
+impl AttemptError {
+    /// A failure without an HTTP answer (connect, timeout): retried.
+    fn transport(text: String) -> AttemptError {
+        AttemptError {
+            status: None,
+            text,
+            fail: false,
+            retry_after: None,
+        }
+    }
 }
 
 /// The HTTP client of an endpoint: hyper's pooled client (keep-alive,
@@ -207,6 +233,14 @@ pub struct Endpoint {
     controls: Controls,
     /// The module's `script`, ready to run on any thread.
     script: Option<Arc<Engine>>,
+    /// `Authorization: Basic ...` from the uri's userinfo (removed from
+    /// `uri`).
+    basic_auth: Option<HeaderValue>,
+    /// The module's `header` lines, ready to send.
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// Until when the server asked (`Retry-After`) not to be sent
+    /// anything: shared by every lane of this endpoint (tokio's clock).
+    paused_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 static X_MKC_TOPIC: HeaderName = HeaderName::from_static("x-mkc-topic");
@@ -227,14 +261,29 @@ impl Endpoint {
     pub fn new(module: Arc<ModuleConfig>) -> anyhow::Result<Endpoint> {
         // Through url's parser first: it normalizes what http's stricter
         // one refuses (international host names, unescaped characters).
+        let mut basic_auth = None;
         let uri: Uri = reqwest::Url::parse(&module.uri)
             .map_err(|e| e.to_string())
-            .and_then(|url| {
+            .and_then(|mut url| {
+                basic_auth = take_basic_auth(&mut url);
                 url.as_str()
                     .parse()
                     .map_err(|e: http::uri::InvalidUri| e.to_string())
             })
-            .map_err(|e| anyhow::anyhow!("module {}: uri {:?}: {e}", module.name, module.uri))?;
+            // Not `module.uri`: it may hold a password.
+            .map_err(|e| anyhow::anyhow!("module {}: uri: {e}", module.name))?;
+        let headers = module
+            .contract
+            .headers
+            .iter()
+            .map(|h| {
+                let name = HeaderName::from_bytes(h.name.as_bytes())?;
+                let mut value = HeaderValue::from_str(&h.value)?;
+                value.set_sensitive(h.from_env);
+                Ok((name, value))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map_err(|e| anyhow::anyhow!("module {}: header: {e}", module.name))?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -263,6 +312,9 @@ impl Endpoint {
             module_header,
             controls: Controls::default(),
             script: None,
+            basic_auth,
+            headers,
+            paused_until: Default::default(),
         })
     }
 
@@ -348,15 +400,45 @@ impl Endpoint {
             if self.skip_requested(msg, attempts, observer) {
                 return Some(self.skipped(msg, attempts));
             }
-            if !self.controls.watch.as_ref().is_some_and(|w| w.paused()) {
+            let server_pause = self.server_pause_left();
+            if !self.controls.watch.as_ref().is_some_and(|w| w.paused()) && server_pause.is_zero() {
                 return None;
             }
+            let step = match server_pause.is_zero() {
+                true => CONTROL_POLL,
+                false => server_pause.min(CONTROL_POLL),
+            };
             tokio::select! {
                 biased;
                 _ = cancel.abort.cancelled() => return Some(Outcome::Aborted),
                 _ = cancel.stop.cancelled() => return Some(Outcome::Aborted),
-                _ = tokio::time::sleep(CONTROL_POLL) => {}
+                _ = tokio::time::sleep(step) => {}
             }
+        }
+    }
+
+    /// How much longer the module pauses because its server sent a
+    /// `Retry-After`.
+    fn server_pause_left(&self) -> Duration {
+        // A poisoned lock only means another lane panicked: the value is
+        // still an instant.
+        let until = *self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.map_or(Duration::ZERO, |until| {
+            until.saturating_duration_since(tokio::time::Instant::now())
+        })
+    }
+
+    /// Pauses every lane of this endpoint for `wait` (a `Retry-After`),
+    /// unless a longer pause is already on.
+    fn pause_for(&self, wait: Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        let mut paused = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.is_none_or(|current| current < until) {
+            *paused = Some(until);
+            tracing::info!(
+                module = %self.module.name, wait_ms = wait.as_millis() as u64,
+                "module paused: its server answered with Retry-After"
+            );
         }
     }
 
@@ -425,6 +507,9 @@ impl Endpoint {
             }
         }
         let mut attempts = 0u32;
+        // For `retry_max_age`: the age counts from the first attempt (not
+        // the Kafka timestamp, so that a backlog is not dropped unseen).
+        let first_attempt = tokio::time::Instant::now();
         loop {
             if cancel.stop.is_cancelled() || cancel.abort.is_cancelled() {
                 return Outcome::Aborted;
@@ -448,26 +533,42 @@ impl Endpoint {
                 Ok(()) => return Outcome::Delivered { attempts },
                 Err(e) => e,
             };
-            let last_attempt = m.retrynum != 0 && attempts > m.retrynum;
+            let contract = &m.contract;
+            let wait = match error.retry_after {
+                Some(asked) => {
+                    let wait = asked.min(contract.retry_max_delay);
+                    self.pause_for(wait);
+                    wait
+                }
+                None => backoff_delay(m.retry_delay, contract, attempts, fastrand::f64()),
+            };
+            let too_old = contract
+                .retry_max_age
+                .is_some_and(|max| first_attempt.elapsed() + wait >= max);
+            let last_attempt = error.fail || too_old || (m.retrynum != 0 && attempts > m.retrynum);
+            let why = if error.fail {
+                " (fail_on: final, no retry)"
+            } else if too_old && !(m.retrynum != 0 && attempts > m.retrynum) {
+                " (retry_max_age reached)"
+            } else {
+                ""
+            };
             tracing::warn!(
                 topic = %msg.topic, partition = msg.partition, offset = msg.offset,
                 command_id = %msg.envelope.command_id, module = %m.name,
                 attempt = attempts, error = %error.text,
                 "attempt failed{}",
-                if last_attempt { "" } else { ", will retry" }
+                if last_attempt { why } else { ", will retry" }
             );
             if last_attempt {
                 return Outcome::Exhausted {
                     attempts,
-                    last_error: error.text,
+                    last_error: format!("{}{why}", error.text),
                     http_status: error.status,
                 };
             }
             observer.attempt_failed(attempts, error.status, &error.text);
-            if let Some(outcome) = self
-                .wait_retry(m.retry_delay, msg, cancel, attempts, observer)
-                .await
-            {
+            if let Some(outcome) = self.wait_retry(wait, msg, cancel, attempts, observer).await {
                 return outcome;
             }
         }
@@ -493,10 +594,10 @@ impl Endpoint {
         let timeout = self.module.rcv_timeout;
         match tokio::time::timeout(timeout, self.request(msg, prepared, attempt)).await {
             Ok(result) => result,
-            Err(_) => Err(AttemptError {
-                status: None,
-                text: format!("timeout: no answer within {} ms", timeout.as_millis()),
-            }),
+            Err(_) => Err(AttemptError::transport(format!(
+                "timeout: no answer within {} ms",
+                timeout.as_millis()
+            ))),
         }
     }
 
@@ -518,13 +619,19 @@ impl Endpoint {
             .client
             .request(request)
             .await
-            .map_err(|e| AttemptError {
-                status: None,
-                text: describe(&e),
-            })?;
+            .map_err(|e| AttemptError::transport(describe(&e)))?;
         let status = response.status();
+        let answer = self.module.contract.answer(status.as_u16());
+        let retry_after = match status.as_u16() {
+            429 | 503 => response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry_after(v, SystemTime::now())),
+            _ => None,
+        };
         let mut body = response.into_body();
-        if status.is_success() {
+        if answer == AnswerKind::Success {
             // Read the body (and drop it) so the connection goes back to
             // the pool.
             while let Some(frame) = body.frame().await {
@@ -549,6 +656,8 @@ impl Endpoint {
         Err(AttemptError {
             status: Some(status.as_u16()),
             text: format!("HTTP {status}: {}", preview.trim()),
+            fail: answer == AnswerKind::Fail,
+            retry_after,
         })
     }
 
@@ -581,6 +690,17 @@ impl Endpoint {
         }
         if let Ok(v) = HeaderValue::from_str(&idempotency_key(msg)) {
             h.insert(IDEMPOTENCY_KEY.clone(), v);
+        }
+        if let Some(auth) = &self.basic_auth {
+            h.insert(AUTHORIZATION, auth.clone());
+        }
+        // `header` lines replace mkc's own of the same name; a name given
+        // on several lines is sent with each value.
+        for (name, _) in &self.headers {
+            h.remove(name);
+        }
+        for (name, value) in &self.headers {
+            h.append(name.clone(), value.clone());
         }
         h
     }
@@ -625,6 +745,62 @@ fn target_uri(base: &Uri, path: Option<&str>, query: Option<&str>) -> Result<Uri
     })?);
     Uri::from_parts(parts)
         .map_err(|e| format!("handle returned a path or query that makes no URL: {e}"))
+}
+
+/// Takes the userinfo out of `url` and returns it as an `Authorization:
+/// Basic` value (user and password percent-decoded, as RFC 3986 writes
+/// them); `None` when the uri has none.
+fn take_basic_auth(url: &mut reqwest::Url) -> Option<HeaderValue> {
+    use base64::Engine as _;
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let decode = |text: &str| percent_encoding::percent_decode_str(text).collect::<Vec<u8>>();
+    let mut credentials = decode(url.username());
+    credentials.push(b':');
+    credentials.extend(decode(url.password().unwrap_or("")));
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+    let mut value = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// How long to wait before retry number `retry` (1 for the first retry).
+/// `fixed`: `retry_delay`. `exponential`: with `cap` = min(`retry_max_delay`,
+/// `retry_delay` × 2^(retry−1)), a time between cap/2 and cap, placed by
+/// `unit` (a random number in 0..=1): "equal jitter", so that lanes
+/// failing together do not retry together, yet each waits at least half.
+pub fn backoff_delay(
+    retry_delay: Duration,
+    contract: &DeliveryContract,
+    retry: u32,
+    unit: f64,
+) -> Duration {
+    match contract.backoff {
+        Backoff::Fixed => retry_delay,
+        Backoff::Exponential => {
+            let factor = 2u32.saturating_pow(retry.saturating_sub(1));
+            let cap = retry_delay
+                .saturating_mul(factor)
+                .min(contract.retry_max_delay);
+            let half = cap / 2;
+            half + (cap - half).mul_f64(unit.clamp(0.0, 1.0))
+        }
+    }
+}
+
+/// A `Retry-After` value: delay-seconds or an HTTP date (a date in the
+/// past is no wait). `None` for anything else, which is then ignored.
+pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits only: the parse fails only by overflow, a very long wait.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// 64-bit FNV-1a: stable across versions and machines, unlike std's hasher.
@@ -759,6 +935,7 @@ mod tests {
             order_key: None,
             dead_letter_topic: None,
             script: None,
+            contract: Default::default(),
         }
     }
 
@@ -1071,6 +1248,220 @@ mod tests {
             (seen.connections, seen.requests.len()),
             (0, 0),
             "connections and requests after an abort"
+        );
+    }
+
+    fn exponential(max_ms: u64) -> DeliveryContract {
+        DeliveryContract {
+            backoff: Backoff::Exponential,
+            retry_max_delay: Duration::from_millis(max_ms),
+            ..DeliveryContract::default()
+        }
+    }
+
+    #[test]
+    fn fixed_backoff_is_retry_delay_every_time() {
+        let d = Duration::from_millis(1500);
+        let fixed = DeliveryContract::default();
+        for retry in [1, 2, 10, u32::MAX] {
+            assert_eq!(backoff_delay(d, &fixed, retry, 0.7), d);
+        }
+    }
+
+    #[test]
+    fn exponential_backoff_has_equal_jitter_within_half_and_all_of_the_cap() {
+        let d = Duration::from_millis(100);
+        let contract = exponential(60_000);
+        for (retry, cap_ms) in [(1, 100), (2, 200), (3, 400), (4, 800), (10, 51_200)] {
+            let cap = Duration::from_millis(cap_ms);
+            assert_eq!(backoff_delay(d, &contract, retry, 0.0), cap / 2, "{retry}");
+            assert_eq!(backoff_delay(d, &contract, retry, 1.0), cap, "{retry}");
+            for _ in 0..100 {
+                let wait = backoff_delay(d, &contract, retry, fastrand::f64());
+                assert!(cap / 2 <= wait && wait <= cap, "{retry}: {wait:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn exponential_backoff_is_capped_by_retry_max_delay_without_overflow() {
+        let d = Duration::from_millis(1000);
+        let contract = exponential(5_000);
+        let cap = Duration::from_millis(5_000);
+        for retry in [4, 5, 31, 32, 1000, u32::MAX] {
+            assert_eq!(backoff_delay(d, &contract, retry, 1.0), cap, "{retry}");
+            assert_eq!(backoff_delay(d, &contract, retry, 0.0), cap / 2, "{retry}");
+        }
+        // Out-of-range randomness is clamped.
+        assert_eq!(backoff_delay(d, &contract, 1, 7.0), d);
+        assert_eq!(backoff_delay(d, &contract, 1, -1.0), d / 2);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(retry_after("2", now), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after("0", now), Some(Duration::ZERO));
+        // Too many digits for u64: a very long wait (the cap applies).
+        assert_eq!(
+            retry_after("99999999999999999999999", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(retry_after(&later, now), Some(Duration::from_secs(90)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(retry_after(&earlier, now), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn retry_after_garbage_is_ignored() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for garbage in ["", " ", "-1", "1.5", "soon", "2 s", "Tue, 99 Foo 2026"] {
+            assert_eq!(retry_after(garbage, now), None, "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn userinfo_becomes_basic_auth_and_leaves_the_uri() {
+        let mut url = reqwest::Url::parse("http://al%20ice:p%40ss@127.0.0.1:8080/x").unwrap();
+        let auth = take_basic_auth(&mut url).unwrap();
+        // base64("al ice:p@ss")
+        assert_eq!(auth.to_str().unwrap(), "Basic YWwgaWNlOnBAc3M=");
+        assert!(auth.is_sensitive());
+        assert_eq!(url.as_str(), "http://127.0.0.1:8080/x");
+        let mut plain = reqwest::Url::parse("http://127.0.0.1/x").unwrap();
+        assert_eq!(take_basic_auth(&mut plain), None);
+    }
+
+    #[tokio::test]
+    async fn basic_auth_and_header_lines_are_sent() {
+        let (addr, seen) = server(Some("HTTP/1.1 204 No Content\r\n\r\n")).await;
+        let mut m = module(
+            &format!("http://user:pw@{addr}/in"),
+            0,
+            Duration::from_secs(5),
+        );
+        m.contract.headers = vec![
+            crate::config::ModuleHeader {
+                name: "X-Tenant".to_string(),
+                value: "acme".to_string(),
+                from_env: false,
+            },
+            crate::config::ModuleHeader {
+                name: "User-Agent".to_string(),
+                value: "custom".to_string(),
+                from_env: false,
+            },
+        ];
+        let endpoint = Endpoint::new(Arc::new(m)).unwrap();
+        let outcome = endpoint.deliver(&message(), &Cancel::default()).await;
+        assert_eq!(outcome, Outcome::Delivered { attempts: 1 });
+        let request = seen.lock().unwrap().requests[0].clone();
+        assert!(
+            request.contains("authorization: Basic dXNlcjpwdw=="),
+            "{request}"
+        );
+        assert!(request.contains("x-tenant: acme\r\n"), "{request}");
+        assert!(request.contains("user-agent: custom\r\n"), "{request}");
+        assert!(!request.contains("user-agent: mkc/"), "{request}");
+        assert!(!request.contains("user:pw"), "{request}");
+    }
+
+    #[tokio::test]
+    async fn a_fail_on_answer_is_final_after_one_attempt() {
+        let (addr, seen) = server(Some(
+            "HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\ngone",
+        ))
+        .await;
+        let mut m = module(&format!("http://{addr}/"), 5, Duration::from_secs(5));
+        m.contract.fail_on = vec![crate::config::StatusPattern::Class(4)];
+        let endpoint = Endpoint::new(Arc::new(m)).unwrap();
+        let outcome = endpoint.deliver(&message(), &Cancel::default()).await;
+        assert_eq!(
+            outcome,
+            Outcome::Exhausted {
+                attempts: 1,
+                last_error: "HTTP 404 Not Found: gone (fail_on: final, no retry)".to_string(),
+                http_status: Some(404),
+            }
+        );
+        assert_eq!(seen.lock().unwrap().requests.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn retry_max_age_ends_the_retries() {
+        // Nothing listens on port 1: every attempt fails at once.
+        let mut m = module("http://127.0.0.1:1/", 0, Duration::from_secs(5));
+        m.retry_delay = Duration::from_millis(100);
+        m.contract.retry_max_age = Some(Duration::from_secs(1));
+        let endpoint = Endpoint::new(Arc::new(m)).unwrap();
+        let started = std::time::Instant::now();
+        let outcome = endpoint.deliver(&message(), &Cancel::default()).await;
+        let Outcome::Exhausted {
+            attempts,
+            last_error,
+            ..
+        } = outcome
+        else {
+            panic!("{outcome:?}");
+        };
+        assert!((2..=11).contains(&attempts), "{attempts}");
+        assert!(
+            last_error.ends_with("(retry_max_age reached)"),
+            "{last_error}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn retry_after_pauses_every_lane_of_the_module() {
+        let (addr, seen) = server(Some(
+            "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n",
+        ))
+        .await;
+        let mut m = module(&format!("http://{addr}/"), 1, Duration::from_secs(5));
+        m.retry_delay = Duration::from_millis(10);
+        let endpoint = Arc::new(Endpoint::new(Arc::new(m)).unwrap());
+        let first = {
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move { endpoint.deliver(&message(), &Cancel::default()).await })
+        };
+        // Once the first 429 is in, another lane's first attempt waits too.
+        while seen.lock().unwrap().requests.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        let _ = endpoint.deliver(&message(), &Cancel::default()).await;
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(700), "{waited:?}");
+        let outcome = first.await.unwrap();
+        assert!(
+            matches!(outcome, Outcome::Exhausted { attempts: 2, .. }),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn retry_after_is_capped_by_retry_max_delay() {
+        let (addr, _) = server(Some(
+            "HTTP/1.1 503 Service Unavailable\r\nretry-after: 3600\r\ncontent-length: 0\r\n\r\n",
+        ))
+        .await;
+        let mut m = module(&format!("http://{addr}/"), 1, Duration::from_secs(5));
+        m.contract.retry_max_delay = Duration::from_millis(300);
+        let endpoint = Endpoint::new(Arc::new(m)).unwrap();
+        let started = std::time::Instant::now();
+        let outcome = endpoint.deliver(&message(), &Cancel::default()).await;
+        assert!(
+            matches!(outcome, Outcome::Exhausted { attempts: 2, .. }),
+            "{outcome:?}"
+        );
+        let took = started.elapsed();
+        assert!(
+            Duration::from_millis(250) <= took && took < Duration::from_secs(10),
+            "{took:?}"
         );
     }
 

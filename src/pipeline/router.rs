@@ -64,6 +64,7 @@ mod tests {
             order_key: None,
             dead_letter_topic: None,
             script: None,
+            contract: Default::default(),
         }
     }
 

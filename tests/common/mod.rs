@@ -465,6 +465,8 @@ pub struct Behavior {
     pub fail_status: u16,
     /// Sleep a uniformly random time in this range before answering.
     pub latency: Option<(Duration, Duration)>,
+    /// A `Retry-After` header on every failed answer.
+    pub retry_after: Option<String>,
 }
 
 impl Behavior {
@@ -475,6 +477,7 @@ impl Behavior {
             fail_first: 0,
             fail_status: 500,
             latency: None,
+            retry_after: None,
         }
     }
 
@@ -493,6 +496,12 @@ impl Behavior {
             fail_status: status,
             ..Behavior::ok()
         }
+    }
+
+    /// Adds `Retry-After: value` to every failed answer.
+    pub fn retry_after(mut self, value: &str) -> Behavior {
+        self.retry_after = Some(value.to_string());
+        self
     }
 
     /// Adds a random latency between `min` and `max`.
@@ -797,7 +806,8 @@ async fn handle(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, &'static str) {
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
     let received = SystemTime::now();
     let at = Instant::now();
     let path = uri
@@ -848,7 +858,13 @@ async fn handle(
         tokio::time::sleep(Duration::from_micros(micros)).await;
     }
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (code, if code.is_success() { "ok\n" } else { "fail\n" })
+    let mut response = (code, if code.is_success() { "ok\n" } else { "fail\n" }).into_response();
+    if let (false, Some(value)) = (code.is_success(), &behavior.retry_after) {
+        if let Ok(value) = value.parse() {
+            response.headers_mut().insert("retry-after", value);
+        }
+    }
+    response
 }
 
 // ─── mkc ─────────────────────────────────────────────────────────────────
@@ -991,6 +1007,8 @@ pub struct MkcConfig {
     /// Write `property auto.offset.reset earliest` (the default); false
     /// leaves the choice to mkc, as a configuration that does not say.
     pub offset_reset_line: bool,
+    /// Environment variables of every mkc process started for it.
+    pub env: Vec<(String, String)>,
 }
 
 impl MkcConfig {
@@ -1009,6 +1027,7 @@ impl MkcConfig {
             extra: Vec::new(),
             admin_listen: "127.0.0.1:0".to_string(),
             offset_reset_line: true,
+            env: Vec::new(),
         }
     }
 
@@ -1052,6 +1071,12 @@ impl MkcConfig {
     pub fn global_filters<T: Display>(mut self, ids: impl IntoIterator<Item = T>) -> MkcConfig {
         self.global_filters
             .extend(ids.into_iter().map(|id| id.to_string()));
+        self
+    }
+
+    /// Sets an environment variable for mkc (and its `command`s).
+    pub fn env(mut self, name: &str, value: &str) -> MkcConfig {
+        self.env.push((name.to_string(), value.to_string()));
         self
     }
 
@@ -1200,6 +1225,8 @@ pub struct Mkc {
     pub runs: u32,
     /// The log tail was printed already (by [`Mkc::fail`]).
     reported: std::cell::Cell<bool>,
+    /// [`MkcConfig::env`].
+    env: Vec<(String, String)>,
 }
 
 impl Mkc {
@@ -1216,6 +1243,7 @@ impl Mkc {
             master: None,
             runs: 0,
             reported: std::cell::Cell::new(false),
+            env: config.env.clone(),
         };
         mkc.spawn();
         mkc
@@ -1253,6 +1281,7 @@ impl Mkc {
             .arg("-c")
             .arg(&self.conf)
             .current_dir(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(out)
@@ -1475,6 +1504,7 @@ impl Mkc {
                 .arg("-c")
                 .arg(&self.conf)
                 .args(args)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .current_dir(self.dir.path()),
             &dir,
             timeout,
