@@ -345,12 +345,13 @@ async fn api_history(State(app): State<Arc<App>>) -> Response {
     Json(history).into_response()
 }
 
+/// The JSON body of `POST /api/skip` (public for the fuzz target).
 #[derive(Debug, Deserialize)]
-struct SkipBody {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    module: String,
+pub struct SkipBody {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub module: String,
 }
 
 async fn api_skip(
