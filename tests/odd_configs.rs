@@ -93,9 +93,15 @@ fn odd_config_files_never_panic_and_errors_name_file_and_line() {
             continue;
         }
         let errors = errors(&stderr);
-        assert!(!errors.is_empty(), "{name}: exit 1 without an error:\n{stderr}");
         assert!(
-            stderr.contains(&format!("configuration file {} test failed", conf.display())),
+            !errors.is_empty(),
+            "{name}: exit 1 without an error:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "configuration file {} test failed",
+                conf.display()
+            )),
             "{name}: no verdict:\n{stderr}"
         );
         // Every error names the file it is about: server.conf or a module

@@ -240,7 +240,7 @@ impl App {
         let now = state::now_ms();
         control
             .skips
-            .retain(|s| now - s.at_ms < state::SKIP_REQUEST_TTL_MS);
+            .retain(|s| now.saturating_sub(s.at_ms) < state::SKIP_REQUEST_TTL_MS);
         change(&mut control);
         state::write_json(&path, &control).map_err(|e| {
             tracing::error!("cannot write {}: {e}", path.display());
