@@ -387,7 +387,7 @@ pub fn load(server_conf: &Path) -> Result<Loaded, Vec<Diagnostic>> {
         .map_err(|err| unplaced(format!("cannot read {}: {err}", server_conf.display())))?;
     let bytes = read_conf_file(&path)
         .map_err(|err| unplaced(format!("cannot read {}: {err}", path.display())))?;
-    load_bytes(&path, &bytes, |module| read_conf_file(module))
+    load_bytes(&path, &bytes, read_conf_file)
 }
 
 /// A configuration file is at most this long: larger (or endless, like
