@@ -14,6 +14,8 @@
 #   make fmt         cargo fmt
 #   make clippy      cargo clippy --all-targets -- -D warnings
 #   make kafka-start / kafka-stop   the test broker (scripts/kafka.sh)
+#   make fuzz        every cargo-fuzz target of fuzz/ for FUZZ_SECONDS (30) each
+#                    (scripts/fuzz.sh; stable Rust with RUSTC_BOOTSTRAP=1; not in `make test`)
 #   make bench       throughput benchmark (docs/bench.md); BENCH_ARGS=--quick for a smoke run
 #   make clean       cargo clean and stop the broker
 
@@ -37,7 +39,7 @@ BASH_DIR := $(DESTDIR)$(PREFIX)/share/bash-completion/completions
 ZSH_DIR  := $(DESTDIR)$(PREFIX)/share/zsh/site-functions
 FISH_DIR := $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
 
-.PHONY: man all build demo setup setup-test test bench install deb fmt clippy kafka-install kafka-start kafka-stop services clean
+.PHONY: man all build demo setup setup-test test bench fuzz install deb fmt clippy kafka-install kafka-start kafka-stop services clean
 
 all: build
 
@@ -144,6 +146,10 @@ fmt:
 
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
+
+# Not part of `make test`: the fuzz crate (fuzz/) is outside the workspace.
+fuzz:
+	scripts/fuzz.sh
 
 clean:
 	-scripts/kafka.sh stop

@@ -100,8 +100,9 @@ fn with_command_id(
         ),
         (Ok(_), _) => text.to_string(),
         (Err(Invalid::NoCommandId), Some(id)) => {
-            // The text is a JSON object: it starts with `{`.
-            let rest = text[1..].trim_start();
+            // The text is a JSON object: it starts with `{` after
+            // whitespace (which envelope::parse allows).
+            let rest = text.trim_start()[1..].trim_start();
             let comma = if rest.starts_with('}') { "" } else { "," };
             format!("{{\"commandId\":{id}{comma}{rest}")
         }
@@ -114,4 +115,33 @@ fn with_command_id(
     envelope::parse(payload.as_bytes(), limit)
         .map_err(|e| anyhow::anyhow!("mkc would not route this message: {e}"))?;
     Ok(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ServerConfig {
+        crate::config::load_str(
+            std::path::Path::new("/etc/mkc/server.conf"),
+            "brokers 127.0.0.1:9092\ntopic t\nmodule m.conf\n",
+            |_| Ok(b"name m\nuri http://127.0.0.1:8080/m\nfilters 1\n".to_vec()),
+        )
+        .unwrap()
+        .config
+    }
+
+    #[test]
+    fn command_id_is_added_after_leading_whitespace() {
+        let config = config();
+        assert_eq!(
+            with_command_id(" {\"a\":1}", Some("7"), &config).unwrap(),
+            "{\"commandId\":7,\"a\":1}"
+        );
+        assert_eq!(
+            with_command_id("\n\t{ }", Some("7"), &config).unwrap(),
+            "{\"commandId\":7}"
+        );
+        assert!(with_command_id("[1]", Some("7"), &config).is_err());
+    }
 }

@@ -659,8 +659,8 @@ fn row(out: &mut String, text: &str, comment: &str) {
 /// its values without places.
 pub fn render(config: &ServerConfig) -> String {
     let read = |path: &Path| -> Vec<Directive> {
-        match std::fs::File::open(path) {
-            Ok(file) => lex(path, file).0,
+        match read_conf_file(path) {
+            Ok(bytes) => lex(path, bytes.as_slice()).0,
             Err(_) => Vec::new(),
         }
     };

@@ -548,9 +548,29 @@ pub fn load(server_conf: &Path) -> Result<Loaded, Vec<Diagnostic>> {
     };
     let path = absolute_conf_path(server_conf)
         .map_err(|err| unplaced(format!("cannot read {}: {err}", server_conf.display())))?;
-    let bytes = std::fs::read(&path)
+    let bytes = read_conf_file(&path)
         .map_err(|err| unplaced(format!("cannot read {}: {err}", path.display())))?;
-    load_bytes(&path, &bytes, |module| std::fs::read(module))
+    load_bytes(&path, &bytes, read_conf_file)
+}
+
+/// A configuration file is at most this long: larger (or endless, like
+/// /dev/zero) is an error, not a read until memory runs out.
+const MAX_CONF_FILE_BYTES: u64 = 16 << 20;
+
+/// Reads a configuration file of at most [`MAX_CONF_FILE_BYTES`].
+fn read_conf_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONF_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONF_FILE_BYTES {
+        return Err(io::Error::other(format!(
+            "larger than {} MiB",
+            MAX_CONF_FILE_BYTES >> 20
+        )));
+    }
+    Ok(bytes)
 }
 
 /// [`load`] with server.conf given as text and module files read through

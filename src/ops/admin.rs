@@ -240,7 +240,7 @@ impl App {
         let now = state::now_ms();
         control
             .skips
-            .retain(|s| now - s.at_ms < state::SKIP_REQUEST_TTL_MS);
+            .retain(|s| now.saturating_sub(s.at_ms) < state::SKIP_REQUEST_TTL_MS);
         change(&mut control);
         state::write_json(&path, &control).map_err(|e| {
             tracing::error!("cannot write {}: {e}", path.display());
@@ -345,12 +345,13 @@ async fn api_history(State(app): State<Arc<App>>) -> Response {
     Json(history).into_response()
 }
 
+/// The JSON body of `POST /api/skip` (public for the fuzz target).
 #[derive(Debug, Deserialize)]
-struct SkipBody {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    module: String,
+pub struct SkipBody {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub module: String,
 }
 
 async fn api_skip(

@@ -232,11 +232,12 @@ impl WorkerFigures {
             .entry((module, msg.envelope.command_id))
             .or_default();
         match outcome {
-            Outcome::Delivered { .. } => c.delivered += 1,
-            Outcome::Exhausted { .. } => c.exhausted += 1,
-            Outcome::Skipped { .. } => c.skipped += 1,
-            Outcome::Filtered => c.filtered += 1,
-            Outcome::ScriptError { .. } => c.script_errors += 1,
+            // Saturating: the counts continue from a snapshot file.
+            Outcome::Delivered { .. } => c.delivered = c.delivered.saturating_add(1),
+            Outcome::Exhausted { .. } => c.exhausted = c.exhausted.saturating_add(1),
+            Outcome::Skipped { .. } => c.skipped = c.skipped.saturating_add(1),
+            Outcome::Filtered => c.filtered = c.filtered.saturating_add(1),
+            Outcome::ScriptError { .. } => c.script_errors = c.script_errors.saturating_add(1),
             Outcome::Aborted => {}
         }
     }
@@ -767,9 +768,9 @@ impl Parts {
             let high = broker.high.get(&number).copied();
             let base = committed.or(view.oldest_unfinished);
             let lag = match (high, base, backlog) {
-                (Some(h), Some(c), _) => Some((h - c).max(0)),
+                (Some(h), Some(c), _) => Some(h.saturating_sub(c).max(0)),
                 // A list: what waits in it and what is taken, unfinished.
-                (_, _, Some(waiting)) => Some(waiting + view.in_flight as i64),
+                (_, _, Some(waiting)) => Some(waiting.saturating_add(view.in_flight as i64)),
                 _ => None,
             };
             let age = match view.oldest_unfinished {

@@ -146,8 +146,8 @@ fn db_error(e: anyhow::Error) -> Response {
 }
 
 /// The filters of a query string; empty values are absent (a form sends
-/// every field). Also the page size.
-fn parse_search(params: &HashMap<String, String>) -> Result<(Search, u32), String> {
+/// every field). Also the page size. (Public for the fuzz target.)
+pub fn parse_search(params: &HashMap<String, String>) -> Result<(Search, u32), String> {
     let get = |name: &str| params.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
     fn number<T: std::str::FromStr>(name: &str, v: Option<&str>) -> Result<Option<T>, String> {
         v.map(|v| {
@@ -247,17 +247,17 @@ async fn api_row(State(app): State<Arc<LogBrowser>>, UrlPath(id): UrlPath<i64>) 
 }
 
 /// A payload as the page shows it.
-struct ShownPayload {
-    text: String,
+pub struct ShownPayload {
+    pub text: String,
     /// `json` (pretty-printed) or `text` (as it is, invalid UTF-8 replaced).
-    format: &'static str,
-    truncated: bool,
+    pub format: &'static str,
+    pub truncated: bool,
 }
 
 /// `head` (the payload's first bytes, at most [`PAYLOAD_CAP`] + 1) of a
 /// payload of `size` bytes: pretty-printed when it is whole and JSON, cut
-/// at [`PAYLOAD_CAP`] bytes either way.
-fn show_payload(head: &[u8], size: i64) -> ShownPayload {
+/// at [`PAYLOAD_CAP`] bytes either way. (Public for the fuzz target.)
+pub fn show_payload(head: &[u8], size: i64) -> ShownPayload {
     let whole = head.len() as i64 >= size && head.len() <= PAYLOAD_CAP;
     let json = whole && serde_json::from_slice::<serde::de::IgnoredAny>(head).is_ok();
     let (text, format) = if json {

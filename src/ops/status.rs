@@ -186,7 +186,7 @@ pub fn gather_from(
         .map(|m| m.workers.clone())
         .unwrap_or_default();
     let is_live = |s: &WorkerSnapshot| {
-        now_ms - s.written_ms <= STALE_AFTER_MS
+        now_ms.saturating_sub(s.written_ms) <= STALE_AFTER_MS
             && slots.iter().any(|slot| {
                 slot.topic == s.topic && slot.index == s.index && slot.pid == Some(s.pid)
             })
@@ -276,11 +276,16 @@ pub fn gather_from(
             }
         }
         t.partitions = partitions.into_values().map(|(_, p)| p).collect();
-        t.lag = t.partitions.iter().filter_map(|p| p.lag).sum();
+        // Figures read from files: saturating, never an overflow panic.
+        t.lag = t
+            .partitions
+            .iter()
+            .filter_map(|p| p.lag)
+            .fold(0, i64::saturating_add);
         t.throughput = t.partitions.iter().map(|p| p.throughput).sum();
         for s in snapshots.iter().filter(|s| s.topic == name) {
-            t.invalid += s.invalid;
-            t.unrouted += s.unrouted;
+            t.invalid = t.invalid.saturating_add(s.invalid);
+            t.unrouted = t.unrouted.saturating_add(s.unrouted);
         }
         for s in live
             .iter()
@@ -344,22 +349,28 @@ pub fn gather_from(
                 command_id: c.command_id.clone(),
                 ..CounterFigures::default()
             });
-            e.delivered += c.delivered;
-            e.failed_attempts += c.failed_attempts;
-            e.exhausted += c.exhausted;
-            e.skipped += c.skipped;
-            e.filtered += c.filtered;
-            e.script_errors += c.script_errors;
+            e.delivered = e.delivered.saturating_add(c.delivered);
+            e.failed_attempts = e.failed_attempts.saturating_add(c.failed_attempts);
+            e.exhausted = e.exhausted.saturating_add(c.exhausted);
+            e.skipped = e.skipped.saturating_add(c.skipped);
+            e.filtered = e.filtered.saturating_add(c.filtered);
+            e.script_errors = e.script_errors.saturating_add(c.script_errors);
         }
-        status.dispatch_log.dropped += s.dispatch_log.dropped;
+        status.dispatch_log.dropped = status
+            .dispatch_log
+            .dropped
+            .saturating_add(s.dispatch_log.dropped);
     }
     status.counters = counters
         .into_iter()
         .map(|((topic, _, _), counts)| CounterStatus { topic, counts })
         .collect();
     for s in &live {
-        status.dispatch_log.queued += s.dispatch_log.queued;
-        status.stuck_total += s.stuck_total;
+        status.dispatch_log.queued = status
+            .dispatch_log
+            .queued
+            .saturating_add(s.dispatch_log.queued);
+        status.stuck_total = status.stuck_total.saturating_add(s.stuck_total);
         status.stuck.extend(s.stuck.iter().cloned());
     }
     status.stuck.sort_by(|a, b| {
@@ -389,12 +400,12 @@ pub fn gather_from(
     for c in &status.counters {
         if let Some(&i) = index.get(&c.counts.module) {
             let m = &mut modules[i];
-            m.delivered += c.counts.delivered;
-            m.failed_attempts += c.counts.failed_attempts;
-            m.exhausted += c.counts.exhausted;
-            m.skipped += c.counts.skipped;
-            m.filtered += c.counts.filtered;
-            m.script_errors += c.counts.script_errors;
+            m.delivered = m.delivered.saturating_add(c.counts.delivered);
+            m.failed_attempts = m.failed_attempts.saturating_add(c.counts.failed_attempts);
+            m.exhausted = m.exhausted.saturating_add(c.counts.exhausted);
+            m.skipped = m.skipped.saturating_add(c.counts.skipped);
+            m.filtered = m.filtered.saturating_add(c.counts.filtered);
+            m.script_errors = m.script_errors.saturating_add(c.counts.script_errors);
         }
     }
     for s in &snapshots {
@@ -405,7 +416,7 @@ pub fn gather_from(
             };
             let m = &mut modules[i];
             for (total, n) in m.latency_buckets.iter_mut().zip(&f.latency_buckets) {
-                *total += n;
+                *total = total.saturating_add(*n);
             }
             m.latency_sum_s += f.latency_sum_s;
             if f.last_error.as_ref().map(|e| e.at_ms) > m.last_error.as_ref().map(|e| e.at_ms) {
@@ -413,10 +424,10 @@ pub fn gather_from(
             }
             if up {
                 m.paused_workers += usize::from(f.paused);
-                m.in_flight += f.in_flight;
+                m.in_flight = m.in_flight.saturating_add(f.in_flight);
                 m.delivered_rate += f.delivered_rate;
                 m.failed_rate += f.failed_rate;
-                m.stuck += f.stuck;
+                m.stuck = m.stuck.saturating_add(f.stuck);
             }
         }
     }
@@ -571,7 +582,7 @@ pub fn prometheus(status: &Status) -> String {
     for m in &status.modules {
         let mut cumulative = 0u64;
         for (i, n) in m.latency_buckets.iter().enumerate() {
-            cumulative += n;
+            cumulative = cumulative.saturating_add(*n);
             let le = LATENCY_BUCKETS
                 .get(i)
                 .map_or("+Inf".to_string(), |b| num(*b));
@@ -766,7 +777,7 @@ pub fn text(status: &Status) -> String {
         Some(pid) => {
             let up = status
                 .master_started_ms
-                .map_or(0.0, |s| (now - s) as f64 / 1000.0);
+                .map_or(0.0, |s| now.saturating_sub(s) as f64 / 1000.0);
             let _ = writeln!(
                 out,
                 "master  pid {pid}  up {}  {}",
@@ -786,7 +797,9 @@ pub fn text(status: &Status) -> String {
     }
     let _ = writeln!(out, "\nworkers");
     for w in &status.workers {
-        let up = w.started_ms.map_or(0.0, |s| (now - s) as f64 / 1000.0);
+        let up = w
+            .started_ms
+            .map_or(0.0, |s| now.saturating_sub(s) as f64 / 1000.0);
         let _ = writeln!(
             out,
             "  [{}] #{}  pid {}  {}  up {}  restarts {}  partitions {:?}{}",
@@ -872,7 +885,7 @@ pub fn text(status: &Status) -> String {
             let _ = writeln!(
                 out,
                 "      last error {} ago: {}",
-                short_duration((now - e.at_ms) as f64 / 1000.0),
+                short_duration(now.saturating_sub(e.at_ms) as f64 / 1000.0),
                 e.text
             );
         }
@@ -888,7 +901,7 @@ pub fn text(status: &Status) -> String {
             s.module,
             s.command_id,
             s.attempts,
-            short_duration((now - s.first_failure_ms) as f64 / 1000.0),
+            short_duration(now.saturating_sub(s.first_failure_ms) as f64 / 1000.0),
             s.last_error
         );
     }

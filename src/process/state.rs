@@ -78,6 +78,14 @@ pub fn worker_failure_file(dir: &Path, topic: &str, index: u32) -> PathBuf {
     dir.join(format!("worker-{topic}-{index}.failed"))
 }
 
+/// The reason a worker failure file holds, as the master reports it.
+/// Bounded: a line, not whatever a file there might hold.
+pub fn failure_reason(text: &[u8]) -> String {
+    let mut reason = String::from_utf8_lossy(&text[..text.len().min(2048)]).into_owned();
+    reason.truncate(reason.trim_end().len());
+    reason
+}
+
 /// A worker that keeps failing for the same reason is reported once; the
 /// reason stays in master.json (status, `/readyz`) until a worker of its
 /// slot has run this long.
@@ -204,9 +212,7 @@ impl MasterPublisher {
         let path = worker_failure_file(&self.dir, topic, index);
         let text = fs::read(&path).ok()?;
         let _ = fs::remove_file(&path);
-        // Bounded: a line, not whatever a file there might hold.
-        let mut reason = String::from_utf8_lossy(&text[..text.len().min(2048)]).into_owned();
-        reason.truncate(reason.trim_end().len());
+        let reason = failure_reason(&text);
         let repeated = self.failures.get(&key) == Some(&reason);
         self.failures.insert(key, reason.clone());
         Some((reason, repeated))
