@@ -14,7 +14,7 @@ use crate::config::{CommandId, HttpMethod, ServerConfig};
 use crate::pipeline::dispatch::{Endpoint, Message};
 use crate::pipeline::envelope::{self, Envelope};
 use crate::pipeline::router::Router;
-use crate::script::{Engine, Msg};
+use crate::script::Engine;
 use crate::source::SourceKind;
 
 /// The flags of `mkc script-test`.
@@ -158,18 +158,10 @@ fn routed(config: &ServerConfig, msg: &Message) -> Result<Vec<usize>, String> {
     }
     let engine = Engine::new(route.clone(), config.script_limits);
     let command_id = id.to_string();
-    let view = Msg {
-        source: msg.source.as_str(),
-        topic: &msg.topic,
-        partition: msg.partition,
-        offset: msg.offset,
-        key: msg.key.as_deref(),
-        timestamp_ms: msg.timestamp_ms,
-        command_id: &command_id,
-        commit_id: msg.envelope.commit_id.as_deref(),
-        payload: &msg.payload,
-    };
-    match engine.route(&view).map_err(|e| e.0)? {
+    match engine
+        .route(&msg.script_view(&command_id))
+        .map_err(|e| e.0)?
+    {
         None => {
             println!(
                 "route: {} returned nil: by filters (commandId {id})",

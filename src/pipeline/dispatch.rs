@@ -69,6 +69,24 @@ pub struct Message {
     pub envelope: Envelope,
 }
 
+impl Message {
+    /// What a script's `msg` reads of this message; `command_id` is
+    /// `envelope.command_id` as text.
+    pub fn script_view<'a>(&'a self, command_id: &'a str) -> crate::script::Msg<'a> {
+        crate::script::Msg {
+            source: self.source.as_str(),
+            topic: &self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.as_deref(),
+            timestamp_ms: self.timestamp_ms,
+            command_id,
+            commit_id: self.envelope.commit_id.as_deref(),
+            payload: &self.payload,
+        }
+    }
+}
+
 /// The final (or not) result of delivering one message to one module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -338,18 +356,10 @@ impl Endpoint {
             return Ok(Some(unchanged));
         };
         let command_id = msg.envelope.command_id.to_string();
-        let view = crate::script::Msg {
-            source: msg.source.as_str(),
-            topic: &msg.topic,
-            partition: msg.partition,
-            offset: msg.offset,
-            key: msg.key.as_deref(),
-            timestamp_ms: msg.timestamp_ms,
-            command_id: &command_id,
-            commit_id: msg.envelope.commit_id.as_deref(),
-            payload: &msg.payload,
-        };
-        match script.handle(&view).map_err(|e| e.0)? {
+        match script
+            .handle(&msg.script_view(&command_id))
+            .map_err(|e| e.0)?
+        {
             Verdict::Drop => Ok(None),
             Verdict::Send(reshape) => {
                 let Reshape {
