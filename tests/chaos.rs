@@ -1,7 +1,8 @@
 //! Issue 15's chaos suite, first cases: the endpoint goes away and comes
-//! back, the endpoint answers too slowly for a while. The real mkc, the
-//! test broker, a loopback HTTP sink, and (for a refusing endpoint) a TCP
-//! gate of the test's own between them.
+//! back, the endpoint answers too slowly for a while, the broker is killed
+//! and started again. The real mkc, the test broker (or, for the broker's
+//! death, a tansu of the test's own), a loopback HTTP sink, and (for a
+//! refusing endpoint) a TCP gate of the test's own between them.
 //!
 //! Each case checks what an operator would: every message delivered at
 //! least once (the set of (partition, offset) answered 200 equals the set
@@ -19,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::dlog::committed_offsets;
+use common::dlog::committed_offsets_on;
+use common::tansu::{Engine, PrivateBroker};
 use common::*;
 
 const PARTITIONS: i32 = 2;
@@ -162,7 +164,8 @@ fn delivered(sink: &Sink) -> BTreeSet<(i32, i64)> {
         .collect()
 }
 
-/// The checks every case ends with; prints the duplicates.
+/// The checks every case ends with (on the test broker); prints the
+/// duplicates.
 fn check_outcome(
     case: &str,
     mkc: &mut Mkc,
@@ -170,6 +173,17 @@ fn check_outcome(
     produced: &[Produced],
     group: &str,
     topic: &str,
+) {
+    check_outcome_on(case, mkc, sink, produced, (&brokers(), group, topic));
+}
+
+/// [`check_outcome`] on the broker at `bootstrap`: (bootstrap, group, topic).
+fn check_outcome_on(
+    case: &str,
+    mkc: &mut Mkc,
+    sink: &Sink,
+    produced: &[Produced],
+    (bootstrap, group, topic): (&str, &str, &str),
 ) {
     let expected: BTreeSet<(i32, i64)> = produced.iter().map(|p| (p.partition, p.offset)).collect();
     let mut got = BTreeSet::new();
@@ -196,7 +210,7 @@ fn check_outcome(
         let e = end.entry(p.partition).or_default();
         *e = (*e).max(p.offset + 1);
     }
-    let committed = committed_offsets(group, topic, PARTITIONS);
+    let committed = committed_offsets_on(bootstrap, group, topic, PARTITIONS);
     for p in 0..PARTITIONS {
         mkc.check(committed[p as usize] == end.get(&p).copied(), || {
             format!(
@@ -298,5 +312,67 @@ fn endpoint_slower_than_rcv_timeout_for_a_while_loses_nothing() {
         &produced,
         &group,
         &topic,
+    );
+}
+
+/// The broker (a tansu of the test's own, sqlite storage) is killed for
+/// 15 s while mkc delivers, then started again on the same port and data:
+/// mkc finishes what it holds, retries its commits, reconnects, and
+/// delivers what is produced after the restart.
+#[test]
+fn broker_killed_for_15_s_mid_run_loses_nothing() {
+    const N: i64 = 100;
+    let mut broker = PrivateBroker::start(Engine::Sqlite);
+    let topic = unique_name("chaos-broker");
+    let group = unique_name("chaos-broker-g");
+    broker.create_topic(&topic, PARTITIONS);
+    // One request at a time per partition, 30 ms each: deliveries are
+    // still going on when the broker dies.
+    let sink =
+        Sink::with(Behavior::ok().latency(Duration::from_millis(30), Duration::from_millis(30)));
+    let mut config = MkcConfig::new(&topic, &group).module(
+        Module::new("m", sink.url("/m"))
+            .filter(1001)
+            .retrynum(0)
+            .line("mode ordered"),
+    );
+    config.brokers = broker.addr.clone();
+    // A fresh topic: offsets count from 0 in each partition.
+    let batch = |from: i64| {
+        (from..from + N).map(|i| {
+            let p = (i % i64::from(PARTITIONS)) as i32;
+            (p, envelope(i as u64, "1001", &format!(r#"{{"i": {i}}}"#)))
+        })
+    };
+    broker.produce(&topic, batch(0));
+    let mut mkc = Mkc::start(&config);
+    sink.wait_for(20, Duration::from_secs(60));
+    broker.stop();
+    let stopped_at = Instant::now();
+    let during = sink.count();
+    std::thread::sleep(Duration::from_secs(15));
+    broker.restart();
+    println!(
+        "broker down for {:?}: {} requests before, {} after",
+        stopped_at.elapsed(),
+        during,
+        sink.count()
+    );
+    broker.produce(&topic, batch(N));
+    let produced: Vec<Produced> = (0..2 * N)
+        .map(|i| Produced {
+            partition: (i % i64::from(PARTITIONS)) as i32,
+            offset: i / i64::from(PARTITIONS),
+            key: None,
+            payload: None,
+            timestamp: None,
+        })
+        .collect();
+    check_outcome_on(
+        "broker killed for 15 s",
+        &mut mkc,
+        &sink,
+        &produced,
+        (&broker.addr, &group, &topic),
     );
 }

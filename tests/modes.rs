@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::tansu::{Engine, PrivateBroker};
 use common::*;
 
 /// Messages per mode test.
@@ -434,135 +435,6 @@ fn fan_out_commits_a_partition_only_up_to_the_message_a_module_is_stuck_on() {
     problems.check(&mkc, "fan-out commit");
 }
 
-/// A tansu broker of this test's own, with the memory engine, on a free
-/// port; killed on drop. For the large-message test: 800 MB of records
-/// would bloat the shared test broker's sqlite file on every run and slow
-/// every other test while it is written. The memory engine's known faults
-/// (wrong "latest" offsets; a fetch from the middle of a record batch skips
-/// to the next batch) do not touch that test: it reads from the earliest
-/// offset, and each 4 MB record is a batch of its own.
-struct PrivateBroker {
-    child: std::process::Child,
-    tansu: std::path::PathBuf,
-    addr: String,
-    dir: tempfile::TempDir,
-}
-
-impl PrivateBroker {
-    fn start() -> PrivateBroker {
-        let root = std::env::var_os("MKC_TANSU_ROOT")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").unwrap_or_default();
-                std::path::Path::new(&home).join(".cache/mkc/tansu-0.6.0")
-            });
-        let tansu = root.join("bin/tansu");
-        assert!(
-            tansu.is_file(),
-            "{} not found: run scripts/kafka.sh install (or make test)",
-            tansu.display()
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("no free port on 127.0.0.1")
-            .port();
-        let dir = tempfile::Builder::new()
-            .prefix("mkc-test-tansu-")
-            .tempdir()
-            .expect("cannot create a temporary directory");
-        let log = std::fs::File::create(dir.path().join("tansu.log")).expect("tansu log");
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = std::process::Command::new(&tansu)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .current_dir(dir.path())
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().expect("tansu log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", tansu.display()));
-        let addr = format!("127.0.0.1:{port}");
-        let broker = PrivateBroker {
-            child,
-            tansu,
-            addr,
-            dir,
-        };
-        let up = wait_until(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(&broker.addr).is_ok()
-        });
-        assert!(
-            up,
-            "private tansu on {} did not start: {}",
-            broker.addr,
-            broker.log()
-        );
-        broker
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
-    }
-
-    fn create_topic(&self, name: &str, partitions: i32) {
-        let status = std::process::Command::new(&self.tansu)
-            .args([
-                "topic",
-                "create",
-                "--broker",
-                &format!("tcp://{}", self.addr),
-            ])
-            .args(["--partitions", &partitions.to_string(), name])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("cannot run tansu topic create");
-        assert!(status.success(), "tansu topic create {name}: {status}");
-    }
-
-    /// Produces `payloads` (partition, bytes) and waits for every ack.
-    fn produce(&self, topic: &str, payloads: impl Iterator<Item = (i32, String)>) {
-        use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
-        let producer: BaseProducer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
-            .set("message.max.bytes", "10000000")
-            .set("acks", "all")
-            .set("message.timeout.ms", "120000")
-            .create()
-            .expect("cannot create a producer");
-        for (partition, payload) in payloads {
-            let mut record = BaseRecord::<(), String>::to(topic)
-                .partition(partition)
-                .payload(&payload);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        record = back;
-                        producer.poll(ms(50));
-                    }
-                }
-            }
-            producer.poll(Duration::ZERO);
-        }
-        producer
-            .flush(Duration::from_secs(120))
-            .expect("producing to the private broker");
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The resident memory of process `pid`: (VmRSS, VmHWM) in bytes.
 fn memory(pid: i32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -596,7 +468,8 @@ fn large_messages_through_a_slow_endpoint_keep_worker_memory_bounded() {
     const SIZE: usize = 4_000_000;
     const MAX_INFLIGHT_BYTES: u64 = 32 * MIB;
     const OVERHEAD: u64 = 64 * MIB;
-    let broker = PrivateBroker::start();
+    // The memory engine: 800 MB of records would bloat a sqlite file.
+    let broker = PrivateBroker::start(Engine::Memory);
     let topic = unique_name("bigmem");
     let group = unique_name("bigmem-group");
     broker.create_topic(&topic, 2);

@@ -480,8 +480,18 @@ pub fn consume(topic: &str, partitions: i32, count: usize, timeout: Duration) ->
 /// The offsets `group` committed for `topic`'s partitions `0..partitions`
 /// (`None` where nothing is committed).
 pub fn committed_offsets(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    committed_offsets_on(&brokers(), group, topic, partitions)
+}
+
+/// [`committed_offsets`] on the broker at `bootstrap`.
+pub fn committed_offsets_on(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Vec<Option<i64>> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()

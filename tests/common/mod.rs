@@ -32,6 +32,7 @@ pub mod browser;
 pub mod dlog;
 pub mod metrics;
 pub mod redis;
+pub mod tansu;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Display, Write as _};
