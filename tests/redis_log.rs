@@ -281,26 +281,7 @@ fn wait_freed(mkc: &Mkc, sink: &Sink, key: &str, skipped: &[u8], commit: u64, ho
 }
 
 fn http(method: &str, url: &str, body: Option<Value>) -> (u16, String) {
-    rt().block_on(async {
-        let mut request = reqwest::Client::new()
-            .request(
-                reqwest::Method::from_bytes(method.as_bytes()).expect("method"),
-                url,
-            )
-            .timeout(Duration::from_secs(10))
-            .header("authorization", format!("Bearer {TOKEN}"));
-        if let Some(b) = body {
-            request = request
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{url}: {e}"));
-        let code = response.status().as_u16();
-        (code, response.text().await.unwrap_or_default())
-    })
+    common::browser::http(method, url, Some(TOKEN), body)
 }
 
 /// The stuck list of `/api/status` once it holds `offset`.

@@ -24,6 +24,7 @@
 //! while waiting `retry_delay`, whether an operator said to skip the
 //! message.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -257,8 +258,45 @@ pub struct Endpoint {
     /// The module's `header` lines, ready to send.
     headers: Vec<(HeaderName, HeaderValue)>,
     /// Until when the server asked (`Retry-After`) not to be sent
-    /// anything: shared by every lane of this endpoint (tokio's clock).
-    paused_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// anything: shared by every lane of this endpoint.
+    server_pause: Arc<ServerPause>,
+}
+
+/// A module's pause asked by its server, read before every attempt of
+/// every lane: one atomic load while there is none (no lock, no clock).
+#[derive(Debug)]
+struct ServerPause {
+    /// The origin of `until_ns` (tokio's clock, so tests can pause time).
+    since: tokio::time::Instant,
+    /// End of the pause in nanoseconds after `since`; 0: no pause was
+    /// ever asked.
+    until_ns: AtomicU64,
+}
+
+impl ServerPause {
+    fn new() -> ServerPause {
+        ServerPause {
+            since: tokio::time::Instant::now(),
+            until_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// What is left of the pause.
+    fn left(&self) -> Duration {
+        match self.until_ns.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            until => Duration::from_nanos(until).saturating_sub(self.since.elapsed()),
+        }
+    }
+
+    /// Pauses for `wait` from now unless a longer pause is on; true when
+    /// this lengthened it.
+    fn extend(&self, wait: Duration) -> bool {
+        let until = u64::try_from((self.since.elapsed() + wait).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.until_ns.fetch_max(until, Ordering::Relaxed) < until
+    }
 }
 
 static X_MKC_TOPIC: HeaderName = HeaderName::from_static("x-mkc-topic");
@@ -332,7 +370,7 @@ impl Endpoint {
             script: None,
             basic_auth,
             headers,
-            paused_until: Default::default(),
+            server_pause: Arc::new(ServerPause::new()),
         })
     }
 
@@ -430,21 +468,13 @@ impl Endpoint {
     /// How much longer the module pauses because its server sent a
     /// `Retry-After`.
     fn server_pause_left(&self) -> Duration {
-        // A poisoned lock only means another lane panicked: the value is
-        // still an instant.
-        let until = *self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
-        until.map_or(Duration::ZERO, |until| {
-            until.saturating_duration_since(tokio::time::Instant::now())
-        })
+        self.server_pause.left()
     }
 
     /// Pauses every lane of this endpoint for `wait` (a `Retry-After`),
     /// unless a longer pause is already on.
     fn pause_for(&self, wait: Duration) {
-        let until = tokio::time::Instant::now() + wait;
-        let mut paused = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
-        if paused.is_none_or(|current| current < until) {
-            *paused = Some(until);
+        if self.server_pause.extend(wait) {
             tracing::info!(
                 module = %self.module.name, wait_ms = wait.as_millis() as u64,
                 "module paused: its server answered with Retry-After"
