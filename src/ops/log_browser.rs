@@ -133,10 +133,7 @@ impl LogBrowser {
         self.db
             .get_or_try_init(|| replay::connect(&self.config))
             .await
-            .map_err(|e| {
-                tracing::warn!("admin: dispatch log: {e:#}");
-                error(StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}"))
-            })
+            .map_err(db_error)
     }
 }
 
