@@ -277,15 +277,19 @@ fn run(mut opts: Opts) -> anyhow::Result<()> {
 }
 
 /// The scenarios that need the Kafka broker; those that need Redis.
-const KAFKA_SCENARIOS: [&str; 7] = [
+const KAFKA_SCENARIOS: [&str; 8] = [
     "broker",
     "ordered-1w",
     "ordered-Pw",
     "keyed",
     "unordered",
     "unordered-script",
+    "unordered-batch",
     "python",
 ];
+
+/// `batch` of the `unordered-batch` rows (issue 14).
+const BENCH_BATCH: u32 = 100;
 
 /// The module script of the `unordered-script` rows (issue 13): reads one
 /// field of `msg.json`, adds a header, sends the payload unchanged.
@@ -388,13 +392,24 @@ fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
                     "unordered",
                     1,
                 ),
+                (
+                    format!("mkc unordered c{} batch {BENCH_BATCH}", opts.concurrency),
+                    "unordered-batch",
+                    "unordered",
+                    1,
+                ),
             ];
             for (name, key, mode, workers) in mkc_cases {
-                // `--only unordered` also selects unordered-script: the
-                // script rows are compared with the same rows without.
+                // `--only unordered` also selects unordered-script and
+                // unordered-batch: they are compared with the same rows
+                // without.
                 if wants(&opts, key) {
-                    let script = key.ends_with("script");
-                    let s = measure_mkc(ctx, latency, mode, workers, run, Source::Kafka, script)?;
+                    let variant = match key {
+                        "unordered-script" => Variant::Script,
+                        "unordered-batch" => Variant::Batch(BENCH_BATCH),
+                        _ => Variant::Plain,
+                    };
+                    let s = measure_mkc(ctx, latency, mode, workers, run, Source::Kafka, variant)?;
                     add(&mut rows, &name, Some(latency), s);
                 }
             }
@@ -412,7 +427,15 @@ fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
             ];
             for (name, key, mode) in redis_cases {
                 if wants(&opts, key) {
-                    let s = measure_mkc(ctx, latency, mode, 1, run, Source::RedisList, false)?;
+                    let s = measure_mkc(
+                        ctx,
+                        latency,
+                        mode,
+                        1,
+                        run,
+                        Source::RedisList,
+                        Variant::Plain,
+                    )?;
                     add(&mut rows, &name, Some(latency), s);
                 }
             }
@@ -640,6 +663,16 @@ fn measure_http(ctx: &Ctx, latency: u64, connections: u32) -> anyhow::Result<Sam
     })
 }
 
+/// What an mkc row's module adds to the plain one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Plain,
+    /// [`BENCH_SCRIPT`] as its script.
+    Script,
+    /// `batch N`.
+    Batch(u32),
+}
+
 fn measure_mkc(
     ctx: &Ctx,
     latency: u64,
@@ -647,24 +680,30 @@ fn measure_mkc(
     workers: u32,
     run: usize,
     source: Source,
-    script: bool,
+    variant: Variant,
 ) -> anyhow::Result<Sample> {
     let n = ctx.opts.messages;
     let kind = match source {
         Source::Kafka => "",
         Source::RedisList => "redis-",
     };
-    let with_script = if script { "-script" } else { "" };
-    let name = format!("mkc-{kind}{mode}{with_script}-{workers}w-{latency}ms-{run}");
+    let suffix = match variant {
+        Variant::Plain => String::new(),
+        Variant::Script => "-script".to_string(),
+        Variant::Batch(b) => format!("-batch{b}"),
+    };
+    let name = format!("mkc-{kind}{mode}{suffix}-{workers}w-{latency}ms-{run}");
     let dir = ctx.dir.join("runs").join(&name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let script_line = if script {
-        let path = dir.join("bench.lua");
-        std::fs::write(&path, BENCH_SCRIPT)?;
-        format!("script {}\n", path.display())
-    } else {
-        String::new()
+    let script_line = match variant {
+        Variant::Script => {
+            let path = dir.join("bench.lua");
+            std::fs::write(&path, BENCH_SCRIPT)?;
+            format!("script {}\n", path.display())
+        }
+        Variant::Batch(b) => format!("batch {b}\n"),
+        Variant::Plain => String::new(),
     };
     std::fs::write(
         dir.join("sink.conf"),
@@ -893,6 +932,10 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
             lower(http(o.concurrency, l), redis_ceiling)
         } else if row.name.starts_with("mkc ordered") {
             lower(http(o.partitions, l), broker)
+        } else if row.name.contains(" batch ") {
+            // A request carries up to a hundred messages: the sink's
+            // request rate is no ceiling of the message rate.
+            broker
         } else if row.name.starts_with("mkc") {
             lower(http(o.concurrency, l), broker)
         } else {
@@ -1048,6 +1091,31 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
             format!("unordered with a script, {l} ms sink: added mkc CPU per message <= 10 us"),
             added_us,
             Some(10.0),
+            "us",
+            true,
+        );
+    }
+    let batched = format!("mkc unordered c{} batch {BENCH_BATCH}", o.concurrency);
+    let cpu_us = |r: &Row| Some(r.median(|s| s.cpu.get("mkc").copied())? / o.messages as f64 * 1e6);
+    for l in &o.latencies {
+        let row = find(rows, &batched, Some(*l));
+        if *l == 1 {
+            target(
+                format!(
+                    "unordered batch {BENCH_BATCH}, 1 ms sink >= 70% of the broker's group consume"
+                ),
+                row.map(Row::rate),
+                broker.map(|b| 0.7 * b),
+                "msgs/s",
+                false,
+            );
+        }
+        // CPU per message against the unbatched row (for the record: the
+        // goal is the unbatched row's own figure).
+        target(
+            format!("unordered batch {BENCH_BATCH}, {l} ms sink: mkc CPU per message <= unbatched row's"),
+            row.and_then(cpu_us),
+            find(rows, &unordered, Some(*l)).and_then(cpu_us),
             "us",
             true,
         );

@@ -2,7 +2,8 @@
 //! (`mkc_bench __sink`) so that its CPU and memory are measured apart from
 //! mkc's. It answers 200 to every request after an optional fixed latency,
 //! (slept on a blocking thread, to the microsecond) counts requests, and counts distinct messages by their
-//! `X-Mkc-Partition` / `X-Mkc-Offset` headers (a bitmap per partition), so
+//! `X-Mkc-Partition` / `X-Mkc-Offset` headers, or a batch's `X-Mkc-Offsets`
+//! (a bitmap per partition), so
 //! a re-delivery is never counted as progress.
 //!
 //! Control paths (plain text): `GET /_stats` → `requests distinct first_us
@@ -94,27 +95,40 @@ async fn handle(State(c): State<Arc<Counters>>, headers: HeaderMap, _body: Bytes
     let _ = c
         .first_us
         .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
-    if let (Some(partition), Some(offset)) = (
+    // One message (`X-Mkc-Partition` / `X-Mkc-Offset`) or a batch's
+    // (`X-Mkc-Offsets`: `partition:offset,...`).
+    let mut messages: Vec<(i32, u64)> = Vec::new();
+    if let Some(list) = headers.get("x-mkc-offsets").and_then(|v| v.to_str().ok()) {
+        messages.extend(list.split(',').filter_map(|item| {
+            let (p, o) = item.split_once(':')?;
+            Some((p.parse().ok()?, o.parse().ok()?))
+        }));
+    } else if let (Some(partition), Some(offset)) = (
         header::<i32>(&headers, "x-mkc-partition"),
         header::<u64>(&headers, "x-mkc-offset"),
     ) {
-        let new = {
-            let mut seen = c.seen.lock().unwrap_or_else(|p| p.into_inner());
+        messages.push((partition, offset));
+    }
+    let new = {
+        let mut seen = c.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut new = 0;
+        for &(partition, offset) in &messages {
             let bits = seen.entry(partition).or_default();
             let word = (offset / 64) as usize;
             if bits.len() <= word {
                 bits.resize(word + 1, 0);
             }
             let mask = 1u64 << (offset % 64);
-            let new = bits[word] & mask == 0;
+            new += u64::from(bits[word] & mask == 0);
             bits[word] |= mask;
-            new
-        };
-        if new {
-            let distinct = c.distinct.fetch_add(1, Ordering::AcqRel) + 1;
-            if distinct == c.target.load(Ordering::Acquire) {
-                c.nth_us.store(now, Ordering::Release);
-            }
+        }
+        new
+    };
+    if new > 0 {
+        let distinct = c.distinct.fetch_add(new, Ordering::AcqRel) + new;
+        let target = c.target.load(Ordering::Acquire);
+        if distinct >= target && distinct - new < target {
+            c.nth_us.store(now, Ordering::Release);
         }
     }
     let latency = c.latency_us.load(Ordering::Relaxed);

@@ -420,6 +420,25 @@ const MODULE_KEYS: &[Key<ModuleConfig>] = &[
         show: |m| statuses("fail_on", &m.contract.fail_on),
     },
     Key {
+        name: "batch",
+        show: |m| one("batch", m.contract.batch.size),
+    },
+    Key {
+        name: "batch_bytes",
+        show: |m| one("batch_bytes", m.contract.batch.bytes),
+    },
+    Key {
+        name: "batch_linger",
+        show: |m| one("batch_linger", m.contract.batch.linger.as_millis()),
+    },
+    Key {
+        name: "batch_format",
+        show: |m| match m.contract.batch.format {
+            BatchFormat::Json => one("batch_format", "json"),
+            BatchFormat::Ndjson => one("batch_format", "ndjson"),
+        },
+    },
+    Key {
         name: "header",
         show: |m| {
             m.contract

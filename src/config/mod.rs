@@ -310,6 +310,52 @@ pub struct DeliveryContract {
     pub fail_on: Vec<StatusPattern>,
     /// `header NAME VALUE` lines, in file order.
     pub headers: Vec<ModuleHeader>,
+    /// `batch`, `batch_bytes`, `batch_linger`, `batch_format` (README:
+    /// Batches).
+    pub batch: Batching,
+}
+
+/// How many messages go in one request (README: Batches). The default,
+/// `batch 1`, is one message per request with its body unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// `batch N`: at most N messages per request (default 1: no batch).
+    pub size: u32,
+    /// `batch_bytes B`: a batch's body grows to at most B bytes (default
+    /// 1 MiB); a single larger message goes alone.
+    pub bytes: usize,
+    /// `batch_linger MS`: how long a batch that is not full waits for more
+    /// messages after its first (default 0: sends what is there).
+    pub linger: Duration,
+    /// `batch_format json|ndjson` (default json).
+    pub format: BatchFormat,
+}
+
+impl Default for Batching {
+    fn default() -> Batching {
+        Batching {
+            size: 1,
+            bytes: DEFAULT_BATCH_BYTES as usize,
+            linger: Duration::ZERO,
+            format: BatchFormat::Json,
+        }
+    }
+}
+
+impl Batching {
+    /// Whether requests carry batches (`batch` > 1).
+    pub fn on(&self) -> bool {
+        self.size > 1
+    }
+}
+
+/// The body of a batch request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchFormat {
+    /// `[` + the payloads joined by `,` + `]`.
+    Json,
+    /// Each payload followed by `\n`.
+    Ndjson,
 }
 
 impl Default for DeliveryContract {
@@ -321,6 +367,7 @@ impl Default for DeliveryContract {
             retry_on: Vec::new(),
             fail_on: Vec::new(),
             headers: Vec::new(),
+            batch: Batching::default(),
         }
     }
 }
@@ -515,6 +562,13 @@ const DEFAULT_RETRYNUM: u32 = 3;
 const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 const DEFAULT_RETRY_MAX_DELAY_MS: u64 = 60_000;
 const DEFAULT_RCV_TIMEOUT_S: u64 = 30;
+const DEFAULT_BATCH_BYTES: u64 = 1024 * 1024;
+/// `batch` at most: a batch's header `X-Mkc-Offsets` lists every message.
+const MAX_BATCH: u64 = 10_000;
+/// `batch_bytes` at most (256 MiB).
+const MAX_BATCH_BYTES: u64 = 256 * 1024 * 1024;
+/// `batch_linger` at most (ms).
+const MAX_BATCH_LINGER_MS: u64 = 60_000;
 const DEFAULT_SND_TIMEOUT_S: u64 = 5;
 const DEFAULT_DISPATCH_LOG_FILE: &str = "mkc-dispatch-log.db";
 const DEFAULT_DISPATCH_LOG_QUEUE: u64 = 10_000;

@@ -113,6 +113,9 @@ pub(super) fn read_module_file(
     let mut contract = DeliveryContract::default();
     // Where each status pattern was listed, to refuse one in both lists.
     let mut listed: Vec<(StatusPattern, &str, Location)> = Vec::new();
+    // The first `batch_bytes`, `batch_linger` or `batch_format` line, to
+    // warn when there is no batch for it to shape.
+    let mut batch_detail: Option<Location> = None;
 
     for d in directives {
         let key = d.key.as_str();
@@ -350,8 +353,59 @@ pub(super) fn read_module_file(
                     contract.headers.push(header);
                 }
             }
+            "batch" => {
+                if let Some(value) = report.single(d, "batch N") {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_BATCH, "(messages)") {
+                        seen.note(key, d, report);
+                        contract.batch.size = n as u32;
+                    }
+                }
+            }
+            "batch_bytes" => {
+                if let Some(value) = report.single(d, "batch_bytes BYTES") {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_BATCH_BYTES, "(bytes)") {
+                        seen.note(key, d, report);
+                        contract.batch.bytes = n as usize;
+                        batch_detail.get_or_insert(d.location.clone());
+                    }
+                }
+            }
+            "batch_linger" => {
+                if let Some(value) = report.single(d, "batch_linger MILLISECONDS") {
+                    let max = MAX_BATCH_LINGER_MS;
+                    if let Some(n) = report.uint(d, "", value, 0, max, "(milliseconds)") {
+                        seen.note(key, d, report);
+                        contract.batch.linger = ms(n);
+                        batch_detail.get_or_insert(d.location.clone());
+                    }
+                }
+            }
+            "batch_format" => {
+                let Some(value) = report.single(d, "batch_format json|ndjson") else {
+                    continue;
+                };
+                contract.batch.format = match value.to_ascii_lowercase().as_str() {
+                    "json" => BatchFormat::Json,
+                    "ndjson" => BatchFormat::Ndjson,
+                    _ => {
+                        report.error(
+                            &d.location,
+                            format!("batch_format: \"{value}\" is not json or ndjson"),
+                        );
+                        continue;
+                    }
+                };
+                seen.note(key, d, report);
+                batch_detail.get_or_insert(d.location.clone());
+            }
             _ => report.error(&d.location, format!("unknown key \"{key}\"")),
         }
+    }
+    if let (Some(at), false) = (&batch_detail, contract.batch.on()) {
+        report.warn(
+            at,
+            "batch_bytes, batch_linger and batch_format are used only with batch 2 or more",
+        );
     }
     if let (Some((_, at)), DeliveryMode::Ordered) = (&concurrency, mode) {
         report.warn(

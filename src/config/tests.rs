@@ -1968,3 +1968,71 @@ fn dash_t_masks_env_and_credential_header_values_but_shows_the_others() {
         );
     }
 }
+
+// ---- module.conf: batches (issue 14) ----
+
+#[test]
+fn batch_defaults_keep_one_message_per_request() {
+    let loaded = module_with("");
+    let batch = loaded.config.modules[0].contract.batch;
+    assert_eq!(batch, Batching::default());
+    assert_eq!(batch.size, 1);
+    assert!(!batch.on());
+    assert_eq!(batch.bytes, 1024 * 1024);
+    assert_eq!(batch.linger, Duration::ZERO);
+    assert_eq!(batch.format, BatchFormat::Json);
+}
+
+#[test]
+fn every_batch_key_is_read() {
+    let loaded = module_with("batch 100\nbatch_bytes 65536\nbatch_linger 5\nbatch_format NDJSON\n");
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let batch = loaded.config.modules[0].contract.batch;
+    assert!(batch.on());
+    assert_eq!(batch.size, 100);
+    assert_eq!(batch.bytes, 65536);
+    assert_eq!(batch.linger, Duration::from_millis(5));
+    assert_eq!(batch.format, BatchFormat::Ndjson);
+    let out = effective(&loaded.config);
+    for shown in [
+        "batch 100",
+        "batch_bytes 65536",
+        "batch_linger 5",
+        "batch_format ndjson",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(shown)),
+            "no line {shown:?}:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn batch_errors_name_file_and_line() {
+    assert_eq!(
+        module_errors("batch 0\n"),
+        vec!["/etc/mkc/m.conf:4: batch: \"0\" is not a positive integer (messages)"]
+    );
+    assert_eq!(
+        module_errors("batch 10001\n"),
+        vec!["/etc/mkc/m.conf:4: batch: 10001 is too large (at most 10000 (messages))"]
+    );
+    assert_eq!(
+        module_errors("batch 2\nbatch_format xml\nbatch_linger -1\nbatch_bytes 0\n"),
+        vec![
+            "/etc/mkc/m.conf:5: batch_format: \"xml\" is not json or ndjson",
+            "/etc/mkc/m.conf:6: batch_linger: \"-1\" is not a non-negative integer (milliseconds)",
+            "/etc/mkc/m.conf:7: batch_bytes: \"0\" is not a positive integer (bytes)",
+        ]
+    );
+}
+
+#[test]
+fn batch_details_without_a_batch_warn() {
+    let loaded = module_with("batch_linger 10\nbatch_format ndjson\n");
+    assert_eq!(
+        warnings(&loaded),
+        vec!["/etc/mkc/m.conf:4: batch_bytes, batch_linger and batch_format are used only with batch 2 or more"]
+    );
+    assert!(warnings(&module_with("batch 2\nbatch_linger 10\n")).is_empty());
+}

@@ -45,6 +45,9 @@ use crate::pipeline::envelope::Envelope;
 use crate::script::{Engine, Reshape, Verdict};
 use crate::source::SourceKind;
 
+mod batch;
+pub use batch::{BatchHeaders, Member};
+
 /// One message, owned, as the lanes of a partition share it.
 #[derive(Debug)]
 pub struct Message {
@@ -128,6 +131,9 @@ pub struct Prepared {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The module's `delay`, or the script's `delay_ms`.
     pub delay: Duration,
+    /// A batch's request (README: Batches): its headers replace the
+    /// message's own (`X-Mkc-Offset`, `Idempotency-Key`, ...).
+    pub batch: Option<BatchHeaders>,
 }
 
 /// What a delivery reports while it retries, and whom it asks whether to
@@ -389,6 +395,7 @@ impl Endpoint {
             uri: self.uri.clone(),
             headers: Vec::new(),
             delay: self.module.delay,
+            batch: None,
         };
         let Some(script) = &self.script else {
             return Ok(Some(unchanged));
@@ -416,6 +423,7 @@ impl Endpoint {
                     uri,
                     headers,
                     delay: delay.unwrap_or(unchanged.delay),
+                    batch: None,
                 }))
             }
         }
@@ -429,24 +437,24 @@ impl Endpoint {
 
     /// Whether an operator asked to skip `msg`: through the admin controls
     /// or, once an attempt failed, through the dispatch log (`observer`).
-    fn skip_requested(&self, msg: &Message, attempts: u32, observer: &dyn Observer) -> bool {
+    fn skip_requested(&self, msgs: &[&Message], attempts: u32, observer: &dyn Observer) -> bool {
         let name = &self.module.name;
-        self.controls.skips.iter().any(|s| s.skip(msg, name))
-            || (attempts > 0 && observer.skip_requested())
+        let asked = |s: &Arc<dyn SkipCheck>| msgs.iter().any(|msg| s.skip(msg, name));
+        self.controls.skips.iter().any(asked) || (attempts > 0 && observer.skip_requested())
     }
 
     /// Before an attempt: waits while the module is paused. `Some` when
     /// the delivery ends here (skipped, or stopped while paused).
     async fn gate(
         &self,
-        msg: &Message,
+        msgs: &[&Message],
         cancel: &Cancel,
         attempts: u32,
         observer: &dyn Observer,
     ) -> Option<Outcome> {
         loop {
-            if self.skip_requested(msg, attempts, observer) {
-                return Some(self.skipped(msg, attempts));
+            if self.skip_requested(msgs, attempts, observer) {
+                return Some(self.skipped(msgs, attempts));
             }
             let server_pause = self.server_pause_left();
             if !self.controls.watch.as_ref().is_some_and(|w| w.paused()) && server_pause.is_zero() {
@@ -489,7 +497,7 @@ impl Endpoint {
     async fn wait_retry(
         &self,
         wait: Duration,
-        msg: &Message,
+        msgs: &[&Message],
         cancel: &Cancel,
         attempts: u32,
         observer: &dyn Observer,
@@ -497,8 +505,8 @@ impl Endpoint {
         // tokio's clock, as the sleeps below (tests pause it).
         let until = tokio::time::Instant::now() + wait;
         loop {
-            if self.skip_requested(msg, attempts, observer) {
-                return Some(self.skipped(msg, attempts));
+            if self.skip_requested(msgs, attempts, observer) {
+                return Some(self.skipped(msgs, attempts));
             }
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
@@ -527,7 +535,6 @@ impl Endpoint {
         cancel: &Cancel,
         observer: &dyn Observer,
     ) -> Outcome {
-        let m = &self.module;
         let watch = self.controls.watch.as_deref();
         if let Some(w) = watch {
             w.started(msg);
@@ -538,7 +545,51 @@ impl Endpoint {
             Ok(None) => return Outcome::Filtered,
             Err(error) => return Outcome::ScriptError { error },
         };
-        if let Some(wait) = delay_left(msg.timestamp_ms, prepared.delay, SystemTime::now()) {
+        self.send(std::slice::from_ref(&msg), &prepared, cancel, observer)
+            .await
+    }
+
+    /// [`Endpoint::deliver_observed`] of a message its script already ran
+    /// on ([`Endpoint::prepare`]).
+    pub async fn deliver_prepared(
+        &self,
+        msg: &Message,
+        prepared: &Prepared,
+        cancel: &Cancel,
+        observer: &dyn Observer,
+    ) -> Outcome {
+        let watch = self.controls.watch.as_deref();
+        if let Some(w) = watch {
+            w.started(msg);
+        }
+        let _watching = Watching(watch.map(|w| (w, msg)));
+        self.send(std::slice::from_ref(&msg), prepared, cancel, observer)
+            .await
+    }
+
+    /// The delay, the attempts and the retries of one request's content:
+    /// one message, or the messages of a batch in body order (`prepared`
+    /// is then the batch's request). A batch is sent once its last message
+    /// is due; an operator's skip of any of its messages ends the attempts
+    /// with [`Outcome::Skipped`] (the caller sorts out which).
+    async fn send(
+        &self,
+        msgs: &[&Message],
+        prepared: &Prepared,
+        cancel: &Cancel,
+        observer: &dyn Observer,
+    ) -> Outcome {
+        let Some(&msg) = msgs.first() else {
+            return Outcome::Aborted;
+        };
+        let m = &self.module;
+        let watch = self.controls.watch.as_deref();
+        let now = SystemTime::now();
+        let due = msgs
+            .iter()
+            .filter_map(|msg| delay_left(msg.timestamp_ms, prepared.delay, now))
+            .max();
+        if let Some(wait) = due {
             tokio::select! {
                 biased;
                 _ = cancel.abort.cancelled() => return Outcome::Aborted,
@@ -554,7 +605,7 @@ impl Endpoint {
             if cancel.stop.is_cancelled() || cancel.abort.is_cancelled() {
                 return Outcome::Aborted;
             }
-            if let Some(outcome) = self.gate(msg, cancel, attempts, observer).await {
+            if let Some(outcome) = self.gate(msgs, cancel, attempts, observer).await {
                 return outcome;
             }
             attempts += 1;
@@ -563,11 +614,13 @@ impl Endpoint {
             let result = tokio::select! {
                 biased;
                 _ = cancel.abort.cancelled() => return Outcome::Aborted,
-                r = self.attempt(msg, &prepared, attempts) => r,
+                r = self.attempt(msg, prepared, attempts) => r,
             };
             if let Some(w) = watch {
                 let error = result.as_ref().err().map(|e| e.text.as_str());
-                w.attempted(msg, attempts, started.elapsed(), error);
+                for msg in msgs {
+                    w.attempted(msg, attempts, started.elapsed(), error);
+                }
             }
             let error = match result {
                 Ok(()) => return Outcome::Delivered { attempts },
@@ -596,7 +649,7 @@ impl Endpoint {
             tracing::warn!(
                 topic = %msg.topic, partition = msg.partition, offset = msg.offset,
                 command_id = %msg.envelope.command_id, module = %m.name,
-                attempt = attempts, error = %error.text,
+                attempt = attempts, messages = msgs.len(), error = %error.text,
                 "attempt failed{}",
                 if last_attempt { why } else { ", will retry" }
             );
@@ -608,13 +661,20 @@ impl Endpoint {
                 };
             }
             observer.attempt_failed(attempts, error.status, &error.text);
-            if let Some(outcome) = self.wait_retry(wait, msg, cancel, attempts, observer).await {
+            if let Some(outcome) = self
+                .wait_retry(wait, msgs, cancel, attempts, observer)
+                .await
+            {
                 return outcome;
             }
         }
     }
 
-    fn skipped(&self, msg: &Message, attempts: u32) -> Outcome {
+    fn skipped(&self, msgs: &[&Message], attempts: u32) -> Outcome {
+        let [msg] = msgs else {
+            // A batch: its caller says which of its messages were skipped.
+            return Outcome::Skipped { attempts };
+        };
         tracing::warn!(
             topic = %msg.topic, partition = msg.partition, offset = msg.offset,
             command_id = %msg.envelope.command_id, module = %self.module.name,
@@ -650,7 +710,7 @@ impl Endpoint {
         let mut request = Request::new(Full::new(prepared.body.clone()));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = prepared.uri.clone();
-        let mut headers = self.headers(msg, attempt);
+        let mut headers = self.headers(msg, prepared.batch.as_ref(), attempt);
         for (name, value) in &prepared.headers {
             headers.insert(name.clone(), value.clone());
         }
@@ -701,7 +761,9 @@ impl Endpoint {
         })
     }
 
-    fn headers(&self, msg: &Message, attempt: u32) -> HeaderMap {
+    /// A request's headers: `msg`'s own, or with `batch` those of the
+    /// batch `msg` is the first message of.
+    fn headers(&self, msg: &Message, batch: Option<&BatchHeaders>, attempt: u32) -> HeaderMap {
         let mut h = HeaderMap::with_capacity(12);
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(
@@ -711,13 +773,20 @@ impl Endpoint {
         if let Ok(v) = HeaderValue::from_str(&msg.topic) {
             h.insert(X_MKC_TOPIC.clone(), v);
         }
-        h.insert(X_MKC_PARTITION.clone(), HeaderValue::from(msg.partition));
-        h.insert(X_MKC_OFFSET.clone(), HeaderValue::from(msg.offset));
-        if let Ok(v) = HeaderValue::from_str(&msg.envelope.command_id.to_string()) {
-            h.insert(X_MKC_COMMAND_ID.clone(), v);
-        }
-        if let Some(Ok(v)) = msg.envelope.commit_id.as_deref().map(HeaderValue::from_str) {
-            h.insert(X_MKC_COMMIT_ID.clone(), v);
+        if let Some(batch) = batch {
+            batch.insert_into(&mut h);
+        } else {
+            h.insert(X_MKC_PARTITION.clone(), HeaderValue::from(msg.partition));
+            h.insert(X_MKC_OFFSET.clone(), HeaderValue::from(msg.offset));
+            if let Ok(v) = HeaderValue::from_str(&msg.envelope.command_id.to_string()) {
+                h.insert(X_MKC_COMMAND_ID.clone(), v);
+            }
+            if let Some(Ok(v)) = msg.envelope.commit_id.as_deref().map(HeaderValue::from_str) {
+                h.insert(X_MKC_COMMIT_ID.clone(), v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&idempotency_key(msg)) {
+                h.insert(IDEMPOTENCY_KEY.clone(), v);
+            }
         }
         h.insert(X_MKC_ATTEMPT.clone(), HeaderValue::from(attempt));
         h.insert(X_MKC_MODULE.clone(), self.module_header.clone());
@@ -727,9 +796,6 @@ impl Endpoint {
         );
         if let Some(Ok(v)) = msg.pattern.as_deref().map(HeaderValue::from_str) {
             h.insert(X_MKC_PATTERN.clone(), v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&idempotency_key(msg)) {
-            h.insert(IDEMPOTENCY_KEY.clone(), v);
         }
         if let Some(auth) = &self.basic_auth {
             h.insert(AUTHORIZATION, auth.clone());

@@ -49,6 +49,7 @@
 //! pre-fetched messages and fetches them again on resume, nothing is read
 //! twice.
 
+mod batched;
 mod from_kafka;
 mod from_redis;
 
@@ -361,6 +362,9 @@ pub(crate) struct Pipeline {
     endpoints: Vec<Arc<Endpoint>>,
     /// Per module: permits for requests in flight (`keyed`, `unordered`).
     permits: Vec<Arc<Semaphore>>,
+    /// Per module: for an `unordered` module with batches, the one lane
+    /// of the worker that every partition feeds (its batches mix them).
+    shared_lanes: Vec<Option<batched::SharedLane>>,
     /// Whether some module orders by the Kafka message key.
     needs_kafka_key: bool,
     max_inflight_messages: usize,
@@ -461,6 +465,14 @@ impl Pipeline {
             .iter()
             .map(|m| Arc::new(Semaphore::new(m.concurrency as usize)))
             .collect();
+        let shared_lanes = config
+            .modules
+            .iter()
+            .map(|m| {
+                (m.mode == DeliveryMode::Unordered && m.contract.batch.on())
+                    .then(batched::SharedLane::new)
+            })
+            .collect();
         // Scripts see msg.key.
         let needs_kafka_key = config.route.is_some()
             || config.modules.iter().any(|m| {
@@ -486,6 +498,7 @@ impl Pipeline {
             ack,
             endpoints,
             permits,
+            shared_lanes,
             needs_kafka_key,
             max_inflight_messages: config.max_inflight_messages,
             max_inflight_bytes: config.max_inflight_bytes,
@@ -548,10 +561,15 @@ impl Pipeline {
     fn new_partition(self: &Arc<Self>, number: i32) -> Arc<Partition> {
         let mut senders = Vec::with_capacity(self.endpoints.len());
         let mut receivers = Vec::with_capacity(self.endpoints.len());
-        for _ in &self.endpoints {
+        for (module, shared) in self.shared_lanes.iter().enumerate() {
+            if let Some(shared) = shared {
+                senders.push(shared.sender(self, module));
+                receivers.push(None);
+                continue;
+            }
             let (tx, rx) = mpsc::unbounded_channel();
             senders.push(tx);
-            receivers.push(rx);
+            receivers.push(Some(rx));
         }
         let partition = Arc::new(Partition {
             number,
@@ -565,6 +583,9 @@ impl Pipeline {
             ack: self.ack.clone(),
         });
         for (module, rx) in receivers.into_iter().enumerate() {
+            let Some(rx) = rx else {
+                continue;
+            };
             let lane = lane(self.clone(), partition.clone(), module, rx);
             self.lanes.spawn_on(lane, &self.runtime);
         }
@@ -1019,22 +1040,34 @@ impl LaneCtx {
     /// Delivers `job` to this lane's module and records the outcome.
     /// Returns false when the delivery was aborted (not final).
     async fn deliver(&self, job: &Job) -> bool {
-        let msg = &job.msg;
-        let name = &self.endpoint.module.name;
-        let pipeline = &self.pipeline;
+        let observer = self.observer(&job.msg);
+        let outcome = self
+            .endpoint
+            .deliver_observed(&job.msg, &self.cancel, &observer)
+            .await;
+        self.settle(job, &observer, outcome).await
+    }
+
+    /// The dispatch log's observer of `msg`'s delivery to this module.
+    fn observer<'a>(&'a self, msg: &'a Message) -> Retrying<'a> {
         let key = Key {
             topic: msg.topic.clone(),
             partition: msg.partition,
             offset: msg.offset,
-            module: pipeline.module_names[self.module].clone(),
+            module: self.pipeline.module_names[self.module].clone(),
         };
-        let observer = Retrying::new(&pipeline.log, key, msg);
-        let outcome = self
-            .endpoint
-            .deliver_observed(msg, &self.cancel, &observer)
-            .await;
+        Retrying::new(&self.pipeline.log, key, msg)
+    }
+
+    /// Records `job`'s outcome (dispatch log, figures, log line, dead
+    /// letter) and marks this module done with it. Returns false when the
+    /// outcome is not final (aborted, or stopped before the dead letter
+    /// was sent).
+    async fn settle(&self, job: &Job, observer: &Retrying<'_>, outcome: Outcome) -> bool {
+        let msg = &job.msg;
+        let name = &self.endpoint.module.name;
         observer.finish(&outcome);
-        pipeline.figures.outcome(self.module, msg, &outcome);
+        self.pipeline.figures.outcome(self.module, msg, &outcome);
         match outcome {
             Outcome::Aborted => return false,
             Outcome::Delivered { attempts } if attempts > 1 => {
@@ -1127,7 +1160,11 @@ async fn lane(
         pipeline,
     };
     match ctx.endpoint.module.mode {
+        DeliveryMode::Ordered if ctx.endpoint.module.contract.batch.on() => {
+            batched::in_batches(ctx, rx, false).await
+        }
         DeliveryMode::Ordered => in_order(ctx, rx, false).await,
+        // With batches, the worker's lane of the module (`batched::shared`).
         DeliveryMode::Unordered => unordered(ctx, rx).await,
         DeliveryMode::Keyed => keyed(ctx, rx).await,
     }
@@ -1177,9 +1214,11 @@ async fn keyed(ctx: LaneCtx, mut rx: mpsc::UnboundedReceiver<Arc<Job>>) {
         };
         let sender = subs[bucket].get_or_insert_with(|| {
             let (tx, sub_rx) = mpsc::unbounded_channel();
-            ctx.pipeline
-                .lanes
-                .spawn(in_order(ctx.clone(), sub_rx, true));
+            let lanes = &ctx.pipeline.lanes;
+            match ctx.endpoint.module.contract.batch.on() {
+                true => lanes.spawn(batched::in_batches(ctx.clone(), sub_rx, true)),
+                false => lanes.spawn(in_order(ctx.clone(), sub_rx, true)),
+            };
             tx
         });
         if sender.send(job).is_err() {

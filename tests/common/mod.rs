@@ -597,6 +597,9 @@ struct SinkState {
     attempts: Mutex<HashMap<String, u32>>,
     /// `Idempotency-Key`s answered `fail_status` whatever the behavior.
     always_fail: Mutex<std::collections::HashSet<String>>,
+    /// Requests whose body contains one of these are answered
+    /// `fail_status` whatever the behavior.
+    poison_bodies: Mutex<Vec<Vec<u8>>>,
 }
 
 /// An HTTP server on 127.0.0.1 that stands in for the modules: it accepts
@@ -631,6 +634,7 @@ impl Sink {
             behavior: Mutex::new(behavior),
             attempts: Mutex::new(HashMap::new()),
             always_fail: Mutex::new(HashSet::new()),
+            poison_bodies: Mutex::new(Vec::new()),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -681,6 +685,13 @@ impl Sink {
     /// from now on: a poison message among good ones.
     pub fn fail_always(&self, idempotency_key: &str) {
         lock(&self.state.always_fail).insert(idempotency_key.to_string());
+    }
+
+    /// Answers every request whose body contains `needle` with the
+    /// behavior's `fail_status`, from now on: a poison message inside
+    /// batches.
+    pub fn fail_body_containing(&self, needle: &[u8]) {
+        lock(&self.state.poison_bodies).push(needle.to_vec());
     }
 
     /// Every request so far, in arrival order.
@@ -833,7 +844,10 @@ async fn handle(
     let poisoned = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|k| lock(&state.always_fail).contains(k));
+        .is_some_and(|k| lock(&state.always_fail).contains(k))
+        || lock(&state.poison_bodies)
+            .iter()
+            .any(|needle| body.windows(needle.len()).any(|w| w == needle.as_slice()));
     let status = if poisoned || attempt <= behavior.fail_first {
         behavior.fail_status
     } else {
