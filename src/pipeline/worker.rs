@@ -28,6 +28,10 @@
 //!   same key keeps its order while different keys go in parallel;
 //! - `unordered`: starts each delivery as its own task.
 //!
+//! A module with `batch` 2 or more sends several messages per request:
+//! its lanes are those of the child module `batched` (an `unordered`
+//! one has a single lane per worker that every partition feeds).
+//!
 //! `keyed` and `unordered` deliveries take a permit from the module's
 //! semaphore (`concurrency` per worker). Partitions and modules progress
 //! independently; a message is finished when its last module reaches a

@@ -241,3 +241,158 @@ impl Endpoint {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A loopback endpoint answering 500 to a body holding `POISON`, else
+    /// 204; what it received: (X-Mkc-Offsets, body) in arrival order.
+    async fn sink() -> (std::net::SocketAddr, Arc<Mutex<Vec<(String, String)>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let app = axum::Router::new().route(
+            "/b",
+            axum::routing::post(move |headers: http::HeaderMap, body: Bytes| {
+                let record = record.clone();
+                async move {
+                    let offsets = headers
+                        .get("x-mkc-offsets")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let body = String::from_utf8_lossy(&body).to_string();
+                    let poisoned = body.contains("POISON");
+                    record.lock().unwrap().push((offsets, body));
+                    match poisoned {
+                        true => http::StatusCode::INTERNAL_SERVER_ERROR,
+                        false => http::StatusCode::NO_CONTENT,
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, seen)
+    }
+
+    fn message(offset: i64, data: &str) -> Message {
+        Message {
+            source: crate::source::SourceKind::Kafka,
+            pattern: None,
+            topic: Arc::from("t"),
+            partition: 1,
+            offset,
+            timestamp_ms: None,
+            key: None,
+            payload: Bytes::from(format!("{{\"commandId\": 1, \"data\": \"{data}\"}}")),
+            envelope: crate::pipeline::envelope::Envelope {
+                command_id: crate::config::CommandId(1),
+                commit_id: None,
+            },
+        }
+    }
+
+    fn endpoint(addr: std::net::SocketAddr, format: BatchFormat) -> Endpoint {
+        let text = format!("name b\nuri http://{addr}/b\nfilters 1\nretrynum 1\nretry_delay 1\n");
+        let server = "brokers 127.0.0.1:9092\ntopic t\nmodule b.conf\n";
+        let config =
+            crate::config::load_str(std::path::Path::new("/x/server.conf"), server, |_| {
+                Ok(text.clone().into_bytes())
+            })
+            .unwrap()
+            .config;
+        let mut module = config.modules[0].clone();
+        module.contract.batch.size = 100;
+        module.contract.batch.format = format;
+        Endpoint::new(Arc::new(module)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_poison_message_is_split_out_and_alone_exhausted() {
+        let (addr, seen) = sink().await;
+        let endpoint = endpoint(addr, BatchFormat::Json);
+        let msgs: Vec<Message> = (0..5)
+            .map(|i| message(10 + i, if i == 3 { "POISON" } else { "ok" }))
+            .collect();
+        let prepared: Vec<Prepared> = msgs
+            .iter()
+            .map(|m| endpoint.prepare(m).unwrap().unwrap())
+            .collect();
+        let members: Vec<Member> = msgs
+            .iter()
+            .zip(&prepared)
+            .map(|(msg, prepared)| Member {
+                msg,
+                prepared,
+                observer: &NoObserver,
+            })
+            .collect();
+        let outcomes = endpoint.deliver_batch(&members, &Cancel::default()).await;
+        // [10..15) ×2, [10,11,12] ok, [13,14] ×2, [13] ×2, [14] ok.
+        let offsets: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+        assert_eq!(
+            offsets,
+            [
+                "1:10,1:11,1:12,1:13,1:14",
+                "1:10,1:11,1:12,1:13,1:14",
+                "1:10,1:11,1:12",
+                "1:13,1:14",
+                "1:13,1:14",
+                "1:13",
+                "1:13",
+                "1:14",
+            ]
+        );
+        let delivered = |attempts| Outcome::Delivered { attempts };
+        assert_eq!(outcomes[..3], [delivered(3), delivered(3), delivered(3)]);
+        assert!(
+            matches!(
+                outcomes[3],
+                Outcome::Exhausted {
+                    attempts: 6,
+                    http_status: Some(500),
+                    ..
+                }
+            ),
+            "{:?}",
+            outcomes[3]
+        );
+        assert_eq!(outcomes[4], delivered(5));
+        let first_body = &seen.lock().unwrap()[2].1;
+        let want = format!(
+            "[{},{},{}]",
+            String::from_utf8_lossy(&msgs[0].payload),
+            String::from_utf8_lossy(&msgs[1].payload),
+            String::from_utf8_lossy(&msgs[2].payload)
+        );
+        assert_eq!(first_body, &want);
+    }
+
+    #[tokio::test]
+    async fn an_ndjson_batch_ends_each_payload_with_a_newline() {
+        let (addr, seen) = sink().await;
+        let endpoint = endpoint(addr, BatchFormat::Ndjson);
+        let msgs: Vec<Message> = (0..2).map(|i| message(i, "ok")).collect();
+        let prepared: Vec<Prepared> = msgs
+            .iter()
+            .map(|m| endpoint.prepare(m).unwrap().unwrap())
+            .collect();
+        let members: Vec<Member> = msgs
+            .iter()
+            .zip(&prepared)
+            .map(|(msg, prepared)| Member {
+                msg,
+                prepared,
+                observer: &NoObserver,
+            })
+            .collect();
+        let outcomes = endpoint.deliver_batch(&members, &Cancel::default()).await;
+        assert_eq!(outcomes, vec![Outcome::Delivered { attempts: 1 }; 2]);
+        let body = seen.lock().unwrap()[0].1.clone();
+        let one = String::from_utf8_lossy(&msgs[0].payload).to_string();
+        assert_eq!(body, format!("{one}\n{one}\n"));
+    }
+}

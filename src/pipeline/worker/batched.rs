@@ -263,11 +263,26 @@ impl LaneCtx {
                 let outcomes = self.endpoint.deliver_batch(&members, &self.cancel).await;
                 let mut done = true;
                 for ((t, observer), outcome) in batch.iter().zip(&observers).zip(outcomes) {
+                    if outcome == Outcome::Aborted && self.requeue(&t.job) {
+                        continue;
+                    }
                     done &= self.settle(&t.job, observer, outcome).await;
                 }
                 done
             }
         }
+    }
+
+    /// A message of a shared lane's batch that was aborted because another
+    /// partition of the batch was revoked: its own partition is still
+    /// assigned, so it goes back into the lane (nobody else would deliver
+    /// it, and its partition's commits would wait for it). True when it
+    /// did.
+    fn requeue(&self, job: &Arc<Job>) -> bool {
+        self.pipeline.shared_lanes[self.module].is_some()
+            && !job.partition.abort.is_cancelled()
+            && !self.pipeline.stop.is_cancelled()
+            && job.partition.lanes[self.module].send(job.clone()).is_ok()
     }
 
     /// This lane's context for delivering `gathered`, aborted when the
