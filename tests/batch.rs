@@ -323,10 +323,11 @@ fn a_poison_message_is_split_out_of_its_batch_and_alone_dead_lettered() {
             String::from_utf8_lossy(&letters[0].payload)
         )
     });
-    // retrynum 1: two requests per part. [0..8) fails twice; [0..4)
-    // goes; [4..8) fails twice; [4,5] fails twice; [6,7] goes; [4] goes;
-    // [5] fails twice and is exhausted: (1+1) × (1 + log2 8) + log2 8 =
-    // 11 requests, the worst case README states.
+    // retrynum 1: two requests per failing part, first halves first.
+    // [0..8) fails twice; [0..4) goes; [4..8) fails twice; [4,5] fails
+    // twice; [4] goes; [5] fails twice and is exhausted; [6,7] goes:
+    // (1+1) × (1 + log2 8) + log2 8 = 11 requests, the worst case README
+    // states.
     sink.assert_no_more(11, Duration::from_secs(2));
     let parts: Vec<Vec<i64>> = sink
         .requests()
@@ -342,10 +343,10 @@ fn a_poison_message_is_split_out_of_its_batch_and_alone_dead_lettered() {
         (4..8).map(o).collect(),
         vec![o(4), o(5)],
         vec![o(4), o(5)],
-        vec![o(6), o(7)],
         vec![o(4)],
         vec![o(5)],
         vec![o(5)],
+        vec![o(6), o(7)],
     ];
     mkc.check(parts == want, || {
         format!("requests carried {parts:?}, expected {want:?}")
@@ -395,18 +396,20 @@ fn a_poison_message_is_split_out_of_its_batch_and_alone_dead_lettered() {
 fn kill9_of_a_worker_during_batched_delivery_loses_nothing() {
     let _heavy = heavy_test();
     const PARTITIONS: i32 = 6;
-    const N: u64 = 3000;
+    const N: u64 = 6000;
     let topic = unique_name("batch-kill");
     let group = unique_name("batch-kill-group");
     create_topic(&topic, PARTITIONS);
-    let sink = Sink::with(Behavior::ok().latency(Duration::ZERO, Duration::from_millis(5)));
+    // About 4,000 messages a second: the kill comes mid-stream.
+    let sink =
+        Sink::with(Behavior::ok().latency(Duration::from_millis(5), Duration::from_millis(15)));
     let config = MkcConfig::new(&topic, &group).sync_interval_ms(100).module(
         Module::new("mixed", sink.url("/mixed"))
             .filter(1001)
             .retrynum(0)
             .line("mode unordered")
-            .line("concurrency 4")
-            .line("batch 50"),
+            .line("concurrency 2")
+            .line("batch 20"),
     );
     let produced = produce(
         &topic,
@@ -429,9 +432,11 @@ fn kill9_of_a_worker_during_batched_delivery_loses_nothing() {
         "every message was delivered before the kill: nothing tested".to_string()
     });
     let started = mkc.log_count("worker started");
+    let assigned = mkc.log_count("partitions assigned");
     let pid = mkc.kill9_worker();
     eprintln!("killed worker {pid} after {before} messages");
     mkc.wait_log_count("worker started", started + 1, Duration::from_secs(30));
+    mkc.wait_log_count("partitions assigned", assigned + 1, Duration::from_secs(60));
 
     let expected: BTreeSet<(i32, i64)> = produced.iter().map(|p| (p.partition, p.offset)).collect();
     let mut got = BTreeSet::new();
@@ -458,13 +463,19 @@ fn kill9_of_a_worker_during_batched_delivery_loses_nothing() {
     mkc.check(mixed, || {
         "no batch mixed partitions in unordered mode".to_string()
     });
-    mkc.stop_clean();
-    let committed = committed_offsets(&group, &topic, PARTITIONS);
     let mut end: HashMap<i32, i64> = HashMap::new();
     for p in &produced {
         let e = end.entry(p.partition).or_default();
         *e = (*e).max(p.offset + 1);
     }
+    let ends: Vec<Option<i64>> = (0..PARTITIONS).map(|p| end.get(&p).copied()).collect();
+    // The new worker re-delivers from the last commit before the kill:
+    // let it finish before the stop.
+    wait_until(Duration::from_secs(60), || {
+        committed_offsets(&group, &topic, PARTITIONS) == ends
+    });
+    mkc.stop_clean();
+    let committed = committed_offsets(&group, &topic, PARTITIONS);
     for p in 0..PARTITIONS {
         mkc.check(committed[p as usize] == end.get(&p).copied(), || {
             format!(

@@ -17,9 +17,10 @@
 //! 4. measures mkc (the release binary) end to end, from the first
 //!    message to the N-th distinct message the sink counts: `ordered` with
 //!    1 and P workers, `keyed` and `unordered` with one worker and
-//!    `--concurrency` requests in flight, and `unordered` again with a
+//!    `--concurrency` requests in flight, `unordered` again with a
 //!    module script (issue 13: reads one field of `msg.json`, adds a
-//!    header);
+//!    header) and with `batch 100` (issue 14: up to 100 messages of any
+//!    partition per request; compared with the broker's ceiling alone);
 //! 5. measures the baseline: a Python consumer (confluent-kafka +
 //!    requests, one POST per message) committing after each message and
 //!    every 1,000, over `--baseline-messages` messages;
@@ -96,7 +97,8 @@ struct Opts {
     #[arg(long)]
     quick: bool,
     /// Only the scenarios whose name contains one of these (broker, http,
-    /// ordered-1w, ordered-Pw, keyed, unordered, unordered-script, python;
+    /// ordered-1w, ordered-Pw, keyed, unordered, unordered-script,
+    /// unordered-batch, python;
     /// redis-consume,
     /// redis-ordered, redis-unordered). The Redis scenarios match only a
     /// filter that says `redis` (`--only redis`: all of them, with the HTTP
