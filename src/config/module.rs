@@ -113,6 +113,7 @@ pub(super) fn read_module_file(
     let mut contract = DeliveryContract::default();
     // Where each status pattern was listed, to refuse one in both lists.
     let mut listed: Vec<(StatusPattern, &str, Location)> = Vec::new();
+    let mut request = RequestKeys::default();
 
     for d in directives {
         let key = d.key.as_str();
@@ -350,6 +351,8 @@ pub(super) fn read_module_file(
                     contract.headers.push(header);
                 }
             }
+            "sign_secret" | "sign_secret_env" | "forward_headers" | "tls_cert" | "tls_key"
+            | "tls_ca" => request.read(d, &mut contract, scripts, report),
             _ => report.error(&d.location, format!("unknown key \"{key}\"")),
         }
     }
@@ -372,6 +375,10 @@ pub(super) fn read_module_file(
     if !uri_given {
         report.error_unplaced(format!("{shown}: module has no uri (add a `uri URL` line)"));
     }
+    let https = uri
+        .as_deref()
+        .is_some_and(|u| u.to_ascii_lowercase().starts_with("https:"));
+    request.finish(&mut contract, https, report);
     let (name, name_at) = name?;
     let uri = uri?;
     if !global.is_empty() {
@@ -410,7 +417,8 @@ pub(super) fn read_module_file(
 
 /// Headers mkc sets itself from the request (framing and routing): a
 /// `header` line cannot replace them.
-const RESERVED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding", "connection"];
+pub(super) const RESERVED_HEADERS: &[&str] =
+    &["host", "content-length", "transfer-encoding", "connection"];
 
 /// A `header NAME VALUE` line checked: a valid, not reserved name, and a
 /// value that, with `${VAR}` replaced, is a valid header value.

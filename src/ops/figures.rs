@@ -1047,6 +1047,7 @@ mod tests {
             key: None,
             envelope: crate::pipeline::envelope::parse(&payload, 1 << 20).unwrap(),
             payload,
+            headers: Vec::new(),
         }
     }
 

@@ -16,8 +16,10 @@
 //! retry, or a final failure), how long to wait before a retry
 //! ([`backoff_delay`], or the server's `Retry-After` on 429 and 503, see
 //! [`retry_after`]), and which headers every request carries (`header`
-//! lines, basic auth from the uri's userinfo). A `Retry-After` pauses the
-//! whole module in this worker: every lane's next attempt waits for it.
+//! lines, basic auth from the uri's userinfo, the forwarded Kafka headers
+//! and the signature: see [`crate::pipeline::request`]). A `Retry-After`
+//! pauses the whole module in this worker: every lane's next attempt waits
+//! for it.
 //!
 //! [`Endpoint::deliver_observed`] also reports failed attempts to an
 //! [`Observer`] (the dispatch log) and asks it, before each retry and
@@ -42,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AnswerKind, Backoff, DeliveryContract, HttpMethod, ModuleConfig};
 use crate::pipeline::envelope::Envelope;
+use crate::pipeline::request::{self, SigningKey};
 use crate::script::{Engine, Reshape, Verdict};
 use crate::source::SourceKind;
 
@@ -68,6 +71,10 @@ pub struct Message {
     /// The payload, byte for byte; cloning is a reference count.
     pub payload: Bytes,
     pub envelope: Envelope,
+    /// The Kafka message's headers that some module forwards
+    /// (`forward_headers`), valid as HTTP headers; empty (no allocation)
+    /// for most messages.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Message {
@@ -260,6 +267,8 @@ pub struct Endpoint {
     /// Until when the server asked (`Retry-After`) not to be sent
     /// anything: shared by every lane of this endpoint.
     server_pause: Arc<ServerPause>,
+    /// `sign_secret`: every request's body is signed with it.
+    signing: Option<SigningKey>,
 }
 
 /// A module's pause asked by its server, read before every attempt of
@@ -344,12 +353,12 @@ impl Endpoint {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(module.snd_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let https = request::connector(&module, http)?;
+        let signing = module
+            .contract
+            .sign
+            .as_ref()
+            .map(|s| SigningKey::new(&s.secret));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
@@ -371,6 +380,7 @@ impl Endpoint {
             basic_auth,
             headers,
             server_pause: Arc::new(ServerPause::new()),
+            signing,
         })
     }
 
@@ -654,6 +664,10 @@ impl Endpoint {
         for (name, value) in &prepared.headers {
             headers.insert(name.clone(), value.clone());
         }
+        // Last: over the body as sent, replacing any header of its names.
+        if let Some(key) = &self.signing {
+            request::add_signature(&mut headers, key, &prepared.body);
+        }
         *request.headers_mut() = headers;
         let response = self
             .client
@@ -703,6 +717,10 @@ impl Endpoint {
 
     fn headers(&self, msg: &Message, attempt: u32) -> HeaderMap {
         let mut h = HeaderMap::with_capacity(12);
+        // First: every header below replaces a forwarded one of its name.
+        if !msg.headers.is_empty() {
+            request::forward(&mut h, &msg.headers, &self.module.contract.forward_headers);
+        }
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(
             USER_AGENT,
@@ -993,6 +1011,7 @@ mod tests {
                 command_id: crate::config::CommandId(1),
                 commit_id: None,
             },
+            headers: Vec::new(),
         }
     }
 
