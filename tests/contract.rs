@@ -769,3 +769,62 @@ fn mutual_tls_delivers_with_the_right_client_certificate_only() {
     });
     mkc.stop_clean();
 }
+
+#[test]
+fn a_retry_after_pause_shows_in_metrics_and_status() {
+    use common::metrics::{http_get, scrape, value};
+    let topic = unique_name("contract-pause-shown");
+    let group = unique_name("contract-pause-shown-group");
+    create_topic(&topic, 1);
+    let sink = Sink::with(Behavior::fail_first(1, 503).retry_after("6"));
+    let config = MkcConfig::new(&topic, &group).module(
+        Module::new("shown", sink.url("/shown"))
+            .filter(1001)
+            .retrynum(3)
+            .retry_delay(50),
+    );
+    let mut mkc = start(&config);
+    let admin = mkc.admin_url(Duration::from_secs(30));
+    let paused = || {
+        value(
+            &scrape(&admin),
+            "mkc_module_server_paused",
+            &[("module", "shown")],
+        )
+    };
+    mkc.check(paused() == Some(0.0), || {
+        format!("before any 503: mkc_module_server_paused {:?}", paused())
+    });
+    produce(&topic, vec![Record::new(0, envelope(1, "1001", "{}"))]);
+    sink.wait_for(1, Duration::from_secs(60));
+
+    // Within a few snapshots (every 500 ms) of the 503, during its 6 s.
+    let seen = wait_until(Duration::from_secs(4), || paused() == Some(1.0));
+    mkc.check(seen, || {
+        format!("mkc_module_server_paused {:?} during the pause", paused())
+    });
+    let (status, out) = mkc.command(&["-s", "status"], Duration::from_secs(30));
+    mkc.check(status.is_some_and(|s| s.success()), || {
+        format!("-s status: {out}")
+    });
+    mkc.check(out.contains("shown [RETRY-AFTER: "), || {
+        format!("-s status does not show the pause:\n{out}")
+    });
+    let (_, json) = http_get(&format!("{admin}/api/status"));
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let left = json["modules"][0]["server_pause_s"].as_f64().unwrap_or(0.0);
+    mkc.check(left > 0.0 && left <= 6.0, || {
+        format!("/api/status server_pause_s {left}")
+    });
+
+    // The pause over, the retry is delivered and the gauge is back to 0.
+    let requests = sink.wait_for(2, Duration::from_secs(60));
+    mkc.check(requests[1].answered == 200, || {
+        format!("the retry got {}", requests[1].answered)
+    });
+    let cleared = wait_until(Duration::from_secs(10), || paused() == Some(0.0));
+    mkc.check(cleared, || {
+        format!("mkc_module_server_paused {:?} after the pause", paused())
+    });
+    mkc.stop_clean();
+}

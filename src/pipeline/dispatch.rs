@@ -176,6 +176,9 @@ pub trait DeliveryWatch: Send + Sync + 'static {
     fn finished(&self, msg: &Message);
     /// Whether the operator paused this module: no attempt starts meanwhile.
     fn paused(&self) -> bool;
+    /// The module's server asked (`Retry-After`) not to be sent anything
+    /// for `wait` from now: every lane of the module in this worker waits.
+    fn server_paused(&self, _wait: Duration) {}
 }
 
 /// Observers and operator controls of an endpoint; none by default.
@@ -485,6 +488,9 @@ impl Endpoint {
     /// unless a longer pause is already on.
     fn pause_for(&self, wait: Duration) {
         if self.server_pause.extend(wait) {
+            if let Some(w) = &self.controls.watch {
+                w.server_paused(wait);
+            }
             tracing::info!(
                 module = %self.module.name, wait_ms = wait.as_millis() as u64,
                 "module paused: its server answered with Retry-After"
