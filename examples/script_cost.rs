@@ -79,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             command_id: CommandId(1001),
             commit_id: Some("1234567".into()),
         },
+        headers: Vec::new(),
     };
     println!(
         "script cost per message ({calls} calls x 5 rounds, median, one thread, {} byte payload)",

@@ -30,7 +30,9 @@
 //! - [`pipeline`]: a worker's runtime and lanes ([`pipeline::worker`]), the
 //!   one JSON parse of the envelope ([`pipeline::envelope`]), commandId →
 //!   modules ([`pipeline::router`]), HTTP delivery → `Outcome`
-//!   ([`pipeline::dispatch`]).
+//!   ([`pipeline::dispatch`]) and what a request carries besides the
+//!   payload: signature, forwarded Kafka headers, TLS client
+//!   ([`pipeline::request`]).
 //! - [`source`]: where messages come from and how they are acknowledged:
 //!   the Kafka consumer, rebalances and commits ([`source::kafka`]), offset
 //!   tracking and the offset file store ([`source::offsets`]), a topic

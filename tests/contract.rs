@@ -333,3 +333,498 @@ fn retry_after_pauses_the_whole_module_in_the_worker() {
     sink.assert_no_more(4, Duration::from_secs(1));
     mkc.stop_clean();
 }
+
+/// HMAC-SHA256 (RFC 2104) written out over sha2's SHA-256, independent of
+/// the `hmac` crate mkc signs with; lowercase hex.
+fn hmac_sha256_hex(key: &[u8], data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.iter().map(|k| k ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(data)
+        .finalize();
+    let outer = Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize();
+    outer.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn requests_are_signed_over_the_body_actually_sent() {
+    // The test's own HMAC against RFC 4231, test case 2.
+    assert_eq!(
+        hmac_sha256_hex(b"Jefe", b"what do ya want for nothing?"),
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    );
+    let topic = unique_name("contract-sign");
+    let group = unique_name("contract-sign-group");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let scripts = tempfile::tempdir().unwrap();
+    let script = scripts.path().join("reshape.lua");
+    std::fs::write(
+        &script,
+        "function handle(msg)\n  return { body = \"replaced:\" .. msg.offset }\nend\n",
+    )
+    .unwrap();
+    let env_secret = "sign-5ecret-from-env";
+    let config = MkcConfig::new(&topic, &group)
+        .env("MKC_CONTRACT_TEST_SIGNING", env_secret)
+        .module(
+            Module::new("signed", sink.url("/signed"))
+                .filter(1001)
+                .line("sign_secret_env MKC_CONTRACT_TEST_SIGNING"),
+        )
+        .module(
+            Module::new("reshaped", sink.url("/reshaped"))
+                .filter(1001)
+                .line("sign_secret \"literal s3cret\"")
+                .line(&format!("script {}", script.display())),
+        )
+        .module(Module::new("unsigned", sink.url("/unsigned")).filter(1001));
+    let mut mkc = start(&config);
+
+    let (status, out) = mkc.command(&["-T"], Duration::from_secs(30));
+    mkc.check(status.is_some_and(|s| s.success()), || format!("-T: {out}"));
+    mkc.check(
+        !out.contains(env_secret) && !out.contains("literal s3cret"),
+        || format!("-T shows a signing secret:\n{out}"),
+    );
+    for shown in [
+        "sign_secret_env MKC_CONTRACT_TEST_SIGNING",
+        "sign_secret ***",
+    ] {
+        mkc.check(out.lines().any(|l| l.starts_with(shown)), || {
+            format!("-T has no line {shown:?}:\n{out}")
+        });
+    }
+
+    let produced = produce(
+        &topic,
+        vec![Record::new(0, envelope(1, "1001", r#"{"é":"x y"}"#))],
+    );
+    sink.wait_for(3, Duration::from_secs(60));
+    let now = common::now_ms() / 1000;
+    for (path, secret, body) in [
+        ("/signed", env_secret, produced[0].body().to_vec()),
+        (
+            "/reshaped",
+            "literal s3cret",
+            format!("replaced:{}", produced[0].offset).into_bytes(),
+        ),
+    ] {
+        let request = &sink.requests_to(path)[0];
+        mkc.check(request.body[..] == body[..], || {
+            format!("{path}: body {:?}", request.body)
+        });
+        let timestamp = request.header("x-mkc-timestamp").unwrap_or_default();
+        let seconds: i64 = timestamp.parse().unwrap_or(0);
+        mkc.check((now - 60..=now + 1).contains(&seconds), || {
+            format!("{path}: X-Mkc-Timestamp {timestamp:?}, now {now}")
+        });
+        let mut signed = format!("{timestamp}.").into_bytes();
+        signed.extend_from_slice(&request.body);
+        let want = format!("v1={}", hmac_sha256_hex(secret.as_bytes(), &signed));
+        mkc.check(
+            request.header("x-mkc-signature") == Some(want.as_str()),
+            || {
+                format!(
+                    "{path}: X-Mkc-Signature {:?}, expected {want}",
+                    request.header("x-mkc-signature")
+                )
+            },
+        );
+    }
+    let unsigned = &sink.requests_to("/unsigned")[0];
+    mkc.check(
+        unsigned.header("x-mkc-signature").is_none()
+            && unsigned.header("x-mkc-timestamp").is_none(),
+        || format!("an unsigned module's request is signed: {unsigned}"),
+    );
+    mkc.stop_clean();
+}
+
+#[test]
+fn trace_headers_and_listed_kafka_headers_are_forwarded() {
+    let topic = unique_name("contract-forward");
+    let group = unique_name("contract-forward-group");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let config = MkcConfig::new(&topic, &group)
+        .module(Module::new("default", sink.url("/default")).filter(1001))
+        .module(
+            Module::new("listed", sink.url("/listed"))
+                .filter(1001)
+                .line("forward_headers X-Tenant x-b3-*"),
+        )
+        .module(
+            Module::new("everything", sink.url("/everything"))
+                .filter(1001)
+                .line("forward_headers *"),
+        )
+        .module(
+            Module::new("none", sink.url("/none"))
+                .filter(1001)
+                .line("forward_headers none"),
+        );
+    let mut mkc = start(&config);
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let produced = produce(
+        &topic,
+        vec![
+            Record::new(0, envelope(1, "1001", "{}"))
+                .header("traceparent", Some(traceparent.as_bytes()))
+                .header("tracestate", Some(b"congo=t61rcWkgMzE"))
+                .header("X-Tenant", Some(b"acme"))
+                .header("X-B3-TraceId", Some(b"80f198ee56343ba8"))
+                .header("x-b3-spanid", Some(b"e457b5a2e4d86bd1"))
+                // mkc's own headers are not replaced by a message's.
+                .header("X-Mkc-Offset", Some(b"999999"))
+                .header("Idempotency-Key", Some(b"forged"))
+                // Not valid in HTTP, or without a value: left out.
+                .header("bad name", Some(b"v"))
+                .header("x-control", Some(b"a\nb"))
+                .header("x-null", None),
+            // No headers at all.
+            Record::new(0, envelope(2, "1001", "{}")),
+        ],
+    );
+    sink.wait_for(8, Duration::from_secs(60));
+    let header = |path: &str, name: &str| -> Vec<String> {
+        sink.requests_to(path)
+            .iter()
+            .find(|r| r.offset() == produced[0].offset)
+            .map(|r| {
+                r.headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let expect = [
+        ("/default", "traceparent", vec![traceparent]),
+        ("/default", "tracestate", vec!["congo=t61rcWkgMzE"]),
+        ("/default", "x-tenant", vec![]),
+        ("/listed", "traceparent", vec![]),
+        ("/listed", "x-tenant", vec!["acme"]),
+        ("/listed", "x-b3-traceid", vec!["80f198ee56343ba8"]),
+        ("/listed", "x-b3-spanid", vec!["e457b5a2e4d86bd1"]),
+        ("/everything", "traceparent", vec![traceparent]),
+        ("/everything", "x-tenant", vec!["acme"]),
+        ("/everything", "x-control", vec![]),
+        ("/everything", "x-null", vec![]),
+        ("/none", "traceparent", vec![]),
+        ("/none", "tracestate", vec![]),
+    ];
+    for (path, name, want) in expect {
+        let got = header(path, name);
+        mkc.check(got == want, || {
+            format!("{path}: {name} {got:?}, expected {want:?}")
+        });
+    }
+    let offset = produced[0].offset.to_string();
+    let key = produced[0].idempotency_key(&topic);
+    for path in ["/default", "/listed", "/everything", "/none"] {
+        mkc.check(header(path, "x-mkc-offset") == [offset.as_str()], || {
+            format!("{path}: X-Mkc-Offset {:?}", header(path, "x-mkc-offset"))
+        });
+        mkc.check(header(path, "idempotency-key") == [key.as_str()], || {
+            format!(
+                "{path}: Idempotency-Key {:?}",
+                header(path, "idempotency-key")
+            )
+        });
+    }
+    // The message without headers reached every module too.
+    for path in ["/default", "/listed", "/everything", "/none"] {
+        let count = sink.requests_to(path).len();
+        mkc.check(count == 2, || format!("{path}: {count} requests"));
+    }
+    mkc.stop_clean();
+}
+
+/// Certificates for a mutual-TLS test, made here: a CA, and leaf
+/// certificates it signs (PEM text, key and certificate).
+struct TestCa {
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
+}
+
+/// A leaf certificate and its key, as PEM.
+struct Leaf {
+    cert: String,
+    key: String,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        TestCa { key, cert }
+    }
+
+    fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A server certificate for 127.0.0.1, or a client certificate.
+    fn issue(&self, name: &str, server: bool) -> Leaf {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![if server {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        if server {
+            params.subject_alt_names = vec![rcgen::SanType::IpAddress(
+                std::net::Ipv4Addr::LOCALHOST.into(),
+            )];
+        }
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+/// An HTTPS server on 127.0.0.1 that requires a client certificate signed
+/// by `clients` (rustls, one thread per connection): answers 204 to every
+/// request and keeps each request's path.
+struct MtlsServer {
+    addr: std::net::SocketAddr,
+    paths: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl MtlsServer {
+    fn start(server: &Leaf, clients: &TestCa) -> MtlsServer {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use std::sync::{Arc, Mutex};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(clients.cert.der().clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(server.cert.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(server.key.as_bytes()).unwrap();
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)
+                .unwrap(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let paths = Arc::new(Mutex::new(Vec::new()));
+        let seen = paths.clone();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming().flatten() {
+                let (config, seen) = (config.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let Ok(conn) = rustls::ServerConnection::new(config) else {
+                        return;
+                    };
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    while let Some(path) = serve_one(&mut tls) {
+                        seen.lock().unwrap().push(path);
+                    }
+                });
+            }
+        });
+        MtlsServer { addr, paths }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
+    fn paths(&self) -> Vec<String> {
+        self.paths.lock().unwrap().clone()
+    }
+}
+
+/// Reads one HTTP/1.1 request from `stream` and answers 204; its path, or
+/// `None` when the connection ends (or its handshake fails).
+fn serve_one<S: std::io::Read + std::io::Write>(stream: &mut S) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).ok()?;
+    stream.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").ok()?;
+    stream.flush().ok()?;
+    head.split(' ').nth(1).map(str::to_string)
+}
+
+#[test]
+fn mutual_tls_delivers_with_the_right_client_certificate_only() {
+    let topic = unique_name("contract-mtls");
+    let group = unique_name("contract-mtls-group");
+    create_topic(&topic, 1);
+    let ca = TestCa::new("mkc test CA");
+    let other = TestCa::new("some other CA");
+    let server = MtlsServer::start(&ca.issue("127.0.0.1", true), &ca);
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let ca_pem = write("ca.pem", &ca.pem());
+    let good = ca.issue("mkc client", false);
+    let (good_cert, good_key) = (
+        write("client.pem", &good.cert),
+        write("client.key", &good.key),
+    );
+    let bad = other.issue("mkc client", false);
+    let (bad_cert, bad_key) = (write("other.pem", &bad.cert), write("other.key", &bad.key));
+    let module = |name: &str| {
+        Module::new(name, server.url(&format!("/{name}")))
+            .filter(1001)
+            .retrynum(1)
+            .retry_delay(100)
+            .line(&format!("tls_ca {ca_pem}"))
+    };
+    let config = MkcConfig::new(&topic, &group)
+        .module(
+            module("right")
+                .line(&format!("tls_cert {good_cert}"))
+                .line(&format!("tls_key {good_key}")),
+        )
+        .module(module("without"))
+        .module(
+            module("foreign")
+                .line(&format!("tls_cert {bad_cert}"))
+                .line(&format!("tls_key {bad_key}")),
+        );
+    let mut mkc = start(&config);
+    let db = TestDb::sqlite(mkc.dir().join("mkc-dispatch-log.db"));
+    produce(&topic, vec![Record::new(0, envelope(1, "1001", "{}"))]);
+
+    let rows = db.wait_rows(Duration::from_secs(60), |rows| {
+        rows.iter().filter(|r| r.status == "exhausted").count() == 2
+    });
+    mkc.check(server.paths() == ["/right"], || {
+        format!("requests that got through: {:?}", server.paths())
+    });
+    // The server's TLS alert, as rustls reports it: no certificate, or
+    // one from a CA it does not know.
+    for (name, alert) in [("without", "CertificateRequired"), ("foreign", "UnknownCA")] {
+        let row = rows.iter().find(|r| r.module == name);
+        let error = row.and_then(|r| r.last_error.clone()).unwrap_or_default();
+        mkc.check(
+            row.is_some_and(|r| r.status == "exhausted" && r.retry_num == 1),
+            || format!("{name}: {row:?}"),
+        );
+        mkc.check(
+            error.contains(&format!("received fatal alert: {alert}")),
+            || format!("{name}: last error {error:?} does not name the TLS problem"),
+        );
+    }
+    mkc.check(mkc.log_count("attempt failed") >= 4, || {
+        "no failed attempts in the log".to_string()
+    });
+    mkc.stop_clean();
+}
+
+#[test]
+fn a_retry_after_pause_shows_in_metrics_and_status() {
+    use common::metrics::{http_get, scrape, value};
+    let topic = unique_name("contract-pause-shown");
+    let group = unique_name("contract-pause-shown-group");
+    create_topic(&topic, 1);
+    let sink = Sink::with(Behavior::fail_first(1, 503).retry_after("6"));
+    let config = MkcConfig::new(&topic, &group).module(
+        Module::new("shown", sink.url("/shown"))
+            .filter(1001)
+            .retrynum(3)
+            .retry_delay(50),
+    );
+    let mut mkc = start(&config);
+    let admin = mkc.admin_url(Duration::from_secs(30));
+    let paused = || {
+        value(
+            &scrape(&admin),
+            "mkc_module_server_paused",
+            &[("module", "shown")],
+        )
+    };
+    mkc.check(paused() == Some(0.0), || {
+        format!("before any 503: mkc_module_server_paused {:?}", paused())
+    });
+    produce(&topic, vec![Record::new(0, envelope(1, "1001", "{}"))]);
+    sink.wait_for(1, Duration::from_secs(60));
+
+    // Within a few snapshots (every 500 ms) of the 503, during its 6 s.
+    let seen = wait_until(Duration::from_secs(4), || paused() == Some(1.0));
+    mkc.check(seen, || {
+        format!("mkc_module_server_paused {:?} during the pause", paused())
+    });
+    let (status, out) = mkc.command(&["-s", "status"], Duration::from_secs(30));
+    mkc.check(status.is_some_and(|s| s.success()), || {
+        format!("-s status: {out}")
+    });
+    mkc.check(out.contains("shown [RETRY-AFTER: "), || {
+        format!("-s status does not show the pause:\n{out}")
+    });
+    let (_, json) = http_get(&format!("{admin}/api/status"));
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let left = json["modules"][0]["server_pause_s"].as_f64().unwrap_or(0.0);
+    mkc.check(left > 0.0 && left <= 6.0, || {
+        format!("/api/status server_pause_s {left}")
+    });
+
+    // The pause over, the retry is delivered and the gauge is back to 0.
+    let requests = sink.wait_for(2, Duration::from_secs(60));
+    mkc.check(requests[1].answered == 200, || {
+        format!("the retry got {}", requests[1].answered)
+    });
+    let cleared = wait_until(Duration::from_secs(10), || paused() == Some(0.0));
+    mkc.check(cleared, || {
+        format!("mkc_module_server_paused {:?} after the pause", paused())
+    });
+    mkc.stop_clean();
+}

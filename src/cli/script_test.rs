@@ -87,6 +87,7 @@ pub(super) fn script_test(config: &ServerConfig, args: ScriptTestArgs) -> anyhow
             .map(|k| Bytes::from(k.clone().into_bytes())),
         payload: Bytes::from(payload),
         envelope,
+        headers: Vec::new(),
     };
     let mut ok = true;
     let modules: Vec<usize> = match &args.module {

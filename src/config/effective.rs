@@ -452,6 +452,61 @@ const MODULE_KEYS: &[Key<ModuleConfig>] = &[
                 .collect()
         },
     },
+    Key {
+        name: "sign_secret",
+        show: |m| match &m.contract.sign {
+            Some(sign) if sign.env.is_none() => one("sign_secret", MASKED),
+            _ => Vec::new(),
+        },
+    },
+    Key {
+        name: "sign_secret_env",
+        show: |m| {
+            opt(
+                "sign_secret_env",
+                m.contract.sign.as_ref().and_then(|s| s.env.as_ref()),
+            )
+        },
+    },
+    Key {
+        name: "forward_headers",
+        show: |m| {
+            let list = &m.contract.forward_headers;
+            if list.is_empty() {
+                return one("forward_headers", "none");
+            }
+            let texts: Vec<String> = list.0.iter().map(ToString::to_string).collect();
+            let args: Vec<&str> = texts.iter().map(String::as_str).collect();
+            vec![line("forward_headers", &args)]
+        },
+    },
+    Key {
+        name: "tls_cert",
+        show: |m| {
+            opt(
+                "tls_cert",
+                m.contract.tls.cert.as_ref().map(|f| path_text(&f.path)),
+            )
+        },
+    },
+    Key {
+        name: "tls_key",
+        show: |m| {
+            opt(
+                "tls_key",
+                m.contract.tls.key.as_ref().map(|f| path_text(&f.path)),
+            )
+        },
+    },
+    Key {
+        name: "tls_ca",
+        show: |m| {
+            opt(
+                "tls_ca",
+                m.contract.tls.ca.as_ref().map(|f| path_text(&f.path)),
+            )
+        },
+    },
 ];
 
 /// What `-T` shows instead of a secret.
@@ -521,6 +576,10 @@ fn mask(text: &str) -> String {
             Some(name) if is_secret_header(name) => format!("{key} {name} {MASKED}"),
             _ => text.to_string(),
         };
+    }
+    // A variable's name (not the secret it holds); header names.
+    if key == "sign_secret_env" || key == "forward_headers" {
+        return text.to_string();
     }
     if is_secret(key) {
         return format!("{key} ***");

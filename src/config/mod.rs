@@ -62,6 +62,7 @@ mod diagnostics;
 mod effective;
 mod module;
 mod reader;
+mod request;
 mod script;
 mod server;
 
@@ -71,6 +72,8 @@ pub use effective::{key_names, render as effective};
 use module::*;
 use reader::*;
 pub use reader::{parse_reader, Directive};
+use request::*;
+pub use request::{mkc_owns, ForwardHeaders, HeaderPattern, ModuleTls, PemFile, SignSecret};
 use script::*;
 use server::*;
 use std::sync::Arc;
@@ -313,6 +316,15 @@ pub struct DeliveryContract {
     /// `batch`, `batch_bytes`, `batch_linger`, `batch_format` (README:
     /// Batches).
     pub batch: Batching,
+    /// `sign_secret` / `sign_secret_env`: sign every request (HMAC-SHA256
+    /// over the timestamp and the body); `None` (the default): unsigned.
+    pub sign: Option<SignSecret>,
+    /// `forward_headers`: the Kafka headers copied to the request
+    /// (default `traceparent` and `tracestate`).
+    pub forward_headers: ForwardHeaders,
+    /// `tls_cert`, `tls_key`, `tls_ca`: mutual TLS (default: none, and
+    /// Mozilla's roots).
+    pub tls: ModuleTls,
 }
 
 /// How many messages go in one request (README: Batches). The default,
@@ -368,6 +380,9 @@ impl Default for DeliveryContract {
             fail_on: Vec::new(),
             headers: Vec::new(),
             batch: Batching::default(),
+            sign: None,
+            forward_headers: ForwardHeaders::default(),
+            tls: ModuleTls::default(),
         }
     }
 }
@@ -440,7 +455,9 @@ pub struct ModuleConfig {
     /// per message whether and what is sent (README: Scripts).
     pub script: Option<Arc<crate::script::Script>>,
     /// `retry_backoff`, `retry_max_delay`, `retry_max_age`, `retry_on`,
-    /// `fail_on`, `header` (README: Delivery contract).
+    /// `fail_on`, `header`, `sign_secret`, `sign_secret_env`,
+    /// `forward_headers`, `tls_cert`, `tls_key`, `tls_ca` (README:
+    /// Delivery contract).
     pub contract: DeliveryContract,
 }
 

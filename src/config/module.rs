@@ -116,6 +116,7 @@ pub(super) fn read_module_file(
     // The first `batch_bytes`, `batch_linger` or `batch_format` line, to
     // warn when there is no batch for it to shape.
     let mut batch_detail: Option<Location> = None;
+    let mut request = RequestKeys::default();
 
     for d in directives {
         let key = d.key.as_str();
@@ -398,6 +399,8 @@ pub(super) fn read_module_file(
                 seen.note(key, d, report);
                 batch_detail.get_or_insert(d.location.clone());
             }
+            "sign_secret" | "sign_secret_env" | "forward_headers" | "tls_cert" | "tls_key"
+            | "tls_ca" => request.read(d, &mut contract, scripts, report),
             _ => report.error(&d.location, format!("unknown key \"{key}\"")),
         }
     }
@@ -426,6 +429,10 @@ pub(super) fn read_module_file(
     if !uri_given {
         report.error_unplaced(format!("{shown}: module has no uri (add a `uri URL` line)"));
     }
+    let https = uri
+        .as_deref()
+        .is_some_and(|u| u.to_ascii_lowercase().starts_with("https:"));
+    request.finish(&mut contract, https, report);
     let (name, name_at) = name?;
     let uri = uri?;
     if !global.is_empty() {
@@ -464,7 +471,8 @@ pub(super) fn read_module_file(
 
 /// Headers mkc sets itself from the request (framing and routing): a
 /// `header` line cannot replace them.
-const RESERVED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding", "connection"];
+pub(super) const RESERVED_HEADERS: &[&str] =
+    &["host", "content-length", "transfer-encoding", "connection"];
 
 /// A `header NAME VALUE` line checked: a valid, not reserved name, and a
 /// value that, with `${VAR}` replaced, is a valid header value.

@@ -2036,3 +2036,259 @@ fn batch_details_without_a_batch_warn() {
     );
     assert!(warnings(&module_with("batch 2\nbatch_linger 10\n")).is_empty());
 }
+
+// ---- module.conf: signature, forwarded headers, mutual TLS (issue 14) ----
+
+#[test]
+fn request_keys_default_to_unsigned_trace_headers_and_default_tls() {
+    let contract = &module_with("").config.modules[0].contract;
+    assert_eq!(contract.sign, None);
+    let names: Vec<String> = contract
+        .forward_headers
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(names, ["traceparent", "tracestate"]);
+    assert!(!contract.tls.is_set());
+}
+
+#[test]
+fn sign_secret_is_read_and_never_shown() {
+    let loaded = module_with("sign_secret \"s3cret value\"\n");
+    let sign = loaded.config.modules[0].contract.sign.as_ref().unwrap();
+    assert_eq!(&*sign.secret, b"s3cret value");
+    assert_eq!(sign.env, None);
+    assert!(!format!("{sign:?}").contains("s3cret"));
+    let out = effective(&loaded.config);
+    assert!(!out.contains("s3cret"), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("sign_secret ***")),
+        "{out}"
+    );
+}
+
+#[test]
+fn sign_secret_env_reads_the_variable_when_the_configuration_is_read() {
+    // PATH is set in every test environment.
+    let path = std::env::var("PATH").expect("PATH is set");
+    let loaded = module_with("sign_secret_env PATH\n");
+    let sign = loaded.config.modules[0].contract.sign.as_ref().unwrap();
+    assert_eq!(&*sign.secret, path.as_bytes());
+    assert_eq!(sign.env.as_deref(), Some("PATH"));
+    let out = effective(&loaded.config);
+    assert!(!out.contains(&path), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("sign_secret_env PATH ")),
+        "{out}"
+    );
+}
+
+#[test]
+fn signing_errors_name_file_and_line() {
+    assert_eq!(
+        module_errors("sign_secret_env MKC_TEST_SURELY_UNSET_SIGNING_SECRET\n"),
+        vec!["/etc/mkc/m.conf:4: sign_secret_env: environment variable MKC_TEST_SURELY_UNSET_SIGNING_SECRET is not set"]
+    );
+    assert_eq!(
+        module_errors("sign_secret a\nsign_secret_env PATH\nsign_secret \"\"\nsign_secret_env A-B\n"),
+        vec![
+            "/etc/mkc/m.conf:5: sign_secret_env: the signing secret is already set at line 4 (one of sign_secret, sign_secret_env)",
+            "/etc/mkc/m.conf:6: sign_secret: the signing secret is already set at line 4 (one of sign_secret, sign_secret_env)",
+            "/etc/mkc/m.conf:7: sign_secret_env: the signing secret is already set at line 4 (one of sign_secret, sign_secret_env)",
+        ]
+    );
+    assert_eq!(
+        module_errors("sign_secret \"\"\nsign_secret_env A-B\nsign_secret a b\n"),
+        vec![
+            "/etc/mkc/m.conf:4: sign_secret: the secret is empty",
+            "/etc/mkc/m.conf:5: sign_secret_env: \"A-B\" is not an environment variable name (letters, digits and _)",
+            "/etc/mkc/m.conf:6: sign_secret: expected 1 argument (`sign_secret SECRET`), found 2",
+        ]
+    );
+}
+
+#[test]
+fn forward_headers_replace_the_default_list() {
+    let loaded =
+        module_with("forward_headers X-Tenant x-b3-*\nforward_headers traceparent X-TENANT\n");
+    let forward = &loaded.config.modules[0].contract.forward_headers;
+    let names: Vec<String> = forward.0.iter().map(ToString::to_string).collect();
+    assert_eq!(names, ["x-tenant", "x-b3-*", "traceparent"]);
+    assert!(forward.matches("X-B3-TraceId") && forward.matches("x-tenant"));
+    assert!(!forward.matches("tracestate") && !forward.matches("x-b3"));
+    let out = effective(&loaded.config);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("forward_headers x-tenant x-b3-* traceparent ")),
+        "{out}"
+    );
+
+    let none = module_with("forward_headers NONE\n");
+    assert!(none.config.modules[0].contract.forward_headers.is_empty());
+    assert!(effective(&none.config)
+        .lines()
+        .any(|l| l.starts_with("forward_headers none ")));
+    // A bare * forwards every header but mkc's own.
+    let all = module_with("forward_headers *\n");
+    let all = &all.config.modules[0].contract.forward_headers;
+    assert!(all.matches("anything") && all.matches("traceparent"));
+    for own in ["X-Mkc-Offset", "content-length", "Host"] {
+        assert!(!all.matches(own), "{own}");
+    }
+}
+
+#[test]
+fn forward_headers_errors_name_file_and_line() {
+    assert_eq!(
+        module_errors(
+            "forward_headers none x-a\nforward_headers \"bad name\" x-*y\n\
+             forward_headers X-Mkc-Offset Content-Length\nforward_headers\n"
+        ),
+        vec![
+            "/etc/mkc/m.conf:4: forward_headers: none cannot be listed with header names",
+            "/etc/mkc/m.conf:5: forward_headers: \"bad name\" is not a header name or a prefix ending in * (like x-b3-*)",
+            "/etc/mkc/m.conf:5: forward_headers: \"x-*y\" is not a header name or a prefix ending in * (like x-b3-*)",
+            "/etc/mkc/m.conf:6: forward_headers: X-Mkc-Offset is set by mkc and cannot be forwarded",
+            "/etc/mkc/m.conf:6: forward_headers: Content-Length is set by mkc and cannot be forwarded",
+            "/etc/mkc/m.conf:7: forward_headers: expected at least 1 argument (`forward_headers NAME|PREFIX*...|none`), found 0",
+        ]
+    );
+    assert_eq!(
+        module_errors("forward_headers none\nforward_headers x-a\n"),
+        vec!["/etc/mkc/m.conf:4: forward_headers: none and header names are both given; write either none or the names"]
+    );
+}
+
+/// A CA and a client certificate it signs, as PEM: (CA, certificate, key).
+fn test_pki() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["client".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+const MODULE_HTTPS: &str = "name m\nuri https://127.0.0.1:8443/m\nfilters 1\n";
+
+#[test]
+fn tls_files_are_read_when_the_configuration_is_read() {
+    let (ca, cert, key) = test_pki();
+    let module =
+        format!("{MODULE_HTTPS}tls_cert tls/client.pem\ntls_key tls/client.key\ntls_ca ca.pem\n");
+    let loaded = accepted(
+        MINIMAL,
+        &[
+            ("m.conf", &module),
+            ("tls/client.pem", &cert),
+            ("tls/client.key", &key),
+            ("ca.pem", &ca),
+        ],
+    );
+    assert!(loaded.warnings.is_empty(), "{:?}", warnings(&loaded));
+    let tls = &loaded.config.modules[0].contract.tls;
+    let path = |f: &Option<PemFile>| f.as_ref().unwrap().path.display().to_string();
+    assert_eq!(path(&tls.cert), "/etc/mkc/tls/client.pem");
+    assert_eq!(path(&tls.key), "/etc/mkc/tls/client.key");
+    assert_eq!(path(&tls.ca), "/etc/mkc/ca.pem");
+    assert!(tls.client_config().is_ok());
+    // The key's bytes are never printed.
+    assert!(!format!("{tls:?}").contains("PRIVATE KEY"));
+    let out = effective(&loaded.config);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("tls_key /etc/mkc/tls/client.key ")),
+        "{out}"
+    );
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    // Only the CA: Mozilla's roots replaced, no client certificate.
+    let only_ca = accepted(
+        MINIMAL,
+        &[
+            ("m.conf", &format!("{MODULE_HTTPS}tls_ca ca.pem\n")),
+            ("ca.pem", &ca),
+        ],
+    );
+    assert!(only_ca.config.modules[0]
+        .contract
+        .tls
+        .client_config()
+        .is_ok());
+    // With an http uri the keys are accepted, with a warning.
+    let http = accepted(
+        MINIMAL,
+        &[
+            ("m.conf", &format!("{MODULE_M}tls_ca ca.pem\n")),
+            ("ca.pem", &ca),
+        ],
+    );
+    assert_eq!(
+        warnings(&http),
+        vec!["/etc/mkc/m.conf:4: tls_ca is used only with an https uri"]
+    );
+}
+
+#[test]
+fn tls_file_problems_name_the_line_and_the_pem_problem() {
+    let (_, cert, key) = test_pki();
+    let (_, other_cert, _) = test_pki();
+    let errors = |lines: &str, files: &[(&str, &str)]| {
+        let module = format!("{MODULE_HTTPS}{lines}");
+        let mut all = vec![("m.conf", module.as_str())];
+        all.extend_from_slice(files);
+        rejected(MINIMAL, &all)
+    };
+    assert_eq!(
+        errors("tls_cert c.pem\n", &[("c.pem", &cert)]),
+        vec!["/etc/mkc/m.conf:4: tls_cert: tls_key is missing (both or neither)"]
+    );
+    assert_eq!(
+        errors("tls_key k.pem\n", &[("k.pem", &key)]),
+        vec!["/etc/mkc/m.conf:4: tls_key: tls_cert is missing (both or neither)"]
+    );
+    assert_eq!(
+        errors("tls_ca missing.pem\n", &[]),
+        vec!["/etc/mkc/m.conf:4: tls_ca: cannot read /etc/mkc/missing.pem: entity not found"]
+    );
+    let truncated = &cert[..cert.len() / 2];
+    let bad_base64 = "-----BEGIN CERTIFICATE-----\n!!!not base64!!!\n-----END CERTIFICATE-----\n";
+    let got = errors(
+        "tls_cert key.pem\ntls_key cert.pem\ntls_ca half.pem\n",
+        &[
+            ("key.pem", &key),
+            ("cert.pem", &cert),
+            ("half.pem", truncated),
+        ],
+    );
+    assert_eq!(
+        got,
+        vec![
+            "/etc/mkc/m.conf:4: tls_cert: /etc/mkc/key.pem: no certificate in it (expected a -----BEGIN CERTIFICATE----- section)",
+            "/etc/mkc/m.conf:5: tls_key: /etc/mkc/cert.pem: no private key in it (expected a -----BEGIN PRIVATE KEY-----, RSA PRIVATE KEY or EC PRIVATE KEY section; encrypted keys are not supported)",
+            "/etc/mkc/m.conf:6: tls_ca: /etc/mkc/half.pem: not valid PEM: no \"-----END CERTIFICATE-----\" line closes a section",
+        ]
+    );
+    let got = errors("tls_ca b.pem\n", &[("b.pem", bad_base64)]);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].starts_with("/etc/mkc/m.conf:4: tls_ca: /etc/mkc/b.pem: not valid PEM: bad base64"),
+        "{got:?}"
+    );
+    // A key of another certificate.
+    let got = errors(
+        "tls_cert c.pem\ntls_key k.pem\n",
+        &[("c.pem", &other_cert), ("k.pem", &key)],
+    );
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].starts_with(
+            "/etc/mkc/m.conf:5: tls_key: /etc/mkc/k.pem does not go with tls_cert /etc/mkc/c.pem: "
+        ),
+        "{got:?}"
+    );
+}

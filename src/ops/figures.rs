@@ -70,6 +70,9 @@ struct ModuleLive {
     last_error: Mutex<Option<LastError>>,
     /// Set by the control file.
     paused: AtomicBool,
+    /// Until when (ms since the epoch) the module's server asked for a
+    /// pause (`Retry-After`); 0: never.
+    server_pause_until_ms: AtomicI64,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +154,7 @@ impl WorkerFigures {
                     sum_us: AtomicU64::new(sum_us),
                     last_error: Mutex::new(old.and_then(|o| o.last_error.clone())),
                     paused: AtomicBool::new(false),
+                    server_pause_until_ms: AtomicI64::new(0),
                 }
             })
             .collect();
@@ -440,6 +444,13 @@ impl DeliveryWatch for ModuleWatch {
         self.figures.modules[self.module]
             .paused
             .load(Ordering::Acquire)
+    }
+
+    fn server_paused(&self, wait: Duration) {
+        let until = state::now_ms().saturating_add(wait.as_millis().min(i64::MAX as u128) as i64);
+        self.figures.modules[self.module]
+            .server_pause_until_ms
+            .fetch_max(until, Ordering::Relaxed);
     }
 }
 
@@ -842,6 +853,7 @@ impl Parts {
                     delivered_rate: rate(delivered, old_delivered),
                     failed_rate: rate(failed, old_failed),
                     stuck: stuck_per_module[i],
+                    server_pause_until_ms: m.server_pause_until_ms.load(Ordering::Relaxed),
                 }
             })
             .collect();
@@ -1047,6 +1059,7 @@ mod tests {
             key: None,
             envelope: crate::pipeline::envelope::parse(&payload, 1 << 20).unwrap(),
             payload,
+            headers: Vec::new(),
         }
     }
 

@@ -127,6 +127,10 @@ pub struct ModuleStatus {
     pub script_errors: u64,
     pub delivered_rate: f64,
     pub failed_rate: f64,
+    /// Seconds left of the longest pause the module's server asked a live
+    /// worker for with `Retry-After` (0: none now).
+    #[serde(default)]
+    pub server_pause_s: f64,
     pub last_error: Option<LastError>,
     /// Per bucket of [`LATENCY_BUCKETS`] then `+Inf`, not cumulative.
     pub latency_buckets: Vec<u64>,
@@ -428,6 +432,8 @@ pub fn gather_from(
                 m.delivered_rate += f.delivered_rate;
                 m.failed_rate += f.failed_rate;
                 m.stuck = m.stuck.saturating_add(f.stuck);
+                let left_ms = f.server_pause_until_ms.saturating_sub(now_ms).max(0);
+                m.server_pause_s = m.server_pause_s.max(left_ms as f64 / 1000.0);
             }
         }
     }
@@ -625,6 +631,18 @@ pub fn prometheus(status: &Status) -> String {
             "mkc_module_paused",
             &[("module", &m.name)],
             f64::from(u8::from(m.paused)),
+        );
+    }
+    f.head(
+        "mkc_module_server_paused",
+        "gauge",
+        "1 while the module's server asked a worker to wait (Retry-After on 429 or 503).",
+    );
+    for m in &status.modules {
+        f.sample(
+            "mkc_module_server_paused",
+            &[("module", &m.name)],
+            f64::from(u8::from(m.server_pause_s > 0.0)),
         );
     }
     f.head(
@@ -868,9 +886,13 @@ pub fn text(status: &Status) -> String {
     for m in &status.modules {
         let _ = writeln!(
             out,
-            "  {}{}  delivered {} ({:.1}/s)  failed attempts {} ({:.1}/s)  exhausted {}  skipped {}  filtered {}  script errors {}  in flight {}",
+            "  {}{}{}  delivered {} ({:.1}/s)  failed attempts {} ({:.1}/s)  exhausted {}  skipped {}  filtered {}  script errors {}  in flight {}",
             m.name,
             if m.paused { " [PAUSED]" } else { "" },
+            match m.server_pause_s > 0.0 {
+                true => format!(" [RETRY-AFTER: {:.0}s left]", m.server_pause_s.ceil()),
+                false => String::new(),
+            },
             m.delivered,
             m.delivered_rate,
             m.failed_attempts,

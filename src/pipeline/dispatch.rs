@@ -16,8 +16,10 @@
 //! retry, or a final failure), how long to wait before a retry
 //! ([`backoff_delay`], or the server's `Retry-After` on 429 and 503, see
 //! [`retry_after`]), and which headers every request carries (`header`
-//! lines, basic auth from the uri's userinfo). A `Retry-After` pauses the
-//! whole module in this worker: every lane's next attempt waits for it.
+//! lines, basic auth from the uri's userinfo, the forwarded Kafka headers
+//! and the signature: see [`crate::pipeline::request`]). A `Retry-After`
+//! pauses the whole module in this worker: every lane's next attempt waits
+//! for it.
 //!
 //! [`Endpoint::deliver_observed`] also reports failed attempts to an
 //! [`Observer`] (the dispatch log) and asks it, before each retry and
@@ -42,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AnswerKind, Backoff, DeliveryContract, HttpMethod, ModuleConfig};
 use crate::pipeline::envelope::Envelope;
+use crate::pipeline::request::{self, SigningKey};
 use crate::script::{Engine, Reshape, Verdict};
 use crate::source::SourceKind;
 
@@ -71,6 +74,10 @@ pub struct Message {
     /// The payload, byte for byte; cloning is a reference count.
     pub payload: Bytes,
     pub envelope: Envelope,
+    /// The Kafka message's headers that some module forwards
+    /// (`forward_headers`), valid as HTTP headers; empty (no allocation)
+    /// for most messages.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Message {
@@ -175,6 +182,9 @@ pub trait DeliveryWatch: Send + Sync + 'static {
     fn finished(&self, msg: &Message);
     /// Whether the operator paused this module: no attempt starts meanwhile.
     fn paused(&self) -> bool;
+    /// The module's server asked (`Retry-After`) not to be sent anything
+    /// for `wait` from now: every lane of the module in this worker waits.
+    fn server_paused(&self, _wait: Duration) {}
 }
 
 /// Observers and operator controls of an endpoint; none by default.
@@ -266,6 +276,8 @@ pub struct Endpoint {
     /// Until when the server asked (`Retry-After`) not to be sent
     /// anything: shared by every lane of this endpoint.
     server_pause: Arc<ServerPause>,
+    /// `sign_secret`: every request's body is signed with it.
+    signing: Option<SigningKey>,
 }
 
 /// A module's pause asked by its server, read before every attempt of
@@ -350,12 +362,12 @@ impl Endpoint {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(module.snd_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let https = request::connector(&module, http)?;
+        let signing = module
+            .contract
+            .sign
+            .as_ref()
+            .map(|s| SigningKey::new(&s.secret));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
@@ -377,6 +389,7 @@ impl Endpoint {
             basic_auth,
             headers,
             server_pause: Arc::new(ServerPause::new()),
+            signing,
         })
     }
 
@@ -483,6 +496,9 @@ impl Endpoint {
     /// unless a longer pause is already on.
     fn pause_for(&self, wait: Duration) {
         if self.server_pause.extend(wait) {
+            if let Some(w) = &self.controls.watch {
+                w.server_paused(wait);
+            }
             tracing::info!(
                 module = %self.module.name, wait_ms = wait.as_millis() as u64,
                 "module paused: its server answered with Retry-After"
@@ -714,6 +730,10 @@ impl Endpoint {
         for (name, value) in &prepared.headers {
             headers.insert(name.clone(), value.clone());
         }
+        // Last: over the body as sent, replacing any header of its names.
+        if let Some(key) = &self.signing {
+            request::add_signature(&mut headers, key, &prepared.body);
+        }
         *request.headers_mut() = headers;
         let response = self
             .client
@@ -765,6 +785,11 @@ impl Endpoint {
     /// batch `msg` is the first message of.
     fn headers(&self, msg: &Message, batch: Option<&BatchHeaders>, attempt: u32) -> HeaderMap {
         let mut h = HeaderMap::with_capacity(12);
+        // First: every header below replaces a forwarded one of its name.
+        // A batch forwards none: its messages each have their own.
+        if batch.is_none() && !msg.headers.is_empty() {
+            request::forward(&mut h, &msg.headers, &self.module.contract.forward_headers);
+        }
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(
             USER_AGENT,
@@ -1059,6 +1084,7 @@ mod tests {
                 command_id: crate::config::CommandId(1),
                 commit_id: None,
             },
+            headers: Vec::new(),
         }
     }
 

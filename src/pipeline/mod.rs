@@ -7,5 +7,6 @@
 
 pub mod dispatch;
 pub mod envelope;
+pub mod request;
 pub mod router;
 pub mod worker;

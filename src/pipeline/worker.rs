@@ -65,6 +65,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::Message as KafkaMessage;
@@ -73,10 +74,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{CommandId, DeliveryMode, ServerConfig};
+use crate::config::{CommandId, DeliveryMode, ForwardHeaders, ServerConfig};
 use crate::ops::figures::{PartitionSource, PartitionView, Reporter, WorkerFigures};
 use crate::pipeline::dispatch::{Cancel, Controls, Endpoint, Message, Observer, Outcome};
 use crate::pipeline::envelope;
+use crate::pipeline::request;
 use crate::pipeline::router::Router;
 use crate::process::signals::{WorkerEvent, WorkerSignals};
 use crate::process::state;
@@ -262,6 +264,10 @@ pub(crate) trait Incoming {
     fn channel(&self) -> Option<&str> {
         None
     }
+    /// The message's headers that `keep` forwards (Kafka headers only).
+    fn forwarded(&self, _keep: &ForwardHeaders) -> Vec<(HeaderName, HeaderValue)> {
+        Vec::new()
+    }
 }
 
 impl<M: KafkaMessage> Incoming for M {
@@ -276,6 +282,12 @@ impl<M: KafkaMessage> Incoming for M {
     }
     fn timestamp_ms(&self) -> Option<i64> {
         self.timestamp().to_millis()
+    }
+    fn forwarded(&self, keep: &ForwardHeaders) -> Vec<(HeaderName, HeaderValue)> {
+        match KafkaMessage::headers(self) {
+            Some(headers) => request::kafka_headers(headers, keep, KafkaMessage::offset(self)),
+            None => Vec::new(),
+        }
     }
 }
 
@@ -371,6 +383,9 @@ pub(crate) struct Pipeline {
     shared_lanes: Vec<Option<batched::SharedLane>>,
     /// Whether some module orders by the Kafka message key.
     needs_kafka_key: bool,
+    /// The Kafka headers some module forwards (`forward_headers`, all
+    /// modules' lists together); `None`: no module forwards any.
+    forward: Option<ForwardHeaders>,
     max_inflight_messages: usize,
     max_inflight_bytes: usize,
     /// Module names, as the dispatch log keys them.
@@ -482,6 +497,8 @@ impl Pipeline {
             || config.modules.iter().any(|m| {
                 m.script.is_some() || (m.mode == DeliveryMode::Keyed && m.order_key.is_none())
             });
+        let forward =
+            ForwardHeaders::union(config.modules.iter().map(|m| &m.contract.forward_headers));
         let log = DispatchLog::start(
             &config.dispatch_log,
             config.dispatch_log_queue,
@@ -504,6 +521,7 @@ impl Pipeline {
             permits,
             shared_lanes,
             needs_kafka_key,
+            forward: (!forward.is_empty()).then_some(forward),
             max_inflight_messages: config.max_inflight_messages,
             max_inflight_bytes: config.max_inflight_bytes,
             module_names: config
@@ -738,6 +756,10 @@ pub(crate) fn accept(pipeline: &Arc<Pipeline>, partition: &Arc<Partition>, m: &i
             key,
             payload: Bytes::copy_from_slice(payload),
             envelope,
+            headers: match &pipeline.forward {
+                Some(keep) => m.forwarded(keep),
+                None => Vec::new(),
+            },
         },
         remaining: AtomicUsize::new(targets.len()),
         partition: partition.clone(),

@@ -350,6 +350,10 @@ pub struct ModuleFigures {
     /// snapshot's `stuck` list).
     #[serde(default)]
     pub stuck: usize,
+    /// Until when (ms since the epoch) the module's server asked this
+    /// worker, with `Retry-After`, not to send anything; 0: never asked.
+    #[serde(default)]
+    pub server_pause_until_ms: i64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -330,5 +330,7 @@ fn message(row: &LoggedRow) -> Option<Message> {
         key: None,
         payload: Bytes::from(row.content.clone()),
         envelope,
+        // The table keeps no Kafka headers: a replay forwards none.
+        headers: Vec::new(),
     })
 }

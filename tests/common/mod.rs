@@ -56,7 +56,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{DeliveryResult, Message as _};
+use rdkafka::message::{DeliveryResult, Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
@@ -244,6 +244,8 @@ pub struct Record {
     pub payload: Option<Vec<u8>>,
     /// CreateTime in ms since the epoch; `None` lets the client stamp it.
     pub timestamp: Option<i64>,
+    /// Kafka message headers, in order (`None`: a header without value).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Record {
@@ -253,6 +255,7 @@ impl Record {
             key: None,
             payload: Some(payload.into()),
             timestamp: None,
+            headers: Vec::new(),
         }
     }
 
@@ -263,6 +266,7 @@ impl Record {
             key: None,
             payload: None,
             timestamp: None,
+            headers: Vec::new(),
         }
     }
 
@@ -273,6 +277,13 @@ impl Record {
 
     pub fn timestamp(mut self, ms: i64) -> Record {
         self.timestamp = Some(ms);
+        self
+    }
+
+    /// Adds a Kafka header (`None`: one without a value).
+    pub fn header(mut self, name: &str, value: Option<&[u8]>) -> Record {
+        self.headers
+            .push((name.to_string(), value.map(<[u8]>::to_vec)));
         self
     }
 }
@@ -287,6 +298,7 @@ impl From<(i32, Option<Vec<u8>>, Vec<u8>, Option<i64>)> for Record {
             key,
             payload: Some(payload),
             timestamp,
+            headers: Vec::new(),
         }
     }
 }
@@ -367,6 +379,16 @@ pub fn produce(topic: &str, records: Vec<Record>) -> Vec<Produced> {
         }
         if let Some(ts) = r.timestamp {
             record = record.timestamp(ts);
+        }
+        if !r.headers.is_empty() {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (key, value) in &r.headers {
+                headers = headers.insert(Header {
+                    key,
+                    value: value.as_deref(),
+                });
+            }
+            record = record.headers(headers);
         }
         loop {
             match producer.send(record) {

@@ -292,6 +292,7 @@ mod tests {
                 command_id: crate::config::CommandId(1),
                 commit_id: None,
             },
+            headers: Vec::new(),
         }
     }
 
