@@ -30,7 +30,8 @@
 //! - [`pipeline`]: a worker's runtime and lanes ([`pipeline::worker`]), the
 //!   one JSON parse of the envelope ([`pipeline::envelope`]), commandId →
 //!   modules ([`pipeline::router`]), HTTP delivery → `Outcome`
-//!   ([`pipeline::dispatch`]).
+//!   ([`pipeline::dispatch`]) through each module's rate limit and circuit
+//!   breaker ([`pipeline::gate`]).
 //! - [`source`]: where messages come from and how they are acknowledged:
 //!   the Kafka consumer, rebalances and commits ([`source::kafka`]), offset
 //!   tracking and the offset file store ([`source::offsets`]), a topic

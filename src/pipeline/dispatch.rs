@@ -18,6 +18,9 @@
 //! [`retry_after`]), and which headers every request carries (`header`
 //! lines, basic auth from the uri's userinfo). A `Retry-After` pauses the
 //! whole module in this worker: every lane's next attempt waits for it.
+//! So do the module's rate limit and circuit breaker
+//! ([`crate::pipeline::gate`]), asked at the same point before each
+//! attempt.
 //!
 //! [`Endpoint::deliver_observed`] also reports failed attempts to an
 //! [`Observer`] (the dispatch log) and asks it, before each retry and
@@ -42,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AnswerKind, Backoff, DeliveryContract, HttpMethod, ModuleConfig};
 use crate::pipeline::envelope::Envelope;
+use crate::pipeline::gate::{BreakerState, ModuleGate, Ticket};
 use crate::script::{Engine, Reshape, Verdict};
 use crate::source::SourceKind;
 
@@ -169,6 +173,9 @@ pub trait DeliveryWatch: Send + Sync + 'static {
     fn finished(&self, msg: &Message);
     /// Whether the operator paused this module: no attempt starts meanwhile.
     fn paused(&self) -> bool;
+    /// The module's circuit breaker in this worker changed to `state`;
+    /// `opening` when failures (re)opened it.
+    fn breaker(&self, _state: BreakerState, _opening: bool) {}
 }
 
 /// Observers and operator controls of an endpoint; none by default.
@@ -260,6 +267,9 @@ pub struct Endpoint {
     /// Until when the server asked (`Retry-After`) not to be sent
     /// anything: shared by every lane of this endpoint.
     server_pause: Arc<ServerPause>,
+    /// The module's rate limit and circuit breaker, shared by every lane;
+    /// `None` when it has neither.
+    module_gate: Option<Arc<ModuleGate>>,
 }
 
 /// A module's pause asked by its server, read before every attempt of
@@ -360,6 +370,7 @@ impl Endpoint {
         };
         let module_header = HeaderValue::from_str(&module.name)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-name"));
+        let module_gate = ModuleGate::new(&module, None).map(Arc::new);
         Ok(Endpoint {
             module,
             client,
@@ -371,6 +382,7 @@ impl Endpoint {
             basic_auth,
             headers,
             server_pause: Arc::new(ServerPause::new()),
+            module_gate,
         })
     }
 
@@ -423,6 +435,7 @@ impl Endpoint {
 
     /// The same endpoint, observed and controlled by `controls`.
     pub fn with_controls(mut self, controls: Controls) -> Endpoint {
+        self.module_gate = ModuleGate::new(&self.module, controls.watch.clone()).map(Arc::new);
         self.controls = controls;
         self
     }
@@ -435,31 +448,39 @@ impl Endpoint {
             || (attempts > 0 && observer.skip_requested())
     }
 
-    /// Before an attempt: waits while the module is paused. `Some` when
-    /// the delivery ends here (skipped, or stopped while paused).
+    /// Before an attempt: waits while the module is paused, and for its
+    /// rate limit and circuit breaker. `Err` when the delivery ends here
+    /// (skipped, or stopped while waiting); else the ticket to report the
+    /// attempt's answer to.
     async fn gate(
         &self,
         msg: &Message,
         cancel: &Cancel,
         attempts: u32,
         observer: &dyn Observer,
-    ) -> Option<Outcome> {
+    ) -> Result<Ticket<'_>, Outcome> {
+        let mut ticket = Ticket::new(self.module_gate.as_deref());
         loop {
             if self.skip_requested(msg, attempts, observer) {
-                return Some(self.skipped(msg, attempts));
+                return Err(self.skipped(msg, attempts));
             }
             let server_pause = self.server_pause_left();
-            if !self.controls.watch.as_ref().is_some_and(|w| w.paused()) && server_pause.is_zero() {
-                return None;
-            }
-            let step = match server_pause.is_zero() {
-                true => CONTROL_POLL,
-                false => server_pause.min(CONTROL_POLL),
+            let step = if !self.controls.watch.as_ref().is_some_and(|w| w.paused())
+                && server_pause.is_zero()
+            {
+                match ticket.ready() {
+                    None => return Ok(ticket),
+                    Some(wait) => wait.min(CONTROL_POLL),
+                }
+            } else if server_pause.is_zero() {
+                CONTROL_POLL
+            } else {
+                server_pause.min(CONTROL_POLL)
             };
             tokio::select! {
                 biased;
-                _ = cancel.abort.cancelled() => return Some(Outcome::Aborted),
-                _ = cancel.stop.cancelled() => return Some(Outcome::Aborted),
+                _ = cancel.abort.cancelled() => return Err(Outcome::Aborted),
+                _ = cancel.stop.cancelled() => return Err(Outcome::Aborted),
                 _ = tokio::time::sleep(step) => {}
             }
         }
@@ -549,14 +570,17 @@ impl Endpoint {
         let mut attempts = 0u32;
         // For `retry_max_age`: the age counts from the first attempt (not
         // the Kafka timestamp, so that a backlog is not dropped unseen).
-        let first_attempt = tokio::time::Instant::now();
+        let mut first_attempt = tokio::time::Instant::now();
         loop {
             if cancel.stop.is_cancelled() || cancel.abort.is_cancelled() {
                 return Outcome::Aborted;
             }
-            if let Some(outcome) = self.gate(msg, cancel, attempts, observer).await {
-                return outcome;
-            }
+            let ticket = match self.gate(msg, cancel, attempts, observer).await {
+                Ok(ticket) => ticket,
+                Err(outcome) => return outcome,
+            };
+            // An open circuit breaker does not age a message.
+            first_attempt += ticket.held();
             attempts += 1;
             let started = Instant::now();
             // Abort first: an attempt polled once has already connected.
@@ -565,6 +589,7 @@ impl Endpoint {
                 _ = cancel.abort.cancelled() => return Outcome::Aborted,
                 r = self.attempt(msg, &prepared, attempts) => r,
             };
+            ticket.finish(result.is_ok());
             if let Some(w) = watch {
                 let error = result.as_ref().err().map(|e| e.text.as_str());
                 w.attempted(msg, attempts, started.elapsed(), error);

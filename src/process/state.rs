@@ -350,6 +350,14 @@ pub struct ModuleFigures {
     /// snapshot's `stuck` list).
     #[serde(default)]
     pub stuck: usize,
+    /// The module's circuit breaker in this worker: 0 closed (or none), 1
+    /// open, 2 half-open (`mkc_module_breaker_state`).
+    #[serde(default)]
+    pub breaker_state: u8,
+    /// How often it opened (also again after a failed probe), since the
+    /// slot's first worker.
+    #[serde(default)]
+    pub breaker_openings: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
