@@ -10,6 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::browser::{start_driver, Browser};
 use common::dlog::*;
 use common::metrics::{scrape, value};
 use common::*;
@@ -249,6 +250,25 @@ fn skip_and_stop_work_while_the_breaker_holds_messages() {
     db.wait_rows(Duration::from_secs(30), |rows| {
         rows.iter().any(|r| r.offset == produced[0].offset)
     });
+
+    // The status page's module row says so.
+    let admin = mkc.admin_url(Duration::from_secs(30));
+    let driver = start_driver(mkc.dir());
+    let browser = Browser::open(&driver, mkc.dir());
+    browser.go(&format!("{admin}/"));
+    let badge = r#"
+        const b = document.querySelector('tr.module[data-module="down"] .badge.breaker');
+        return b ? b.textContent : "";"#;
+    let mut shown = serde_json::Value::Null;
+    mkc.check(
+        wait_until(Duration::from_secs(20), || {
+            shown = browser.js(badge);
+            shown == " breaker open"
+        }),
+        || format!("the page's module row shows {shown}"),
+    );
+    drop(browser);
+    drop(driver);
 
     // The held message is skipped by the operator; the next one waits for
     // the breaker, without a request.
