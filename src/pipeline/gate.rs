@@ -284,8 +284,7 @@ impl ModuleGate {
 #[derive(Debug)]
 pub struct Ticket<'a> {
     gate: Option<&'a ModuleGate>,
-    /// Passed the breaker (as its probe when `probe`).
-    passed: bool,
+    /// Carries the half-open breaker's probe.
     probe: bool,
     /// The reserved token's time (ns after the gate's `since`).
     token_at: Option<u64>,
@@ -301,7 +300,6 @@ impl<'a> Ticket<'a> {
     pub fn new(gate: Option<&'a ModuleGate>) -> Ticket<'a> {
         Ticket {
             gate,
-            passed: false,
             probe: false,
             token_at: None,
             held_since: None,
@@ -314,10 +312,11 @@ impl<'a> Ticket<'a> {
     /// `wait` (the caller may ask earlier, to look at its controls).
     pub fn ready(&mut self) -> Option<Duration> {
         let gate = self.gate?;
-        if let (Some(breaker), false) = (&gate.breaker, self.passed) {
+        // Asked again on every call (a lane waiting for its token must not
+        // send once the breaker opened meanwhile), unless it is the probe.
+        if let (Some(breaker), false) = (&gate.breaker, self.probe) {
             match gate.pass_breaker(breaker) {
                 Ok(probe) => {
-                    self.passed = true;
                     self.probe = probe;
                     if let Some(since) = self.held_since.take() {
                         self.held += since.elapsed();
@@ -484,6 +483,24 @@ mod tests {
         assert_eq!(gate.breaker_state(), BreakerState::Closed);
         let mut next = Ticket::new(Some(&gate));
         assert_eq!(next.ready(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_waiting_for_its_token_waits_for_a_breaker_opened_meanwhile() {
+        let gate = ModuleGate::new(&module(Some((1, 1)), Some((1, 10))), None).unwrap();
+        let first = go(&gate).await;
+        let mut second = Ticket::new(Some(&gate));
+        assert_eq!(second.ready(), Some(Duration::from_secs(1)));
+        first.finish(false);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(second.ready(), Some(Duration::from_secs(9)));
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        // The cooldown is over: it goes as the probe, with the token it
+        // reserved.
+        assert_eq!(second.ready(), None);
+        assert_eq!(gate.breaker_state(), BreakerState::HalfOpen);
+        second.finish(true);
+        assert_eq!(gate.breaker_state(), BreakerState::Closed);
     }
 
     #[tokio::test(start_paused = true)]
