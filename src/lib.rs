@@ -30,7 +30,8 @@
 //! - [`pipeline`]: a worker's runtime and lanes ([`pipeline::worker`]), the
 //!   one JSON parse of the envelope ([`pipeline::envelope`]), commandId →
 //!   modules ([`pipeline::router`]), HTTP delivery → `Outcome`
-//!   ([`pipeline::dispatch`]) and what a request carries besides the
+//!   ([`pipeline::dispatch`]) through each module's rate limit and circuit
+//!   breaker ([`pipeline::gate`]), and what a request carries besides the
 //!   payload: signature, forwarded Kafka headers, TLS client
 //!   ([`pipeline::request`]).
 //! - [`source`]: where messages come from and how they are acknowledged:

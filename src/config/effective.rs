@@ -507,6 +507,18 @@ const MODULE_KEYS: &[Key<ModuleConfig>] = &[
             )
         },
     },
+    Key {
+        name: "rate_limit",
+        show: |m| opt("rate_limit", m.contract.rate_limit),
+    },
+    Key {
+        name: "breaker_failures",
+        show: |m| opt("breaker_failures", m.contract.breaker_failures),
+    },
+    Key {
+        name: "breaker_cooldown",
+        show: |m| one("breaker_cooldown", m.contract.breaker_cooldown.as_secs()),
+    },
 ];
 
 /// What `-T` shows instead of a secret.

@@ -325,6 +325,15 @@ pub struct DeliveryContract {
     /// `tls_cert`, `tls_key`, `tls_ca`: mutual TLS (default: none, and
     /// Mozilla's roots).
     pub tls: ModuleTls,
+    /// `rate_limit N[/s|/m]`: at most this many requests per worker
+    /// process; `None` (the default): no limit.
+    pub rate_limit: Option<RateLimit>,
+    /// `breaker_failures K`: the circuit breaker opens after K consecutive
+    /// failed attempts; `None` (the default): no breaker.
+    pub breaker_failures: Option<u32>,
+    /// `breaker_cooldown` s (default 30): how long an open breaker sends
+    /// nothing before its probe.
+    pub breaker_cooldown: Duration,
 }
 
 /// How many messages go in one request (README: Batches). The default,
@@ -383,7 +392,65 @@ impl Default for DeliveryContract {
             sign: None,
             forward_headers: ForwardHeaders::default(),
             tls: ModuleTls::default(),
+            rate_limit: None,
+            breaker_failures: None,
+            breaker_cooldown: Duration::from_secs(DEFAULT_BREAKER_COOLDOWN_S),
         }
+    }
+}
+
+/// A module's `rate_limit N[/s|/m]`: `count` requests per `per` (one
+/// second or one minute), per worker process (README: Rate limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// N: at least 1.
+    pub count: u32,
+    /// One second (`/s`, the default) or one minute (`/m`).
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// Reads `N`, `N/s` or `N/m` (the unit in any case); `None` when the
+    /// text is not that or N is not in `1..=max`.
+    pub(crate) fn parse(text: &str, max: u32) -> Option<RateLimit> {
+        let (count, per) = match text.split_once('/') {
+            None => (text, Duration::from_secs(1)),
+            Some((count, unit)) => match unit.to_ascii_lowercase().as_str() {
+                "s" => (count, Duration::from_secs(1)),
+                "m" => (count, Duration::from_secs(60)),
+                _ => return None,
+            },
+        };
+        if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let count: u32 = count.parse().ok()?;
+        (1..=max)
+            .contains(&count)
+            .then_some(RateLimit { count, per })
+    }
+
+    /// The time between two requests at the limit's pace.
+    pub fn interval(&self) -> Duration {
+        self.per / self.count
+    }
+
+    /// How many requests may go at once after an idle time: a tenth of a
+    /// second's worth, at least 1.
+    pub fn burst(&self) -> u32 {
+        let per_second = u64::from(self.count) * 1000 / self.per.as_millis().max(1) as u64;
+        u32::try_from(per_second / 10).unwrap_or(u32::MAX).max(1)
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = if self.per >= Duration::from_secs(60) {
+            "m"
+        } else {
+            "s"
+        };
+        write!(f, "{}/{unit}", self.count)
     }
 }
 
@@ -456,8 +523,9 @@ pub struct ModuleConfig {
     pub script: Option<Arc<crate::script::Script>>,
     /// `retry_backoff`, `retry_max_delay`, `retry_max_age`, `retry_on`,
     /// `fail_on`, `header`, `sign_secret`, `sign_secret_env`,
-    /// `forward_headers`, `tls_cert`, `tls_key`, `tls_ca` (README:
-    /// Delivery contract).
+    /// `forward_headers`, `tls_cert`, `tls_key`, `tls_ca`, `rate_limit`,
+    /// `breaker_failures`, `breaker_cooldown`, `batch`, `batch_bytes`,
+    /// `batch_linger`, `batch_format` (README: Delivery contract).
     pub contract: DeliveryContract,
 }
 
@@ -578,6 +646,10 @@ const MAX_CONCURRENCY: u64 = 4096;
 const DEFAULT_RETRYNUM: u32 = 3;
 const DEFAULT_RETRY_DELAY_MS: u64 = 1000;
 const DEFAULT_RETRY_MAX_DELAY_MS: u64 = 60_000;
+const DEFAULT_BREAKER_COOLDOWN_S: u64 = 30;
+/// `rate_limit` and `breaker_failures` at most.
+const MAX_RATE_LIMIT: u32 = 1_000_000;
+const MAX_BREAKER_FAILURES: u64 = 1_000_000;
 const DEFAULT_RCV_TIMEOUT_S: u64 = 30;
 const DEFAULT_BATCH_BYTES: u64 = 1024 * 1024;
 /// `batch` at most: a batch's header `X-Mkc-Offsets` lists every message.

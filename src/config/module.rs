@@ -117,6 +117,8 @@ pub(super) fn read_module_file(
     // warn when there is no batch for it to shape.
     let mut batch_detail: Option<Location> = None;
     let mut request = RequestKeys::default();
+    // Where `breaker_cooldown` was set, to warn when the breaker is off.
+    let mut breaker_cooldown_at: Option<Location> = None;
 
     for d in directives {
         let key = d.key.as_str();
@@ -401,6 +403,42 @@ pub(super) fn read_module_file(
             }
             "sign_secret" | "sign_secret_env" | "forward_headers" | "tls_cert" | "tls_key"
             | "tls_ca" => request.read(d, &mut contract, scripts, report),
+            "rate_limit" => {
+                let Some(value) = report.single(d, "rate_limit N[/s|/m]") else {
+                    continue;
+                };
+                match RateLimit::parse(value, MAX_RATE_LIMIT) {
+                    Some(limit) => {
+                        seen.note(key, d, report);
+                        contract.rate_limit = Some(limit);
+                    }
+                    None => report.error(
+                        &d.location,
+                        format!(
+                            "rate_limit: \"{value}\" is not N, N/s or N/m with N from 1 to \
+                             {MAX_RATE_LIMIT} (requests per second or minute)"
+                        ),
+                    ),
+                }
+            }
+            "breaker_failures" => {
+                if let Some(value) = report.single(d, "breaker_failures N") {
+                    let max = MAX_BREAKER_FAILURES;
+                    if let Some(n) = report.uint(d, "", value, 1, max, "(failed attempts)") {
+                        seen.note(key, d, report);
+                        contract.breaker_failures = u32::try_from(n).ok();
+                    }
+                }
+            }
+            "breaker_cooldown" => {
+                if let Some(value) = report.single(d, "breaker_cooldown SECONDS") {
+                    if let Some(n) = report.uint(d, "", value, 1, MAX_SECS, "(seconds)") {
+                        seen.note(key, d, report);
+                        contract.breaker_cooldown = secs(n);
+                        breaker_cooldown_at = Some(d.location.clone());
+                    }
+                }
+            }
             _ => report.error(&d.location, format!("unknown key \"{key}\"")),
         }
     }
@@ -408,6 +446,12 @@ pub(super) fn read_module_file(
         report.warn(
             at,
             "batch_bytes, batch_linger and batch_format are used only with batch 2 or more",
+        );
+    }
+    if let (Some(at), None) = (&breaker_cooldown_at, contract.breaker_failures) {
+        report.warn(
+            at,
+            "breaker_cooldown is ignored without breaker_failures (the breaker is off)",
         );
     }
     if let (Some((_, at)), DeliveryMode::Ordered) = (&concurrency, mode) {

@@ -2292,3 +2292,123 @@ fn tls_file_problems_name_the_line_and_the_pem_problem() {
         "{got:?}"
     );
 }
+
+// ---- module.conf: rate limit and circuit breaker (issue 14) ----
+
+#[test]
+fn rate_limit_and_breaker_are_off_by_default() {
+    let loaded = module_with("");
+    let contract = &loaded.config.modules[0].contract;
+    assert_eq!(contract.rate_limit, None);
+    assert_eq!(contract.breaker_failures, None);
+    assert_eq!(contract.breaker_cooldown, Duration::from_secs(30));
+}
+
+#[test]
+fn rate_limit_reads_per_second_and_per_minute() {
+    for (text, count, per_s) in [
+        ("50/s", 50, 1),
+        ("50", 50, 1),
+        ("600/m", 600, 60),
+        ("600/M", 600, 60),
+        ("1/m", 1, 60),
+        ("1000000/S", 1_000_000, 1),
+    ] {
+        let loaded = module_with(&format!("rate_limit {text}\n"));
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(
+            loaded.config.modules[0].contract.rate_limit,
+            Some(RateLimit {
+                count,
+                per: Duration::from_secs(per_s)
+            }),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn rate_limit_pace_and_burst() {
+    let limit = |text| RateLimit::parse(text, MAX_RATE_LIMIT).unwrap();
+    assert_eq!(limit("50/s").interval(), Duration::from_millis(20));
+    assert_eq!(limit("50/s").burst(), 5);
+    assert_eq!(limit("1000/s").burst(), 100);
+    assert_eq!(limit("5/s").burst(), 1);
+    assert_eq!(limit("600/m").interval(), Duration::from_millis(100));
+    assert_eq!(limit("600/m").burst(), 1);
+    assert_eq!(limit("6000/m").burst(), 10);
+    assert_eq!(limit("1/m").interval(), Duration::from_secs(60));
+    assert_eq!(limit("1/m").burst(), 1);
+    assert_eq!(limit("7/m").to_string(), "7/m");
+    assert_eq!(limit("7").to_string(), "7/s");
+}
+
+#[test]
+fn breaker_keys_are_read() {
+    let loaded = module_with("breaker_failures 5\nbreaker_cooldown 10\n");
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let contract = &loaded.config.modules[0].contract;
+    assert_eq!(contract.breaker_failures, Some(5));
+    assert_eq!(contract.breaker_cooldown, Duration::from_secs(10));
+}
+
+#[test]
+fn rate_limit_and_breaker_errors_name_file_and_line() {
+    let rate = |text: &str| {
+        format!(
+            "/etc/mkc/m.conf:4: rate_limit: \"{text}\" is not N, N/s or N/m with N from 1 to \
+             1000000 (requests per second or minute)"
+        )
+    };
+    for text in [
+        "0", "0/s", "5/h", "fast", "-1/s", "/s", "5/", "1000001", "2.5/s",
+    ] {
+        assert_eq!(
+            module_errors(&format!("rate_limit {text}\n")),
+            vec![rate(text)]
+        );
+    }
+    assert_eq!(
+        module_errors("rate_limit 5 /s\n"),
+        vec!["/etc/mkc/m.conf:4: rate_limit: expected 1 argument (`rate_limit N[/s|/m]`), found 2"]
+    );
+    assert_eq!(
+        module_errors("breaker_failures 0\n"),
+        vec!["/etc/mkc/m.conf:4: breaker_failures: \"0\" is not a positive integer (failed attempts)"]
+    );
+    assert_eq!(
+        module_errors("breaker_cooldown 0\n"),
+        vec!["/etc/mkc/m.conf:4: breaker_cooldown: \"0\" is not a positive integer (seconds)"]
+    );
+}
+
+#[test]
+fn a_breaker_cooldown_without_failures_warns() {
+    let loaded = module_with("breaker_cooldown 5\n");
+    assert_eq!(
+        warnings(&loaded),
+        vec!["/etc/mkc/m.conf:4: breaker_cooldown is ignored without breaker_failures (the breaker is off)"]
+    );
+}
+
+#[test]
+fn dash_t_shows_rate_limit_and_breaker() {
+    let out = effective(&module_with("rate_limit 600/m\nbreaker_failures 5\n").config);
+    for shown in [
+        "rate_limit 600/m",
+        "breaker_failures 5",
+        "breaker_cooldown 30",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(shown)),
+            "no line {shown:?}:\n{out}"
+        );
+    }
+    let out = effective(&module_with("").config);
+    for shown in ["# rate_limit", "# breaker_failures", "breaker_cooldown 30"] {
+        assert!(
+            out.lines().any(|l| l.starts_with(shown)),
+            "no line {shown:?}:\n{out}"
+        );
+    }
+}

@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,6 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{CommandId, ServerConfig};
 use crate::pipeline::dispatch::{DeliveryWatch, Message, Outcome, SkipCheck};
+use crate::pipeline::gate::BreakerState;
 use crate::process::state::{
     self, CounterFigures, DispatchLogFigures, LastError, ModuleFigures, PartitionFigures,
     StuckMessage, WorkerSnapshot, LATENCY_BUCKETS, STUCK_LIST_MAX,
@@ -73,6 +74,10 @@ struct ModuleLive {
     /// Until when (ms since the epoch) the module's server asked for a
     /// pause (`Retry-After`); 0: never.
     server_pause_until_ms: AtomicI64,
+    /// The module's circuit breaker (`BreakerState` as u8).
+    breaker_state: AtomicU8,
+    /// Its openings, continued from the slot's last snapshot.
+    breaker_openings: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +160,8 @@ impl WorkerFigures {
                     last_error: Mutex::new(old.and_then(|o| o.last_error.clone())),
                     paused: AtomicBool::new(false),
                     server_pause_until_ms: AtomicI64::new(0),
+                    breaker_state: AtomicU8::new(BreakerState::Closed as u8),
+                    breaker_openings: AtomicU64::new(old.map_or(0, |o| o.breaker_openings)),
                 }
             })
             .collect();
@@ -451,6 +458,14 @@ impl DeliveryWatch for ModuleWatch {
         self.figures.modules[self.module]
             .server_pause_until_ms
             .fetch_max(until, Ordering::Relaxed);
+    }
+
+    fn breaker(&self, state: BreakerState, opening: bool) {
+        let m = &self.figures.modules[self.module];
+        m.breaker_state.store(state as u8, Ordering::Release);
+        if opening {
+            m.breaker_openings.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -854,6 +869,8 @@ impl Parts {
                     failed_rate: rate(failed, old_failed),
                     stuck: stuck_per_module[i],
                     server_pause_until_ms: m.server_pause_until_ms.load(Ordering::Relaxed),
+                    breaker_state: m.breaker_state.load(Ordering::Acquire),
+                    breaker_openings: m.breaker_openings.load(Ordering::Relaxed),
                 }
             })
             .collect();

@@ -138,6 +138,16 @@ pub struct ModuleStatus {
     /// Messages of this module that failed an attempt and are not
     /// finished, in live workers (all of them: the `stuck` list is cut).
     pub stuck: usize,
+    /// The circuit breaker, the worst of the live workers': 1 open in
+    /// any, else 2 half-open in any, else 0 closed (or no breaker).
+    #[serde(default)]
+    pub breaker_state: u8,
+    /// Live workers whose breaker is not closed.
+    #[serde(default)]
+    pub breaker_workers: usize,
+    /// Openings of the breaker, all workers, since the slots' first.
+    #[serde(default)]
+    pub breaker_openings: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -426,6 +436,14 @@ pub fn gather_from(
             if f.last_error.as_ref().map(|e| e.at_ms) > m.last_error.as_ref().map(|e| e.at_ms) {
                 m.last_error = f.last_error.clone();
             }
+            m.breaker_openings = m.breaker_openings.saturating_add(f.breaker_openings);
+            if up && f.breaker_state != 0 {
+                m.breaker_workers += 1;
+                // Open (1) is worse than half-open (2).
+                if m.breaker_state != 1 {
+                    m.breaker_state = f.breaker_state.min(2);
+                }
+            }
             if up {
                 m.paused_workers += usize::from(f.paused);
                 m.in_flight = m.in_flight.saturating_add(f.in_flight);
@@ -657,6 +675,30 @@ pub fn prometheus(status: &Status) -> String {
             m.stuck as f64,
         );
     }
+    f.head(
+        "mkc_module_breaker_state",
+        "gauge",
+        "The module's circuit breaker: 0 closed, 1 open (in any worker), 2 half-open (probing).",
+    );
+    for m in &status.modules {
+        f.sample(
+            "mkc_module_breaker_state",
+            &[("module", &m.name)],
+            f64::from(m.breaker_state),
+        );
+    }
+    f.head(
+        "mkc_module_breaker_openings_total",
+        "counter",
+        "Times the module's circuit breaker opened (also again after a failed probe).",
+    );
+    for m in &status.modules {
+        f.sample(
+            "mkc_module_breaker_openings_total",
+            &[("module", &m.name)],
+            m.breaker_openings as f64,
+        );
+    }
 
     type PartitionGauge = (
         &'static str,
@@ -788,6 +830,20 @@ pub fn short_duration(secs: f64) -> String {
 }
 
 /// `status` as the text `mkc -s status` prints.
+/// A module's breaker in `-s status`: nothing while closed.
+fn breaker_text(m: &ModuleStatus) -> String {
+    let state = match m.breaker_state {
+        0 => return String::new(),
+        1 => "OPEN",
+        _ => "HALF-OPEN",
+    };
+    let workers = match m.breaker_workers {
+        1 => "1 worker".to_string(),
+        n => format!("{n} workers"),
+    };
+    format!(" [BREAKER {state}: {workers}]")
+}
+
 pub fn text(status: &Status) -> String {
     let mut out = String::new();
     let now = status.now_ms;
@@ -886,13 +942,14 @@ pub fn text(status: &Status) -> String {
     for m in &status.modules {
         let _ = writeln!(
             out,
-            "  {}{}{}  delivered {} ({:.1}/s)  failed attempts {} ({:.1}/s)  exhausted {}  skipped {}  filtered {}  script errors {}  in flight {}",
+            "  {}{}{}{}  delivered {} ({:.1}/s)  failed attempts {} ({:.1}/s)  exhausted {}  skipped {}  filtered {}  script errors {}  in flight {}",
             m.name,
             if m.paused { " [PAUSED]" } else { "" },
             match m.server_pause_s > 0.0 {
                 true => format!(" [RETRY-AFTER: {:.0}s left]", m.server_pause_s.ceil()),
                 false => String::new(),
             },
+            breaker_text(m),
             m.delivered,
             m.delivered_rate,
             m.failed_attempts,
@@ -1221,6 +1278,58 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The breaker: the worst state of the live workers (open before
+    /// half-open), their count, and the openings of every snapshot.
+    #[test]
+    fn breaker_state_is_the_worst_of_live_workers_and_openings_add_up() {
+        let (dir, config, _) = fixture();
+        let state = state::state_dir(&config.pid_file);
+        let now = 1_000_000;
+        let write = |index: u32, pid: i32, written_ms: i64, breaker: u8, openings: u64| {
+            let mut s = snapshot(index, pid, written_ms);
+            s.modules[0].breaker_state = breaker;
+            s.modules[0].breaker_openings = openings;
+            state::write_json(&state::worker_file(&state, "t", index), &s).unwrap();
+        };
+        write(0, 10, now - 100, 2, 1);
+        write(1, 11, now - 200, 1, 2);
+        // A removed slot's: its openings count, its state does not.
+        write(2, 12, now - 60_000, 1, 4);
+        let status = gather_from(&config, &state, now, &|_| true);
+        let a = &status.modules[0];
+        assert_eq!(
+            (a.breaker_state, a.breaker_workers, a.breaker_openings),
+            (1, 2, 7)
+        );
+        assert!(
+            text(&status).contains("a [BREAKER OPEN: 2 workers]"),
+            "{}",
+            text(&status)
+        );
+        let metrics = prometheus(&status);
+        assert!(
+            metrics.contains("mkc_module_breaker_state{module=\"a\"} 1\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("mkc_module_breaker_openings_total{module=\"a\"} 7\n"),
+            "{metrics}"
+        );
+
+        write(1, 11, now - 200, 0, 2);
+        let status = gather_from(&config, &state, now, &|_| true);
+        let a = &status.modules[0];
+        assert_eq!((a.breaker_state, a.breaker_workers), (2, 1));
+        assert!(text(&status).contains("a [BREAKER HALF-OPEN: 1 worker]"));
+        let b = &status.modules[1];
+        assert_eq!(
+            (b.breaker_state, b.breaker_workers, b.breaker_openings),
+            (0, 0, 0)
+        );
+        assert!(prometheus(&status).contains("mkc_module_breaker_state{module=\"b\"} 0\n"));
+        drop(dir);
     }
 
     #[test]

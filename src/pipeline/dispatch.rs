@@ -19,7 +19,9 @@
 //! lines, basic auth from the uri's userinfo, the forwarded Kafka headers
 //! and the signature: see [`crate::pipeline::request`]). A `Retry-After`
 //! pauses the whole module in this worker: every lane's next attempt waits
-//! for it.
+//! for it. So do the module's rate limit and circuit breaker
+//! ([`crate::pipeline::gate`]), asked at the same point before each
+//! attempt.
 //!
 //! [`Endpoint::deliver_observed`] also reports failed attempts to an
 //! [`Observer`] (the dispatch log) and asks it, before each retry and
@@ -44,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AnswerKind, Backoff, DeliveryContract, HttpMethod, ModuleConfig};
 use crate::pipeline::envelope::Envelope;
+use crate::pipeline::gate::{BreakerState, ModuleGate, Ticket};
 use crate::pipeline::request::{self, SigningKey};
 use crate::script::{Engine, Reshape, Verdict};
 use crate::source::SourceKind;
@@ -185,6 +188,10 @@ pub trait DeliveryWatch: Send + Sync + 'static {
     /// The module's server asked (`Retry-After`) not to be sent anything
     /// for `wait` from now: every lane of the module in this worker waits.
     fn server_paused(&self, _wait: Duration) {}
+
+    /// The module's circuit breaker in this worker changed to `state`;
+    /// `opening` when failures (re)opened it.
+    fn breaker(&self, _state: BreakerState, _opening: bool) {}
 }
 
 /// Observers and operator controls of an endpoint; none by default.
@@ -278,6 +285,9 @@ pub struct Endpoint {
     server_pause: Arc<ServerPause>,
     /// `sign_secret`: every request's body is signed with it.
     signing: Option<SigningKey>,
+    /// The module's rate limit and circuit breaker, shared by every lane;
+    /// `None` when it has neither.
+    module_gate: Option<Arc<ModuleGate>>,
 }
 
 /// A module's pause asked by its server, read before every attempt of
@@ -378,6 +388,7 @@ impl Endpoint {
         };
         let module_header = HeaderValue::from_str(&module.name)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-name"));
+        let module_gate = ModuleGate::new(&module, None).map(Arc::new);
         Ok(Endpoint {
             module,
             client,
@@ -390,6 +401,7 @@ impl Endpoint {
             headers,
             server_pause: Arc::new(ServerPause::new()),
             signing,
+            module_gate,
         })
     }
 
@@ -444,6 +456,7 @@ impl Endpoint {
 
     /// The same endpoint, observed and controlled by `controls`.
     pub fn with_controls(mut self, controls: Controls) -> Endpoint {
+        self.module_gate = ModuleGate::new(&self.module, controls.watch.clone()).map(Arc::new);
         self.controls = controls;
         self
     }
@@ -456,31 +469,39 @@ impl Endpoint {
         self.controls.skips.iter().any(asked) || (attempts > 0 && observer.skip_requested())
     }
 
-    /// Before an attempt: waits while the module is paused. `Some` when
-    /// the delivery ends here (skipped, or stopped while paused).
+    /// Before an attempt: waits while the module is paused, and for its
+    /// rate limit and circuit breaker. `Err` when the delivery ends here
+    /// (skipped, or stopped while waiting); else the ticket to report the
+    /// attempt's answer to.
     async fn gate(
         &self,
         msgs: &[&Message],
         cancel: &Cancel,
         attempts: u32,
         observer: &dyn Observer,
-    ) -> Option<Outcome> {
+    ) -> Result<Ticket<'_>, Outcome> {
+        let mut ticket = Ticket::new(self.module_gate.as_deref());
         loop {
             if self.skip_requested(msgs, attempts, observer) {
-                return Some(self.skipped(msgs, attempts));
+                return Err(self.skipped(msgs, attempts));
             }
             let server_pause = self.server_pause_left();
-            if !self.controls.watch.as_ref().is_some_and(|w| w.paused()) && server_pause.is_zero() {
-                return None;
-            }
-            let step = match server_pause.is_zero() {
-                true => CONTROL_POLL,
-                false => server_pause.min(CONTROL_POLL),
+            let step = if !self.controls.watch.as_ref().is_some_and(|w| w.paused())
+                && server_pause.is_zero()
+            {
+                match ticket.ready() {
+                    None => return Ok(ticket),
+                    Some(wait) => wait.min(CONTROL_POLL),
+                }
+            } else if server_pause.is_zero() {
+                CONTROL_POLL
+            } else {
+                server_pause.min(CONTROL_POLL)
             };
             tokio::select! {
                 biased;
-                _ = cancel.abort.cancelled() => return Some(Outcome::Aborted),
-                _ = cancel.stop.cancelled() => return Some(Outcome::Aborted),
+                _ = cancel.abort.cancelled() => return Err(Outcome::Aborted),
+                _ = cancel.stop.cancelled() => return Err(Outcome::Aborted),
                 _ = tokio::time::sleep(step) => {}
             }
         }
@@ -616,14 +637,17 @@ impl Endpoint {
         let mut attempts = 0u32;
         // For `retry_max_age`: the age counts from the first attempt (not
         // the Kafka timestamp, so that a backlog is not dropped unseen).
-        let first_attempt = tokio::time::Instant::now();
+        let mut first_attempt = tokio::time::Instant::now();
         loop {
             if cancel.stop.is_cancelled() || cancel.abort.is_cancelled() {
                 return Outcome::Aborted;
             }
-            if let Some(outcome) = self.gate(msgs, cancel, attempts, observer).await {
-                return outcome;
-            }
+            let ticket = match self.gate(msgs, cancel, attempts, observer).await {
+                Ok(ticket) => ticket,
+                Err(outcome) => return outcome,
+            };
+            // An open circuit breaker does not age a message.
+            first_attempt += ticket.held();
             attempts += 1;
             let started = Instant::now();
             // Abort first: an attempt polled once has already connected.
@@ -632,6 +656,7 @@ impl Endpoint {
                 _ = cancel.abort.cancelled() => return Outcome::Aborted,
                 r = self.attempt(msg, prepared, attempts) => r,
             };
+            ticket.finish(result.is_ok());
             if let Some(w) = watch {
                 let error = result.as_ref().err().map(|e| e.text.as_str());
                 for msg in msgs {

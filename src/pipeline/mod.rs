@@ -3,10 +3,12 @@
 //!
 //! ```text
 //! worker (lanes) ─► envelope::parse ─► router ─► dispatch (HTTP, delay, retry) ─► Outcome
+//!                                                    └─ gate (rate limit, circuit breaker)
 //! ```
 
 pub mod dispatch;
 pub mod envelope;
+pub mod gate;
 pub mod request;
 pub mod router;
 pub mod worker;

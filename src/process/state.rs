@@ -354,6 +354,14 @@ pub struct ModuleFigures {
     /// worker, with `Retry-After`, not to send anything; 0: never asked.
     #[serde(default)]
     pub server_pause_until_ms: i64,
+    /// The module's circuit breaker in this worker: 0 closed (or none), 1
+    /// open, 2 half-open (`mkc_module_breaker_state`).
+    #[serde(default)]
+    pub breaker_state: u8,
+    /// How often it opened (also again after a failed probe), since the
+    /// slot's first worker.
+    #[serde(default)]
+    pub breaker_openings: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
