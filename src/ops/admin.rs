@@ -52,6 +52,10 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 
 const PAGE: &str = include_str!("admin_page.html");
 
+/// The largest request body the admin API reads (a skip is ~200 bytes);
+/// a larger one is answered 413 without being read.
+pub const MAX_REQUEST_BODY: usize = 64 * 1024;
+
 /// One point of the charts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
@@ -179,6 +183,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/modules/{name}/{action}", post(api_module))
         .with_state(app)
         .merge(log)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY))
 }
 
 async fn sampler(app: Arc<App>) {
