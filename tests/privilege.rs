@@ -117,6 +117,34 @@ fn workers_and_the_admin_process_run_as_the_user_and_deliver() {
             format!("{} is owned by {:?}", path.display(), owner(&path))
         });
     }
+
+    // A reload cannot change the user: it says so and keeps nobody.
+    let conf = mkc.conf_path().to_path_buf();
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace(&format!("user nobody {group}"), "user root"),
+    )
+    .unwrap();
+    let (status, output) = mkc.command(&["-s", "reload"], Duration::from_secs(60));
+    mkc.check(status.is_some_and(|s| s.success()), || {
+        format!("-s reload: {output}")
+    });
+    mkc.wait_log_contains(
+        &format!("user changes need a restart; keeping user nobody {group}"),
+        Duration::from_secs(10),
+    );
+    let mut replaced = Vec::new();
+    wait_until(Duration::from_secs(30), || {
+        replaced = mkc.worker_pids();
+        replaced.len() == 2 && replaced.iter().all(|p| !workers.contains(p))
+    });
+    for pid in replaced {
+        let (u, _, _) = ids(pid);
+        mkc.check(u == (uid, uid), || {
+            format!("after the reload, worker {pid} runs as uid {u:?}")
+        });
+    }
     mkc.stop_clean();
 
     // Offsets written by the workers, as nobody, up to the end.
@@ -217,4 +245,69 @@ fn an_unknown_user_is_an_error_of_its_line_and_t_shows_the_key() {
         shown.starts_with(&format!("user nobody {group}")) && shown.contains(&format!(":{line}")),
         "{shown}"
     );
+}
+
+#[test]
+fn not_started_as_root_the_user_line_is_a_warning() {
+    if !is_root() {
+        return;
+    }
+    // mkc started as nobody, asked to run as root: it cannot; it says so
+    // and runs as nobody. A Redis-only configuration (no broker needed).
+    let (uid, gid, _) = nobody();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let key = unique_name("privilege-list");
+    let config = common::redis::config(
+        &unique_name("privilege-g"),
+        &common::redis::url(),
+        &[format!("redis-list {key}"), "user root".to_string()],
+    )
+    .admin_listen("off")
+    .module(Module::new("m", "http://127.0.0.1:9/m").filter(1));
+    let conf = config.write(dir.path());
+    let mut cmd = std::process::Command::new(MKC_BIN);
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(gid);
+    }
+    let mut master = cmd
+        .arg("-c")
+        .arg(&conf)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = dir.path().join("mkc.log");
+    let mut worker = None;
+    let started = wait_until(Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        worker = text
+            .lines()
+            .find(|l| l.contains("worker started"))
+            .and_then(|l| l.split("pid=").nth(1))
+            .and_then(|p| p.split_whitespace().next()?.parse::<i32>().ok());
+        worker.is_some()
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let worker_ids = worker.map(ids);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(master.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = master.wait();
+    assert!(started, "no worker started:\n{text}");
+    assert!(
+        text.contains(
+            "user root root: mkc is not running as root (uid 65534): the user line is ignored"
+        ),
+        "{text}"
+    );
+    let (u, g, _) = worker_ids.unwrap();
+    assert_eq!((u, g), ((uid, uid), (gid, gid)));
+    common::redis::cleanup(&key);
 }
