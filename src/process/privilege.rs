@@ -104,9 +104,9 @@ pub fn prepare(config: &ServerConfig, run_as: &RunAs) -> anyhow::Result<()> {
         give(dir, run_as).with_context(|| format!("cannot chown {}", dir.display()))
     };
     owned(&super::state::state_dir(&config.pid_file))?;
-    if let OffsetStore::File { dir } = &config.offset_store {
-        owned(&dir.join(&config.group_id))?;
-    }
+    // The SQLite file first: its directory is given away only when the
+    // master creates it, and the offset directory may be below it
+    // (`/var/lib/mkc/offsets` beside `/var/lib/mkc/mkc-dispatch-log.db`).
     if let DispatchLogTarget::Sqlite(path) = &config.dispatch_log {
         if let Some(dir) = path.parent().filter(|d| !d.exists()) {
             owned(dir)?;
@@ -121,6 +121,9 @@ pub fn prepare(config: &ServerConfig, run_as: &RunAs) -> anyhow::Result<()> {
                 other => other.with_context(|| format!("cannot chown {}", path.display()))?,
             }
         }
+    }
+    if let OffsetStore::File { dir } = &config.offset_store {
+        owned(&dir.join(&config.group_id))?;
     }
     if let Some(log) = &config.log_file {
         // Opened as the logging does (a reload's new file may not exist).
