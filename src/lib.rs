@@ -46,7 +46,7 @@
 //!   admin process ([`ops::admin`]) and its dispatch log browser
 //!   ([`ops::log_browser`]), `mkc demo` ([`ops::demo`]).
 //! - [`process`]: what every process uses: signals, process titles, the
-//!   state directory, logging.
+//!   state directory, logging, the change of user (`user`).
 //! - [`config`]: server.conf / module.conf reader and validation.
 //! - [`script`]: the Lua engine of `route` and `handle` scripts: sandbox,
 //!   time and memory bounds, one state per thread; the configuration

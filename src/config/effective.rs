@@ -159,6 +159,13 @@ const SERVER_KEYS: &[Key<ServerConfig>] = &[
         },
     },
     Key {
+        name: "user",
+        show: |c| match &c.user {
+            Some(u) => vec![line("user", &[&u.user, &u.group])],
+            None => Vec::new(),
+        },
+    },
+    Key {
         name: "topic",
         show: |c| {
             let mut lines = Vec::new();

@@ -89,6 +89,21 @@ pub enum LogLevel {
     Debug,
 }
 
+/// `user NAME [GROUP]`: the account workers and the admin process run
+/// as when the master is started as root (README: Least privilege). The
+/// names are looked up when the file is read, so an unknown one is an
+/// error of its line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: String,
+    pub group: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups: the user's own (`user NAME`), or only `gid`
+    /// when GROUP is given.
+    pub groups: Vec<u32>,
+}
+
 /// Where committed offsets live (DESIGN.md section 4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OffsetStore {
@@ -562,6 +577,8 @@ pub struct ServerConfig {
     /// `pid-path` joined with `pid-file` (defaults: server.conf's
     /// directory and `mkc.pid`).
     pub pid_file: PathBuf,
+    /// `user NAME [GROUP]`; `None` (default): no change of user.
+    pub user: Option<RunAs>,
     /// `topic NAME [N]` lines (with the Redis sources: at least one source).
     pub topics: Vec<TopicConfig>,
     /// `redis URL`: required when a Redis source is configured.

@@ -37,6 +37,7 @@ pub(super) struct ServerDraft {
     log_file: Option<PathBuf>,
     pid_path: Option<(PathBuf, Location)>,
     pid_file: Option<String>,
+    user: Option<RunAs>,
     topics: Vec<(TopicConfig, Location)>,
     redis: Option<RedisServer>,
     redis_lists: Vec<(RedisListConfig, Location)>,
@@ -88,6 +89,7 @@ impl ServerDraft {
             log_file: None,
             pid_path: None,
             pid_file: None,
+            user: None,
             topics: Vec::new(),
             redis: None,
             redis_lists: Vec::new(),
@@ -245,6 +247,17 @@ impl ServerDraft {
                     } else {
                         self.seen.note(key, d, report);
                         self.pid_file = Some(value.to_string());
+                    }
+                }
+            }
+            "user" => {
+                if let Some(args) = report.args(d, 1, 2, "user NAME [GROUP]") {
+                    match run_as(&args[0], args.get(1).map(String::as_str)) {
+                        Ok(user) => {
+                            self.seen.note(key, d, report);
+                            self.user = Some(user);
+                        }
+                        Err(e) => report.error(&d.location, format!("user: {e}")),
                     }
                 }
             }
@@ -850,6 +863,7 @@ impl ServerDraft {
             log_level: self.log_level,
             log_file: self.log_file,
             pid_file,
+            user: self.user,
             topics: self.topics.into_iter().map(|(topic, _)| topic).collect(),
             redis: self.redis,
             redis_lists: self.redis_lists.into_iter().map(|(l, _)| l).collect(),
@@ -878,6 +892,43 @@ impl ServerDraft {
             script_limits: self.script_limits,
         }
     }
+}
+
+/// `user NAME [GROUP]`, looked up in the system's user and group
+/// databases: GROUP defaults to the user's primary group; without GROUP
+/// the supplementary groups are the user's own, with it only GROUP.
+pub(super) fn run_as(name: &str, group: Option<&str>) -> Result<RunAs, String> {
+    use nix::unistd::{getgrouplist, Group, User};
+    let user = match User::from_name(name) {
+        Ok(Some(user)) => user,
+        Ok(None) => return Err(format!("unknown user \"{name}\"")),
+        Err(e) => return Err(format!("cannot look up user \"{name}\": {e}")),
+    };
+    let (group_name, gid, groups) = match group {
+        Some(g) => match Group::from_name(g) {
+            Ok(Some(found)) => (g.to_string(), found.gid, vec![found.gid]),
+            Ok(None) => return Err(format!("unknown group \"{g}\"")),
+            Err(e) => return Err(format!("cannot look up group \"{g}\": {e}")),
+        },
+        None => {
+            let shown = match Group::from_gid(user.gid) {
+                Ok(Some(found)) => found.name,
+                _ => user.gid.to_string(),
+            };
+            let groups = std::ffi::CString::new(name)
+                .ok()
+                .and_then(|c| getgrouplist(&c, user.gid).ok())
+                .unwrap_or_else(|| vec![user.gid]);
+            (shown, user.gid, groups)
+        }
+    };
+    Ok(RunAs {
+        user: name.to_string(),
+        group: group_name,
+        uid: user.uid.as_raw(),
+        gid: gid.as_raw(),
+        groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+    })
 }
 
 /// Which source a line configured (index into its list of the draft).

@@ -2412,3 +2412,36 @@ fn dash_t_shows_rate_limit_and_breaker() {
         );
     }
 }
+
+#[test]
+fn user_key() {
+    assert_eq!(server_with("").config.user, None);
+
+    // GROUP defaults to the user's primary group; root exists everywhere.
+    let root = server_with("user root\n").config.user.unwrap();
+    assert_eq!((root.uid, root.gid), (0, 0));
+    assert_eq!(root.user, "root");
+    assert!(root.groups.contains(&0), "{:?}", root.groups);
+
+    // With GROUP, only that group.
+    let named = server_with("user root root\n").config.user.unwrap();
+    assert_eq!((named.gid, named.groups.clone()), (0, vec![0]));
+
+    let errors = rejected(
+        &format!("{MINIMAL}user no-such-user-mkc\nuser root no-such-group-mkc\nuser\nuser a b c\n"),
+        &[("m.conf", MODULE_M)],
+    );
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+    assert!(
+        errors[0].contains("server.conf:4: user: unknown user \"no-such-user-mkc\""),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("server.conf:5: user: unknown group \"no-such-group-mkc\""),
+        "{}",
+        errors[1]
+    );
+    assert!(errors[2].contains(":6:"), "{}", errors[2]);
+    assert!(errors[3].contains(":7:"), "{}", errors[3]);
+}

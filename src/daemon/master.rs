@@ -21,7 +21,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
-use crate::config::{self, Loaded, ServerConfig};
+use crate::config::{self, Loaded, RunAs, ServerConfig};
+use crate::process::privilege;
 use crate::process::signals::{MasterEvent, MasterSignals};
 
 /// First restart delay; doubles per consecutive failure.
@@ -64,6 +65,13 @@ struct Master {
     state: Option<crate::process::state::MasterPublisher>,
     /// The admin process (`admin-listen`), supervised like a worker.
     admin: AdminSlot,
+    /// `user NAME [GROUP]` when the master is root: what every child runs
+    /// as. Fixed at start (a reload cannot change it).
+    run_as: Option<RunAs>,
+    /// The admin socket, bound by the master (a port below 1024 works with
+    /// `user`) and inherited by each admin process; with the configured
+    /// address it was bound for.
+    admin_listener: Option<(std::net::SocketAddr, std::net::TcpListener)>,
 }
 
 /// The admin process's slot: restarted with the workers' backoff.
@@ -151,6 +159,15 @@ fn start(config: Arc<ServerConfig>, warnings: Vec<config::Diagnostic>) -> anyhow
     let state = crate::process::state::MasterPublisher::new(&config.pid_file, pid.as_raw())
         .map_err(|e| tracing::warn!("cannot prepare the state directory: {e}"))
         .ok();
+    let run_as = privilege::target(&config);
+    if let Some(run_as) = &run_as {
+        hand_over(&config, run_as)?;
+        tracing::info!(
+            user = %run_as.user, group = %run_as.group,
+            "workers and the admin process run as user {} group {}; the master stays root",
+            run_as.user, run_as.group
+        );
+    }
     let mut master = Master {
         conf_path: config.path.clone(),
         config,
@@ -166,6 +183,8 @@ fn start(config: Arc<ServerConfig>, warnings: Vec<config::Diagnostic>) -> anyhow
             failures: 0,
             restart_at: None,
         },
+        run_as,
+        admin_listener: None,
     };
     tracing::info!(pid = pid.as_raw(), conf = %master.conf_path.display(), "master started");
     let slots = master.plan_slots(&master.config.clone());
@@ -247,11 +266,19 @@ impl Master {
         }
     }
 
-    /// The forked worker: detach from the master's resources, run, exit.
-    fn child(&self, topic: &str, index: u32) -> ! {
-        // Stop signals wait for the worker's own handlers (not lost to the
+    /// What every child does first: hold stop signals, change user, die
+    /// with the master, let go of the master's pid file lock and sockets.
+    fn detach_child(&self, what: &str) {
+        // Stop signals wait for the child's own handlers (not lost to the
         // master's, dropped below).
         crate::process::signals::hold_in_child();
+        // Before the death signal: a change of user clears it.
+        if let Some(run_as) = &self.run_as {
+            if let Err(e) = privilege::drop_to(run_as) {
+                tracing::error!("{what}: cannot change to user {}: {e}", run_as.user);
+                std::process::exit(1);
+            }
+        }
         // Die with the master, even when it is killed with SIGKILL.
         let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
         if nix::unistd::getppid() != self.pid {
@@ -263,6 +290,15 @@ impl Master {
         // SAFETY: closing our copy of the lock's fd; the master's copy keeps
         // the lock, and this process never uses the fd again.
         unsafe { libc::close(self.pid_lock.as_raw_fd()) };
+    }
+
+    /// The forked worker: detach from the master's resources, run, exit.
+    fn child(&self, topic: &str, index: u32) -> ! {
+        self.detach_child("worker");
+        if let Some((_, listener)) = &self.admin_listener {
+            // SAFETY: as for the lock: our copy of the admin socket only.
+            unsafe { libc::close(listener.as_raw_fd()) };
+        }
         crate::process::proctitle::set(&format!("mkc: worker process [{topic}] #{index}"));
         let code = crate::pipeline::worker::run(
             self.config.clone(),
@@ -276,25 +312,36 @@ impl Master {
     /// Forks the admin process (when `admin-listen` is not off).
     fn spawn_admin(&mut self) {
         self.admin.restart_at = None;
-        if self.config.admin_listen.is_none() {
+        let Some(listen) = self.config.admin_listen else {
+            self.admin_listener = None;
             return;
+        };
+        if self.admin_listener.as_ref().map(|(at, _)| *at) != Some(listen) {
+            self.admin_listener = None;
+            match std::net::TcpListener::bind(listen) {
+                Ok(listener) => self.admin_listener = Some((listen, listener)),
+                Err(e) => {
+                    tracing::error!("cannot listen on {listen} (admin-listen): {e}");
+                    self.schedule_admin_restart();
+                    return;
+                }
+            }
         }
         // SAFETY: as in `spawn`: the master is single-threaded.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
-                crate::process::signals::hold_in_child();
-                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
-                if nix::unistd::getppid() != self.pid {
-                    std::process::exit(0);
-                }
-                self.signals.forget_in_child();
-                // SAFETY: as in `child`: our copy of the lock's fd only.
-                unsafe { libc::close(self.pid_lock.as_raw_fd()) };
+                self.detach_child("admin process");
                 crate::process::proctitle::set("mkc: admin process");
-                std::process::exit(crate::ops::admin::run(
-                    self.config.clone(),
-                    self.pid.as_raw(),
-                ))
+                let listener = self
+                    .admin_listener
+                    .as_ref()
+                    .and_then(|(_, l)| l.try_clone().ok());
+                std::process::exit(match listener {
+                    Some(listener) => {
+                        crate::ops::admin::run(self.config.clone(), self.pid.as_raw(), listener)
+                    }
+                    None => 1,
+                })
             }
             Ok(ForkResult::Parent { child }) => {
                 self.admin.pid = Some(child);
@@ -372,6 +419,12 @@ impl Master {
             if events.contains(&MasterEvent::ReopenLogs) {
                 if let Err(e) = crate::process::logging::reopen() {
                     tracing::error!("cannot reopen the log file: {e}");
+                }
+                // The children reopen the file by its path, as the user.
+                if let (Some(run_as), Some(log)) = (&self.run_as, &self.config.log_file) {
+                    if let Err(e) = privilege::give(log, run_as) {
+                        tracing::error!("cannot chown the log file {}: {e}", log.display());
+                    }
                 }
                 self.signal_workers(Signal::SIGUSR1);
                 tracing::info!("log file reopened");
@@ -537,13 +590,33 @@ impl Master {
         for w in &loaded.warnings {
             tracing::warn!("{w}");
         }
-        let new = Arc::new(loaded.config);
+        let mut new = loaded.config;
         if new.pid_file != self.config.pid_file {
             tracing::warn!(
                 "pid file changes need a restart; keeping {}",
                 self.config.pid_file.display()
             );
         }
+        if new.user != self.config.user {
+            let shown = |u: &Option<RunAs>| match u {
+                Some(u) => format!("user {} {}", u.user, u.group),
+                None => "no user line".to_string(),
+            };
+            tracing::warn!(
+                "user changes need a restart; keeping {}",
+                shown(&self.config.user)
+            );
+            new.user = self.config.user.clone();
+        }
+        if let Some(run_as) = &self.run_as {
+            if let Err(e) = hand_over(&new, run_as) {
+                let text = format!("{e:#}");
+                tracing::error!("reload rejected: {text}");
+                self.write_reload_status(ReloadState::Rejected, &[text]);
+                return false;
+            }
+        }
+        let new = Arc::new(new);
         let warnings: Vec<String> = loaded
             .warnings
             .iter()
@@ -639,6 +712,20 @@ enum ReloadState {
     Accepted,
     /// Every topic runs the new configuration.
     Done,
+}
+
+/// Creates and gives to `run_as` what the children write, then checks as
+/// that user that they can (README: Least privilege).
+fn hand_over(config: &ServerConfig, run_as: &RunAs) -> anyhow::Result<()> {
+    privilege::prepare(config, run_as)?;
+    privilege::check(config, run_as).map_err(|problems| {
+        anyhow::anyhow!(
+            "user {}: {problems} (workers and the admin process run as {}: give it these \
+             paths, or move them with pid-path, dispatch-log, offset.store.path, log-file)",
+            run_as.user,
+            run_as.user
+        )
+    })
 }
 
 /// The backoff before restarting a process that exited unasked: 1 s

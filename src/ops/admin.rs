@@ -26,7 +26,6 @@
 //! `Authorization: Bearer <token>`; without a token they answer 403.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,6 +51,10 @@ const SAMPLES: usize = 300;
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
 const PAGE: &str = include_str!("admin_page.html");
+
+/// The largest request body the admin API reads (a skip is ~200 bytes);
+/// a larger one is answered 413 without being read.
+pub const MAX_REQUEST_BODY: usize = 64 * 1024;
 
 /// One point of the charts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,12 +88,10 @@ struct App {
 }
 
 /// Runs the admin process until it is told to stop (or the master is
-/// gone). Call it after the fork, never in the master. Returns the exit
-/// code.
-pub fn run(config: Arc<ServerConfig>, master: i32) -> i32 {
-    let Some(listen) = config.admin_listen else {
-        return 0;
-    };
+/// gone). Call it after the fork, never in the master. `listener` is the
+/// `admin-listen` socket, bound by the master (so that a port below 1024
+/// works when the admin process runs as `user`). Returns the exit code.
+pub fn run(config: Arc<ServerConfig>, master: i32, listener: std::net::TcpListener) -> i32 {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -103,7 +104,7 @@ pub fn run(config: Arc<ServerConfig>, master: i32) -> i32 {
     };
     let _log_guard = crate::process::logging::go_non_blocking();
     runtime.block_on(async {
-        match serve(config, listen, master).await {
+        match serve(config, listener, master).await {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!("admin process failed: {e:#}");
@@ -113,11 +114,14 @@ pub fn run(config: Arc<ServerConfig>, master: i32) -> i32 {
     })
 }
 
-async fn serve(config: Arc<ServerConfig>, listen: SocketAddr, master: i32) -> anyhow::Result<()> {
+async fn serve(
+    config: Arc<ServerConfig>,
+    listener: std::net::TcpListener,
+    master: i32,
+) -> anyhow::Result<()> {
     let mut signals = WorkerSignals::install()?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (admin-listen): {e}"))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let local = listener.local_addr()?;
     let dir = state::state_dir(&config.pid_file);
     let _ = std::fs::create_dir_all(&dir);
@@ -179,6 +183,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/modules/{name}/{action}", post(api_module))
         .with_state(app)
         .merge(log)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY))
 }
 
 async fn sampler(app: Arc<App>) {

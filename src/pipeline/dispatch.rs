@@ -340,6 +340,9 @@ static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// How much of an error response body goes into the last error.
 const ERROR_BODY_PREVIEW: usize = 200;
+/// How much of a 2xx answer's body is read (and dropped) to keep its
+/// connection for the next request.
+const SUCCESS_BODY_DRAIN: usize = 64 * 1024;
 
 impl Endpoint {
     pub fn new(module: Arc<ModuleConfig>) -> anyhow::Result<Endpoint> {
@@ -778,9 +781,12 @@ impl Endpoint {
         let mut body = response.into_body();
         if answer == AnswerKind::Success {
             // Read the body (and drop it) so the connection goes back to
-            // the pool.
-            while let Some(frame) = body.frame().await {
-                if frame.is_err() {
+            // the pool; past SUCCESS_BODY_DRAIN the connection is dropped
+            // with it instead (an endless body is not waited for).
+            let mut drained = 0;
+            while let Some(Ok(frame)) = body.frame().await {
+                drained += frame.data_ref().map_or(0, |d| d.len());
+                if drained > SUCCESS_BODY_DRAIN {
                     break;
                 }
             }

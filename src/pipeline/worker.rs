@@ -502,6 +502,7 @@ impl Pipeline {
         let log = DispatchLog::start(
             &config.dispatch_log,
             config.dispatch_log_queue,
+            config.max_inflight_bytes,
             config.dispatch_log_success,
         );
         let client_id = format!("mkc-{}-{index}-dead-letter", source.id().replace(':', "-"));

@@ -86,6 +86,22 @@ pub fn failure_reason(text: &[u8]) -> String {
     reason
 }
 
+/// The start of a failure file, read by the master: at most what
+/// [`failure_reason`] keeps, and never through a symbolic link (with
+/// `user`, the workers' account owns the state directory).
+fn read_failure(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let mut text = Vec::new();
+    file.take(2048).read_to_end(&mut text).ok()?;
+    Some(text)
+}
+
 /// A worker that keeps failing for the same reason is reported once; the
 /// reason stays in master.json (status, `/readyz`) until a worker of its
 /// slot has run this long.
@@ -93,12 +109,21 @@ pub const FAILURE_CLEARS_AFTER_MS: i64 = 60_000;
 
 /// Writes `value` as JSON to `path` through a temporary file and a rename.
 /// No fsync: these are figures, not data; a crash may lose the last one.
+/// The temporary file is created new (`O_EXCL`): with `user`, the state
+/// directory belongs to the workers' account, and the master, root, must
+/// not write through a link that account put there.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    use std::io::Write;
     let text = serde_json::to_vec(value).map_err(io::Error::other)?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp.{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    fs::write(&tmp, text)?;
+    let _ = fs::remove_file(&tmp);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?
+        .write_all(&text)?;
     fs::rename(&tmp, path).inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
     })
@@ -210,7 +235,7 @@ impl MasterPublisher {
         let key = (topic.to_string(), index);
         *self.restarts.entry(key.clone()).or_default() += 1;
         let path = worker_failure_file(&self.dir, topic, index);
-        let text = fs::read(&path).ok()?;
+        let text = read_failure(&path)?;
         let _ = fs::remove_file(&path);
         let reason = failure_reason(&text);
         let repeated = self.failures.get(&key) == Some(&reason);

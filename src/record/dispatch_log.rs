@@ -171,6 +171,14 @@ pub struct LogRecord {
     pub last_error: Option<String>,
 }
 
+impl LogRecord {
+    /// What the record holds in memory beyond its fixed fields: the
+    /// payload and the error text.
+    fn size(&self) -> usize {
+        self.content.len() + self.last_error.as_ref().map_or(0, String::len)
+    }
+}
+
 /// `text` cut to [`MAX_ERROR_CHARS`] characters.
 pub(crate) fn cut_error(text: &str) -> String {
     match text.char_indices().nth(MAX_ERROR_CHARS) {
@@ -190,11 +198,27 @@ pub(crate) fn cut_error(text: &str) -> String {
 struct Queue {
     records: VecDeque<(u64, LogRecord)>,
     next_seq: u64,
+    /// Payload and error bytes of `records` ([`LogRecord::size`]).
+    bytes: usize,
+}
+
+impl Queue {
+    fn pop_front(&mut self) -> Option<(u64, LogRecord)> {
+        let popped = self.records.pop_front();
+        if let Some((_, r)) = &popped {
+            self.bytes = self.bytes.saturating_sub(r.size());
+        }
+        popped
+    }
 }
 
 struct Shared {
     queue: Mutex<Queue>,
+    /// `dispatch-log-queue`: records.
     capacity: usize,
+    /// `max-inflight-bytes`: payload bytes (one record larger than this is
+    /// queued alone).
+    max_bytes: usize,
     /// Wakes the writer when a record arrives.
     arrived: Notify,
     success: bool,
@@ -218,10 +242,11 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(capacity: usize, success: bool) -> Shared {
+    fn new(capacity: usize, max_bytes: usize, success: bool) -> Shared {
         Shared {
             queue: Mutex::new(Queue::default()),
             capacity: capacity.max(1),
+            max_bytes,
             arrived: Notify::new(),
             success,
             dropped: AtomicU64::new(0),
@@ -235,16 +260,20 @@ impl Shared {
     }
 
     /// Queues `record`, dropping (and counting) the oldest while the queue
-    /// is full; returns how many were dropped.
+    /// is full (in records or in bytes); returns how many were dropped.
     fn push(&self, record: LogRecord) -> u64 {
         let mut queue = lock(&self.queue);
         let mut dropped = 0u64;
-        while queue.records.len() >= self.capacity {
-            queue.records.pop_front();
+        let size = record.size();
+        while queue.records.len() >= self.capacity
+            || (!queue.records.is_empty() && queue.bytes + size > self.max_bytes)
+        {
+            queue.pop_front();
             dropped += 1;
         }
         let seq = queue.next_seq;
         queue.next_seq += 1;
+        queue.bytes += size;
         queue.records.push_back((seq, record));
         drop(queue);
         self.dropped.fetch_add(dropped, Ordering::Relaxed);
@@ -276,9 +305,15 @@ impl fmt::Debug for DispatchLog {
 impl DispatchLog {
     /// Starts the writer and the skip poller on the current tokio runtime
     /// (a worker's: never call this in the master). Connects to nothing
-    /// yet: an unreachable database is a warning and retries, later.
-    pub fn start(target: &DispatchLogTarget, capacity: usize, success: bool) -> DispatchLog {
-        let shared = Arc::new(Shared::new(capacity, success));
+    /// yet: an unreachable database is a warning and retries, later. The
+    /// queue holds at most `capacity` records and `max_bytes` of payloads.
+    pub fn start(
+        target: &DispatchLogTarget,
+        capacity: usize,
+        max_bytes: usize,
+        success: bool,
+    ) -> DispatchLog {
+        let shared = Arc::new(Shared::new(capacity, max_bytes, success));
         let tasks = tokio_util::task::TaskTracker::new();
         let shown: Arc<str> = Arc::from(target.to_string());
         match Db::lazy(target) {
@@ -312,7 +347,8 @@ impl DispatchLog {
                 tracing::warn!(
                     dispatch_log = %self.target, dropped = total, capacity = shared.capacity,
                     "dispatch log queue full: dropping the oldest unwritten records \
-                     (the database is slow or unreachable; see dispatch-log-queue)"
+                     (the database is slow or unreachable; see dispatch-log-queue and \
+                     max-inflight-bytes)"
                 );
             }
         }
@@ -373,6 +409,7 @@ impl DispatchLog {
                 let mut queue = lock(&self.shared.queue);
                 let n = queue.records.len();
                 queue.records.clear();
+                queue.bytes = 0;
                 n
             };
             self.shared
@@ -447,7 +484,7 @@ fn take_numbered(queue: &Mutex<Queue>) -> Vec<(u64, LogRecord)> {
 fn remove_through(queue: &Mutex<Queue>, seq: u64) {
     let mut queue = lock(queue);
     while queue.records.front().is_some_and(|(s, _)| *s <= seq) {
-        queue.records.pop_front();
+        queue.pop_front();
     }
 }
 

@@ -115,6 +115,10 @@ impl Tracker {
     }
 }
 
+/// An offset file holds one number and a newline (at most 21 bytes);
+/// reading stops here.
+pub const MAX_OFFSET_FILE_BYTES: u64 = 64;
+
 /// mkc's own offset store: one small file per partition.
 #[derive(Debug, Clone)]
 pub struct FileStore {
@@ -135,18 +139,35 @@ impl FileStore {
     }
 
     /// The stored next offset to consume, `None` when nothing is stored.
+    /// Only the first [`MAX_OFFSET_FILE_BYTES`] are read: a larger file is
+    /// not one mkc wrote, and an error.
     pub fn load(&self, topic: &str, partition: i32) -> io::Result<Option<i64>> {
+        use std::io::Read;
         let path = self.path(topic, partition);
-        match fs::read_to_string(&path) {
-            Ok(text) => text.trim().parse::<i64>().map(Some).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: not an offset: {e}", path.display()),
-                )
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+        let invalid = |what: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {what}", path.display()),
+            )
+        };
+        let file = match fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut bytes = Vec::new();
+        file.take(MAX_OFFSET_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > MAX_OFFSET_FILE_BYTES {
+            return Err(invalid(format!(
+                "not an offset: larger than {MAX_OFFSET_FILE_BYTES} bytes"
+            )));
         }
+        let text = String::from_utf8_lossy(&bytes);
+        text.trim()
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|e| invalid(format!("not an offset: {e}")))
     }
 
     /// Stores `offset` (the next offset to consume) durably.
@@ -329,6 +350,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path(), "g").unwrap();
         std::fs::write(store.path("t", 1), "oops").unwrap();
+        let big = store.path("t", 2);
+        std::fs::write(&big, vec![b'1'; 10 << 20]).unwrap();
+        let error = store.load("t", 2).unwrap_err().to_string();
+        assert!(error.contains("larger than 64 bytes"), "{error}");
         assert!(store.load("t", 1).is_err());
     }
 }

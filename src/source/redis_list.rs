@@ -36,6 +36,10 @@ use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
 
+/// A take stops once its elements hold this many bytes (the last one may
+/// pass it: one element is bounded by the server's `proto-max-bulk-len`).
+pub const TAKE_BYTES: usize = 4 * 1024 * 1024;
+
 /// The Redis keys of one worker slot of a list source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListKeys {
@@ -74,15 +78,19 @@ fn heartbeat_prefix(key: &str) -> String {
 }
 
 /// Moves up to ARGV[1] elements from the right of the source (KEYS[1]) to
-/// the left of the processing list (KEYS[2]) and counts them on the take
-/// counter (KEYS[3]); returns the counter's value after the first, then
-/// the elements, oldest first. `{0}` when nothing was taken.
+/// the left of the processing list (KEYS[2]), stopping once they hold
+/// ARGV[2] bytes, and counts them on the take counter (KEYS[3]); returns
+/// the counter's value after the first, then the elements, oldest first.
+/// `{0}` when nothing was taken.
 const TAKE: &str = r#"
 local taken = {0}
+local bytes = 0
 for i = 1, tonumber(ARGV[1]) do
   local e = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
   if not e then break end
   taken[i + 1] = e
+  bytes = bytes + #e
+  if bytes >= tonumber(ARGV[2]) then break end
 end
 local n = #taken - 1
 if n > 0 then taken[1] = redis.call('INCRBY', KEYS[3], n) - n + 1 end
@@ -205,8 +213,9 @@ impl RedisList {
     }
 
     /// Takes up to `max` elements, oldest first, into the processing list,
-    /// with the take number of the first (the others follow it). When the
-    /// source is empty, waits up to `wait` for one.
+    /// with the take number of the first (the others follow it); no more
+    /// once they hold [`TAKE_BYTES`]. When the source is empty, waits up to
+    /// `wait` for one.
     pub async fn take(
         &mut self,
         max: usize,
@@ -219,6 +228,7 @@ impl RedisList {
                 .key(&self.keys.processing)
                 .key(&self.keys.taken)
                 .arg(max.max(1))
+                .arg(TAKE_BYTES)
                 .invoke_async(&mut self.conn)
                 .await?;
             let elements = reply.split_off(1.min(reply.len()));

@@ -1046,6 +1046,9 @@ pub struct MkcConfig {
     pub offset_reset_line: bool,
     /// Environment variables of every mkc process started for it.
     pub env: Vec<(String, String)>,
+    /// Permissions of the temporary directory (`None`: tempfile's 0700);
+    /// tests of `user` open it to the account the workers run as.
+    pub dir_mode: Option<u32>,
 }
 
 impl MkcConfig {
@@ -1065,7 +1068,14 @@ impl MkcConfig {
             admin_listen: "127.0.0.1:0".to_string(),
             offset_reset_line: true,
             env: Vec::new(),
+            dir_mode: None,
         }
+    }
+
+    /// Sets the temporary directory's permissions (see [`MkcConfig::dir_mode`]).
+    pub fn dir_mode(mut self, mode: u32) -> MkcConfig {
+        self.dir_mode = Some(mode);
+        self
     }
 
     /// No Kafka topic: the test adds Redis sources with [`MkcConfig::line`]
@@ -1273,6 +1283,11 @@ impl Mkc {
             .prefix("mkc-test-")
             .tempdir()
             .expect("cannot create a temporary directory");
+        if let Some(mode) = config.dir_mode {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode))
+                .expect("cannot set the temporary directory's mode");
+        }
         let conf = config.write(dir.path());
         let mut mkc = Mkc {
             dir,

@@ -280,7 +280,7 @@ use std::path::PathBuf;
 
 #[tokio::test]
 async fn a_full_queue_drops_the_oldest_and_counts_them() {
-    let log = DispatchLog::start(&unreachable(), 3, false);
+    let log = DispatchLog::start(&unreachable(), 3, usize::MAX, false);
     for offset in 0..5 {
         log.record(record(key("t", 0, offset, "m"), Status::Exhausted, 0, b"x"));
     }
@@ -299,10 +299,36 @@ async fn a_full_queue_drops_the_oldest_and_counts_them() {
 }
 
 #[tokio::test]
+async fn the_queue_is_bounded_in_bytes_too() {
+    // 10 records of room, 50 bytes: two records of 24 (a 10-byte payload,
+    // a 14-byte error) fit, a third drops the oldest; one record above the
+    // bound is kept alone.
+    let log = DispatchLog::start(&unreachable(), 10, 50, false);
+    for offset in 0..4 {
+        log.record(record(
+            key("t", 0, offset, "m"),
+            Status::Exhausted,
+            0,
+            &[b'x'; 10],
+        ));
+    }
+    assert_eq!((log.queue_depth(), log.dropped()), (2, 2));
+    log.record(record(
+        key("t", 0, 9, "m"),
+        Status::Exhausted,
+        0,
+        &[b'y'; 100],
+    ));
+    assert_eq!((log.queue_depth(), log.dropped()), (1, 4));
+    assert_eq!(lock(&log.shared.queue).bytes, 114);
+    log.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
 async fn records_are_written_in_batches_and_skip_flags_come_back() {
     let dir = tempfile::tempdir().unwrap();
     let target = DispatchLogTarget::Sqlite(dir.path().join("log.db"));
-    let log = DispatchLog::start(&target, 10_000, false);
+    let log = DispatchLog::start(&target, 10_000, usize::MAX, false);
     let payload = hostile_payload();
     for offset in 0..1200 {
         log.record(record(
@@ -373,7 +399,7 @@ fn batches_respect_row_and_byte_limits() {
 /// then remove only what it wrote, never a newer record it did not write.
 #[tokio::test]
 async fn the_one_by_one_writer_removes_only_what_it_wrote() {
-    let shared = Shared::new(3, false);
+    let shared = Shared::new(3, usize::MAX, false);
     let offsets = |shared: &Shared| -> Vec<i64> {
         lock(&shared.queue)
             .records
@@ -468,7 +494,7 @@ fn long_errors_are_cut_on_a_character_boundary() {
 async fn a_watch_belongs_to_one_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let target = DispatchLogTarget::Sqlite(dir.path().join("log.db"));
-    let log = DispatchLog::start(&target, 100, false);
+    let log = DispatchLog::start(&target, 100, usize::MAX, false);
     let k = key("t", 0, 7, "m");
     log.record(record(k.clone(), Status::Retrying, 0, b"{}"));
     let revoked = log.watch(&k); // the revoked lane's delivery
