@@ -488,6 +488,8 @@ fn trace_headers_and_listed_kafka_headers_are_forwarded() {
                 // mkc's own headers are not replaced by a message's.
                 .header("X-Mkc-Offset", Some(b"999999"))
                 .header("Idempotency-Key", Some(b"forged"))
+                // A connection header: never forwarded.
+                .header("Upgrade", Some(b"h2c"))
                 // Not valid in HTTP, or without a value: left out.
                 .header("bad name", Some(b"v"))
                 .header("x-control", Some(b"a\nb"))
@@ -522,6 +524,7 @@ fn trace_headers_and_listed_kafka_headers_are_forwarded() {
         ("/everything", "x-tenant", vec!["acme"]),
         ("/everything", "x-control", vec![]),
         ("/everything", "x-null", vec![]),
+        ("/everything", "upgrade", vec![]),
         ("/none", "traceparent", vec![]),
         ("/none", "tracestate", vec![]),
     ];

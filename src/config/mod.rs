@@ -73,7 +73,7 @@ use module::*;
 use reader::*;
 pub use reader::{parse_reader, Directive};
 use request::*;
-pub use request::{mkc_owns, ForwardHeaders, HeaderPattern, ModuleTls, PemFile, SignSecret};
+pub use request::{ForwardHeaders, HeaderPattern, ModuleTls, PemFile, SignSecret};
 use script::*;
 use server::*;
 use std::sync::Arc;

@@ -92,9 +92,10 @@ impl ForwardHeaders {
 
     /// Whether a Kafka header called `name` is forwarded (names compare
     /// ASCII case-insensitively, as HTTP's do). Headers mkc sets itself
-    /// are never forwarded, whatever the list says ([`mkc_owns`]).
+    /// and connection headers are never forwarded, whatever the list says
+    /// ([`never_forwarded`]).
     pub fn matches(&self, name: &str) -> bool {
-        self.0.iter().any(|p| p.matches(name)) && !mkc_owns(name)
+        self.0.iter().any(|p| p.matches(name)) && !never_forwarded(name)
     }
 
     /// The patterns of all of `lists`, each once: what a worker keeps of
@@ -110,11 +111,17 @@ impl ForwardHeaders {
     }
 }
 
-/// Headers that only mkc sets: framing (`Host`, `Content-Length`, ...),
-/// and its own `X-Mkc-*` (which tell where the message came from).
-pub fn mkc_owns(name: &str) -> bool {
+/// Connection-level headers besides [`RESERVED_HEADERS`]: meaningless
+/// end to end, and refused by HTTP/2.
+const CONNECTION_HEADERS: &[&str] = &["keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
+
+/// Headers a message never brings: those only mkc sets, framing (`Host`,
+/// `Content-Length`, ...) and its own `X-Mkc-*` (which tell where the
+/// message came from), and connection headers (`Upgrade`, `TE`, ...).
+pub fn never_forwarded(name: &str) -> bool {
     RESERVED_HEADERS
         .iter()
+        .chain(CONNECTION_HEADERS)
         .any(|reserved| reserved.eq_ignore_ascii_case(name))
         || name
             .as_bytes()
@@ -388,10 +395,13 @@ impl RequestKeys {
                 );
                 continue;
             }
-            if matches!(pattern, HeaderPattern::Name(_)) && mkc_owns(name) {
+            if matches!(pattern, HeaderPattern::Name(_)) && never_forwarded(name) {
                 report.error(
                     &d.location,
-                    format!("forward_headers: {text} is set by mkc and cannot be forwarded"),
+                    format!(
+                        "forward_headers: {text} cannot be forwarded \
+                         (set by mkc, or a connection header)"
+                    ),
                 );
                 continue;
             }

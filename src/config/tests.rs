@@ -2133,7 +2133,7 @@ fn forward_headers_replace_the_default_list() {
     let all = module_with("forward_headers *\n");
     let all = &all.config.modules[0].contract.forward_headers;
     assert!(all.matches("anything") && all.matches("traceparent"));
-    for own in ["X-Mkc-Offset", "content-length", "Host"] {
+    for own in ["X-Mkc-Offset", "content-length", "Host", "Upgrade", "te"] {
         assert!(!all.matches(own), "{own}");
     }
 }
@@ -2149,8 +2149,8 @@ fn forward_headers_errors_name_file_and_line() {
             "/etc/mkc/m.conf:4: forward_headers: none cannot be listed with header names",
             "/etc/mkc/m.conf:5: forward_headers: \"bad name\" is not a header name or a prefix ending in * (like x-b3-*)",
             "/etc/mkc/m.conf:5: forward_headers: \"x-*y\" is not a header name or a prefix ending in * (like x-b3-*)",
-            "/etc/mkc/m.conf:6: forward_headers: X-Mkc-Offset is set by mkc and cannot be forwarded",
-            "/etc/mkc/m.conf:6: forward_headers: Content-Length is set by mkc and cannot be forwarded",
+            "/etc/mkc/m.conf:6: forward_headers: X-Mkc-Offset cannot be forwarded (set by mkc, or a connection header)",
+            "/etc/mkc/m.conf:6: forward_headers: Content-Length cannot be forwarded (set by mkc, or a connection header)",
             "/etc/mkc/m.conf:7: forward_headers: expected at least 1 argument (`forward_headers NAME|PREFIX*...|none`), found 0",
         ]
     );
