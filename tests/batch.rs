@@ -497,3 +497,73 @@ fn kill9_of_a_worker_during_batched_delivery_loses_nothing() {
         carried - N as usize
     );
 }
+
+/// A batch module's script: drops `"drop"`, gives `"alone"` a header of
+/// its own, rewrites `"short"` to a shorter body, leaves the others.
+const BATCH_SCRIPT: &str = r#"
+function handle(msg)
+  local data = msg.json.data
+  if data == "drop" then return false end
+  if data == "alone" then return { headers = { ["X-Alone"] = "yes" } } end
+  if data == "short" then return { body = '{"short":true}' } end
+  return true
+end
+"#;
+
+#[test]
+fn a_script_runs_per_message_before_batching() {
+    let topic = unique_name("batch-script");
+    let group = unique_name("batch-script-group");
+    create_topic(&topic, 1);
+    let sink = Sink::start();
+    let scripts = tempfile::tempdir().unwrap();
+    let script = scripts.path().join("batch.lua");
+    std::fs::write(&script, BATCH_SCRIPT).unwrap();
+    let datas = ["a", "drop", "b", "short", "alone", "c", "d"];
+    let records: Vec<Record> = datas
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Record::new(0, envelope(i as u64, "1001", &format!("\"{d}\""))))
+        .collect();
+    let produced = produce(&topic, records);
+    let config = MkcConfig::new(&topic, &group).module(
+        Module::new("scripted", sink.url("/s"))
+            .filter(1001)
+            .line("batch 10")
+            .line("batch_linger 1000")
+            .line(&format!("script {}", script.display())),
+    );
+    let mut mkc = start(&config);
+    // The drop is final at once; the others come in three requests: the
+    // batch before the message with its own header, that message alone,
+    // the batch after it.
+    sink.wait_for(3, Duration::from_secs(60));
+    sink.assert_no_more(3, Duration::from_secs(2));
+    let requests = sink.requests();
+    let body = |i: usize| String::from_utf8_lossy(produced[i].body()).into_owned();
+    let want_first = format!("[{},{},{}]", body(0), body(2), r#"{"short":true}"#);
+    mkc.check(requests[0].body.as_ref() == want_first.as_bytes(), || {
+        format!("first batch {}", String::from_utf8_lossy(&requests[0].body))
+    });
+    let o = |i: usize| (0, produced[i].offset);
+    mkc.check(offsets(&requests[0]) == [o(0), o(2), o(3)], || {
+        format!("first batch at {:?}", offsets(&requests[0]))
+    });
+    let alone = &requests[1];
+    mkc.check(
+        alone.body.as_ref() == produced[4].body()
+            && alone.header("x-alone") == Some("yes")
+            && alone.header("x-mkc-offset") == Some(&produced[4].offset.to_string())
+            && alone.header("x-mkc-batch-size").is_none(),
+        || format!("the message with its own header was not sent alone: {alone}"),
+    );
+    let want_last = format!("[{},{}]", body(5), body(6));
+    mkc.check(requests[2].body.as_ref() == want_last.as_bytes(), || {
+        format!("last batch {}", String::from_utf8_lossy(&requests[2].body))
+    });
+    mkc.stop_clean();
+    let committed = committed_offsets(&group, &topic, 1);
+    mkc.check(committed[0] == Some(produced[6].offset + 1), || {
+        format!("committed {:?}", committed[0])
+    });
+}
