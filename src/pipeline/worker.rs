@@ -133,6 +133,36 @@ const fn stop_tail_ms() -> u128 {
 // to spare (the final snapshot, the log's flush, scheduling).
 const _: () = assert!(stop_tail_ms() + 1000 < STOP_GRACE.as_millis());
 
+/// An orphaned worker (its master gone: nobody will kill it) that is
+/// still there this long after it began to stop ends itself with `_exit`:
+/// every step of its stop is bounded, but a step blocked where no timeout
+/// reaches (a librdkafka call waiting for a broker that does not answer)
+/// must not keep it, its partitions and its memory for good.
+pub const ORPHAN_EXIT: Duration = Duration::from_secs(10);
+
+// The bounded steps end well before the watchdog.
+const _: () = assert!(ORPHAN_STOP.as_millis() + stop_tail_ms() + 1000 < ORPHAN_EXIT.as_millis());
+
+/// Starts the orphan's watchdog: `_exit(1)` after [`ORPHAN_EXIT`] unless
+/// the process ended before.
+pub(super) fn exit_if_still_here_after(limit: Duration, topic: &str) {
+    let topic = topic.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("mkc-orphan-exit".into())
+        .spawn(move || {
+            std::thread::sleep(limit);
+            tracing::warn!(%topic, "the stop of an orphaned worker took over {limit:?}: exiting now");
+            // Give the non-blocking log writer a moment to write that line.
+            std::thread::sleep(Duration::from_millis(100));
+            // SAFETY: _exit ends the process at once, running nothing of
+            // it (no destructor, no atexit handler that could block).
+            unsafe { libc::_exit(1) }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the orphan's exit watchdog: {e}");
+    }
+}
+
 /// Runs worker `index` of the source named `topic` (a Kafka topic, or
 /// `redis-list:KEY` / `redis-subscribe:CHANNEL`, see [`SourceName`]) until
 /// it is told to stop. Builds its own runtime: call it after the fork,

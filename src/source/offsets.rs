@@ -174,12 +174,18 @@ impl FileStore {
     pub fn store(&self, topic: &str, partition: i32, offset: i64) -> io::Result<()> {
         let path = self.path(topic, partition);
         let tmp = path.with_extension(format!("offset.tmp.{}", std::process::id()));
-        {
+        let written = (|| {
             let mut file = fs::File::create(&tmp)?;
             writeln!(file, "{offset}")?;
             file.sync_all()?;
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            // A full disk leaves an empty or partial temporary file: gone
+            // with it, nothing but whole offset files stays in the store.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
         }
-        fs::rename(&tmp, &path)?;
         // The rename itself is durable once the directory is synced.
         fs::File::open(&self.dir)?.sync_all()
     }

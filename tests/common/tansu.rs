@@ -26,6 +26,9 @@ pub struct PrivateBroker {
     tansu: PathBuf,
     engine: Engine,
     port: u16,
+    /// The port the broker names in its metadata: its own, or the port of
+    /// a proxy in front of it ([`PrivateBroker::start_advertising`]).
+    advertised: u16,
     /// `127.0.0.1:PORT`, for `bootstrap.servers` and `brokers`.
     pub addr: String,
     dir: tempfile::TempDir,
@@ -33,6 +36,14 @@ pub struct PrivateBroker {
 
 impl PrivateBroker {
     pub fn start(engine: Engine) -> PrivateBroker {
+        PrivateBroker::start_advertising(engine, None)
+    }
+
+    /// A broker that tells its clients (in its metadata) to connect to
+    /// `127.0.0.1:advertised` (a proxy in front of it) instead of its own
+    /// port: every connection after the bootstrap goes through the proxy
+    /// too. `None`: its own port.
+    pub fn start_advertising(engine: Engine, advertised: Option<u16>) -> PrivateBroker {
         let root = std::env::var_os("MKC_TANSU_ROOT")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
@@ -58,6 +69,7 @@ impl PrivateBroker {
             tansu,
             engine,
             port,
+            advertised: advertised.unwrap_or(port),
             addr: format!("127.0.0.1:{port}"),
             dir,
         };
@@ -72,6 +84,7 @@ impl PrivateBroker {
             .open(self.dir.path().join("tansu.log"))
             .expect("tansu log");
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
         let storage = match self.engine {
             Engine::Memory => "memory://tansu/",
             Engine::Sqlite => "sqlite://tansu.db",
@@ -82,7 +95,7 @@ impl PrivateBroker {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", storage])
             .current_dir(self.dir.path())

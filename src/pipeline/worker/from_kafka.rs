@@ -222,6 +222,7 @@ pub(super) async fn run(
     }
 
     let deadline = if orphaned {
+        exit_if_still_here_after(ORPHAN_EXIT, topic);
         ORPHAN_STOP
     } else {
         config.shutdown_timeout
