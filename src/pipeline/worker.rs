@@ -1074,6 +1074,21 @@ struct LaneCtx {
 }
 
 impl LaneCtx {
+    /// A lane of `module` that `abort` stops early (its partition's, or
+    /// the worker's for a lane fed by every partition).
+    fn new(pipeline: Arc<Pipeline>, module: usize, abort: CancellationToken) -> LaneCtx {
+        LaneCtx {
+            module,
+            endpoint: pipeline.endpoints[module].clone(),
+            permits: pipeline.permits[module].clone(),
+            cancel: Cancel {
+                stop: pipeline.stop.clone(),
+                abort,
+            },
+            pipeline,
+        }
+    }
+
     /// The next job of `rx`, or `None` when the lane must end (stop,
     /// revoke, or the partition is gone).
     async fn next(&self, rx: &mut mpsc::UnboundedReceiver<Arc<Job>>) -> Option<Arc<Job>> {
@@ -1206,16 +1221,7 @@ async fn lane(
     module: usize,
     rx: mpsc::UnboundedReceiver<Arc<Job>>,
 ) {
-    let ctx = LaneCtx {
-        module,
-        endpoint: pipeline.endpoints[module].clone(),
-        permits: pipeline.permits[module].clone(),
-        cancel: Cancel {
-            stop: pipeline.stop.clone(),
-            abort: partition.abort.clone(),
-        },
-        pipeline,
-    };
+    let ctx = LaneCtx::new(pipeline, module, partition.abort.clone());
     match ctx.endpoint.module.mode {
         DeliveryMode::Ordered if ctx.endpoint.module.contract.batch.on() => {
             batched::in_batches(ctx, rx, false).await

@@ -51,16 +51,7 @@ impl SharedLane {
         module: usize,
     ) -> mpsc::UnboundedSender<Arc<Job>> {
         if let Some(rx) = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let ctx = LaneCtx {
-                module,
-                endpoint: pipeline.endpoints[module].clone(),
-                permits: pipeline.permits[module].clone(),
-                cancel: Cancel {
-                    stop: pipeline.stop.clone(),
-                    abort: pipeline.abort.clone(),
-                },
-                pipeline: pipeline.clone(),
-            };
+            let ctx = LaneCtx::new(pipeline.clone(), module, pipeline.abort.clone());
             pipeline
                 .lanes
                 .spawn_on(unordered_batches(ctx, rx), &pipeline.runtime);
