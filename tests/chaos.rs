@@ -457,7 +457,7 @@ fn kill9_everything(mkc: &mut Mkc) {
 fn produce_until_split(
     mkc: &Mkc,
     sink: &Sink,
-    topic: &str,
+    (bootstrap, topic): (&str, &str),
     partitions: i32,
     expected: &[(&str, usize)],
 ) -> (Vec<Produced>, HashMap<i32, String>) {
@@ -465,7 +465,8 @@ fn produce_until_split(
     let mut produced = Vec::new();
     let mut owners: HashMap<i32, String> = HashMap::new();
     loop {
-        let round = produce(
+        let round = produce_on(
+            bootstrap,
             topic,
             round_robin(0..partitions as usize, partitions, "1001"),
         );
@@ -524,8 +525,13 @@ fn instance_killed_other_takes_over_and_a_third_joins() {
     };
     let mut a = Mkc::start(&config("a"));
     let mut b = Mkc::start(&config("b"));
-    let (mut produced, owners) =
-        produce_until_split(&b, &sink, &topic, PARTS, &[("a", 2), ("b", 2)]);
+    let (mut produced, owners) = produce_until_split(
+        &b,
+        &sink,
+        (&brokers(), &topic),
+        PARTS,
+        &[("a", 2), ("b", 2)],
+    );
     let of_a: BTreeSet<i32> = owners
         .iter()
         .filter(|(_, m)| m.as_str() == "a")
@@ -564,7 +570,13 @@ fn instance_killed_other_takes_over_and_a_third_joins() {
     }
     let mut c = Mkc::start(&config("c"));
     let c_started = killed_at.elapsed();
-    let (more, _) = produce_until_split(&c, &sink, &topic, PARTS, &[("b", 2), ("c", 2)]);
+    let (more, _) = produce_until_split(
+        &c,
+        &sink,
+        (&brokers(), &topic),
+        PARTS,
+        &[("b", 2), ("c", 2)],
+    );
     produced.extend(more);
     let takeover = took_over(&sink, "b")
         .into_iter()
@@ -589,6 +601,140 @@ fn instance_killed_other_takes_over_and_a_third_joins() {
          {takeover:?} after its SIGKILL (by B alone: {by_b}; C started {c_started:?} after it); \
          C delivered {from_c}",
         produced.len(),
+    );
+}
+
+/// The takeover tansu 0.6 cannot show (see above), against a broker that
+/// times sessions out: librdkafka's mock cluster (in process; real mkc
+/// binaries reach it over loopback). Hosts A and B (`topic T 2` each, 4
+/// partitions, `session.timeout.ms 6000`) on one group; A is SIGKILLed
+/// (master and workers) while delivering and never restarted. B alone
+/// takes all 4 partitions over and delivers everything; then C joins, B
+/// and C share the partitions without loss; committed offsets are the end
+/// offsets once B and C stopped. Prints the takeover time (SIGKILL to B's
+/// first delivery on one of A's partitions) and the duplicates.
+#[test]
+fn instance_killed_other_takes_over_alone_on_the_mock_cluster() {
+    const PARTS: i32 = 4;
+    const N: usize = 600;
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("cannot start the mock cluster");
+    let topic = unique_name("chaos-takeover");
+    let group = unique_name("chaos-takeover-g");
+    cluster
+        .create_topic(&topic, PARTS, 1)
+        .expect("cannot create the topic on the mock cluster");
+    let bootstrap = cluster.bootstrap_servers();
+    let sink =
+        Sink::with(Behavior::ok().latency(Duration::from_millis(5), Duration::from_millis(15)));
+    let config = |name: &str| {
+        let mut config = MkcConfig::new(&topic, &group).workers(2).module(
+            Module::new(name, sink.url(&format!("/{name}")))
+                .filter(1001)
+                .retrynum(0),
+        );
+        config.brokers = bootstrap.clone();
+        config
+    };
+    let mut a = Mkc::start(&config("a"));
+    let mut b = Mkc::start(&config("b"));
+    let (mut produced, owners) = produce_until_split(
+        &b,
+        &sink,
+        (&bootstrap, &topic),
+        PARTS,
+        &[("a", 2), ("b", 2)],
+    );
+    let of_a: BTreeSet<i32> = owners
+        .iter()
+        .filter(|(_, m)| m.as_str() == "a")
+        .map(|(p, _)| *p)
+        .collect();
+    // A is busy when it dies: killed once it delivered some of these.
+    let before = sink.requests_to("/a").len();
+    produced.extend(produce_on(
+        &bootstrap,
+        &topic,
+        round_robin(0..N, PARTS, "1001"),
+    ));
+    sink.wait_until(Duration::from_secs(30), |r| {
+        r.iter().filter(|r| r.module() == "a").count() >= before + 30
+    });
+    let a_workers = a.worker_pids();
+    kill9_everything(&mut a);
+    let killed_at = Instant::now();
+    let left: Vec<i32> = a_workers.into_iter().filter(|&p| pid_alive(p)).collect();
+    a.check(left.is_empty(), || {
+        format!("A's workers {left:?} outlived the SIGKILL")
+    });
+    produced.extend(produce_on(
+        &bootstrap,
+        &topic,
+        round_robin(0..N, PARTS, "1001"),
+    ));
+    // B alone: A's session times out, the group rebalances, B's two
+    // workers take all four partitions.
+    let by_b = |p: i32| {
+        sink.requests()
+            .iter()
+            .filter(|r| r.module() == "b" && r.at > killed_at && r.partition() == p)
+            .map(|r| r.at - killed_at)
+            .min()
+    };
+    let all_by_b = wait_until(Duration::from_secs(60), || {
+        of_a.iter().all(|&p| by_b(p).is_some())
+    });
+    b.check(all_by_b, || {
+        format!("B did not deliver on all of A's partitions {of_a:?} within 60 s of A's SIGKILL")
+    });
+    let takeover = of_a.iter().filter_map(|&p| by_b(p)).min();
+    check_delivered("A SIGKILLed, B alone", &b, &sink, &produced);
+    let alone = print_duplicates("A SIGKILLed, B alone", &sink, &produced);
+    // C joins: B and C share the partitions, nothing is lost.
+    let mut c = Mkc::start(&config("c"));
+    let (more, _) = produce_until_split(
+        &c,
+        &sink,
+        (&bootstrap, &topic),
+        PARTS,
+        &[("b", 2), ("c", 2)],
+    );
+    produced.extend(more);
+    produced.extend(produce_on(
+        &bootstrap,
+        &topic,
+        round_robin(0..N, PARTS, "1001"),
+    ));
+    check_delivered("C joined", &c, &sink, &produced);
+    // The mock cluster refuses every commit while the group rebalances
+    // (Kafka accepts them until the rebalance's join phase ends), and B's
+    // leave starts a rebalance: C's final commit would be refused (a
+    // duplicate at the next start, not a loss). Let the periodic commits
+    // (every 100 ms) reach the end offsets before B stops.
+    let mut end = vec![None; PARTS as usize];
+    for p in &produced {
+        let e = &mut end[p.partition as usize];
+        *e = Some(e.unwrap_or(0).max(p.offset + 1));
+    }
+    let caught_up = wait_until(Duration::from_secs(20), || {
+        committed_offsets_on(&bootstrap, &group, &topic, PARTS) == end
+    });
+    c.check(caught_up, || {
+        "B's and C's periodic commits did not reach the end offsets within 20 s".into()
+    });
+    b.stop_clean();
+    c.stop_clean();
+    check_committed(
+        "B and C stopped",
+        &c,
+        &produced,
+        (&bootstrap, &group, &topic),
+        PARTS,
+    );
+    let total = print_duplicates("A SIGKILLed, B alone, C joined", &sink, &produced);
+    println!(
+        "takeover on the mock cluster: A's partitions {of_a:?} delivered by B {takeover:?} after \
+         A's SIGKILL; {alone} duplicates until then, {total} in all of {} messages",
+        produced.len()
     );
 }
 

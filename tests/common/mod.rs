@@ -353,12 +353,18 @@ impl ProducerContext for DeliveryCollector {
 /// the broker acknowledged every one (at most 60 s), and returns them with
 /// their offsets, in the order given. Panics on any delivery error.
 pub fn produce(topic: &str, records: Vec<Record>) -> Vec<Produced> {
+    produce_on(&brokers(), topic, records)
+}
+
+/// [`produce`] to the cluster at `bootstrap` (e.g. librdkafka's mock
+/// cluster).
+pub fn produce_on(bootstrap: &str, topic: &str, records: Vec<Record>) -> Vec<Produced> {
     let total = records.len();
     let context = DeliveryCollector {
         results: Mutex::new(vec![None; total]),
     };
     let producer: BaseProducer<DeliveryCollector> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", bootstrap)
         .set("client.id", "mkc-test-producer")
         // Up to the ~5 MB records the bad-input tests need.
         .set("message.max.bytes", "10000000")
