@@ -17,10 +17,9 @@
 //! time mkc stopped, so that start-up, group join, graceful stop and the
 //! messages fetched but not delivered when the stop came cancel out.
 //! Time-driven work (timers, heartbeats, librdkafka's polls) is counted
-//! per message as it happens, and under valgrind a run lasts about
-//! fifty times longer than natively: that work weighs more per message
-//! here than in a native run (a few hundred instructions a message at
-//! most; see docs/bench.md).
+//! per message as it happens, and under valgrind a run lasts fifteen to
+//! thirty times longer than natively: that work weighs more per message
+//! here than in a native run (docs/bench.md).
 
 use std::path::Path;
 use std::process::{Command, Stdio};

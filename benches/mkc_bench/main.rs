@@ -256,11 +256,16 @@ fn run(mut opts: Opts) -> anyhow::Result<()> {
         );
     }
     if let Some(before) = &opts.mkc_before {
+        // mkc runs in its run directory: a relative path would not be found.
+        let path = before
+            .canonicalize()
+            .with_context(|| format!("--mkc-before {}", before.display()))?;
         anyhow::ensure!(
-            before.is_file(),
-            "--mkc-before {}: no such file",
-            before.display()
+            path.is_file(),
+            "--mkc-before {}: not a file",
+            path.display()
         );
+        opts.mkc_before = Some(path);
     }
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = opts
