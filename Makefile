@@ -18,7 +18,7 @@
 #                    (scripts/fuzz.sh; stable Rust with RUSTC_BOOTSTRAP=1; not in `make test`)
 #   make bench       throughput benchmark (docs/bench.md); BENCH_ARGS=--quick for a smoke run
 #   make bench-instructions   mkc's instructions per delivered message (valgrind),
-#                    the Kafka rows at 0 ms, with msgs/s and CPU of a short run
+#                    ordered 1w, keyed, unordered at 0 ms, with msgs/s and CPU of a short run
 #                    (BEFORE=path/to/old/mkc: that binary's rows beside them)
 #   make clean       cargo clean and stop the broker
 
@@ -90,16 +90,17 @@ bench: kafka-install
 
 # Instructions per delivered message of mkc (master and workers), counted
 # by valgrind: a figure that does not move with the machine's load, so
-# that a change can be judged in one run on a busy machine. Each Kafka mkc
-# row at the 0 ms sink runs natively (60,000 messages: msgs/s, CPU) and
-# twice under valgrind (20,000 and 40,000 messages: the slope); about 15
-# minutes. BEFORE=path/to/mkc adds that binary's rows, measured in turn
-# with this tree's (e.g. one built from an older commit in another
-# worktree).
+# that a change can be judged in one run on a busy machine. The ordered
+# 1-worker, keyed and unordered rows (with and without a script) at the
+# 0 ms sink each run natively (60,000 messages: msgs/s, CPU) and twice
+# under valgrind (20,000 and 40,000 messages: the slope); about 5
+# minutes. BEFORE=path/to/mkc (absolute or relative) adds that binary's
+# rows, each measured right after this tree's (e.g. one built from an
+# older commit in another worktree).
 BEFORE ?=
 bench-instructions: setup-bench kafka-install
 	$(CARGO) bench --bench mkc_bench -- --instructions --latencies 0 --runs 1 \
-		--messages 60000 --only ordered,keyed,unordered \
+		--messages 60000 --only ordered-1w,keyed,unordered \
 		$(if $(BEFORE),--mkc-before $(BEFORE)) $(BENCH_ARGS)
 
 kafka-install:
