@@ -17,6 +17,9 @@
 #   make fuzz        every cargo-fuzz target of fuzz/ for FUZZ_SECONDS (30) each
 #                    (scripts/fuzz.sh; stable Rust with RUSTC_BOOTSTRAP=1; not in `make test`)
 #   make bench       throughput benchmark (docs/bench.md); BENCH_ARGS=--quick for a smoke run
+#   make bench-instructions   mkc's instructions per delivered message (valgrind),
+#                    ordered 1w, keyed, unordered at 0 ms, with msgs/s and CPU of a short run
+#                    (BEFORE=path/to/old/mkc: that binary's rows beside them)
 #   make clean       cargo clean and stop the broker
 
 CARGO   ?= cargo
@@ -39,7 +42,7 @@ BASH_DIR := $(DESTDIR)$(PREFIX)/share/bash-completion/completions
 ZSH_DIR  := $(DESTDIR)$(PREFIX)/share/zsh/site-functions
 FISH_DIR := $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
 
-.PHONY: man all build demo setup setup-test test bench fuzz install deb fmt clippy kafka-install kafka-start kafka-stop services clean
+.PHONY: man all build demo setup setup-test setup-bench test bench bench-instructions fuzz install deb fmt clippy kafka-install kafka-start kafka-stop services clean
 
 all: build
 
@@ -52,6 +55,9 @@ setup:
 
 setup-test:
 	scripts/setup.sh test
+
+setup-bench:
+	scripts/setup.sh bench
 
 # `mkc demo`: an embedded broker, a printing receiver and the real mkc.
 demo: setup
@@ -81,6 +87,21 @@ test: setup-test kafka-install services
 BENCH_ARGS ?=
 bench: kafka-install
 	$(CARGO) bench --bench mkc_bench -- $(BENCH_ARGS)
+
+# Instructions per delivered message of mkc (master and workers), counted
+# by valgrind: a figure that does not move with the machine's load, so
+# that a change can be judged in one run on a busy machine. The ordered
+# 1-worker, keyed and unordered rows (with and without a script) at the
+# 0 ms sink each run natively (60,000 messages: msgs/s, CPU) and twice
+# under valgrind (20,000 and 40,000 messages: the slope); about 5
+# minutes. BEFORE=path/to/mkc (absolute or relative) adds that binary's
+# rows, each measured right after this tree's (e.g. one built from an
+# older commit in another worktree).
+BEFORE ?=
+bench-instructions: setup-bench kafka-install
+	$(CARGO) bench --bench mkc_bench -- --instructions --latencies 0 --runs 1 \
+		--messages 60000 --only ordered-1w,keyed,unordered \
+		$(if $(BEFORE),--mkc-before $(BEFORE)) $(BENCH_ARGS)
 
 kafka-install:
 	scripts/kafka.sh install

@@ -12,6 +12,10 @@
 #                            and MariaDB (scripts/services.sh starts them),
 #                            logrotate and adduser (the Debian package test),
 #                            promtool and python3-jsonschema (monitoring/)
+#   scripts/setup.sh bench   the build packages, plus valgrind (`make
+#                            bench-instructions` counts mkc's instructions
+#                            per message with it: this VM has no hardware
+#                            counters for `perf stat`)
 #
 # Rust itself (cargo, rustc) must be installed (https://rustup.rs).
 set -euo pipefail
@@ -53,6 +57,10 @@ if [[ "$what" == test ]]; then
     # tests/monitoring.rs: promtool, and the dashboard's JSON schema check.
     need promtool prometheus
     need /usr/lib/python3/dist-packages/jsonschema/__init__.py python3-jsonschema
+fi
+
+if [[ "$what" == bench ]]; then
+    need valgrind valgrind
 fi
 
 if [[ ${#packages[@]} -eq 0 ]]; then

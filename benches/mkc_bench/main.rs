@@ -44,6 +44,7 @@
 //! messages and a run that never ends.
 
 mod broker;
+mod instructions;
 mod load;
 mod procs;
 mod python;
@@ -112,6 +113,25 @@ struct Opts {
     /// mkc's log-level in the runs (its log is in target/bench/runs/*/).
     #[arg(long, default_value = "warning")]
     mkc_log_level: String,
+    /// Also count mkc's instructions per delivered message (master and
+    /// workers, under valgrind: instructions.rs) for each Kafka mkc row at
+    /// the 0 ms sink, once per row (the count does not move with load).
+    #[arg(long)]
+    instructions: bool,
+    /// Messages of the shorter of the two counted runs (the longer one
+    /// delivers twice as many; the slope between them is the figure).
+    #[arg(long, default_value_t = 20_000)]
+    instructions_messages: usize,
+    /// valgrind's tool for the counts: cachegrind, or callgrind (slower;
+    /// also the call graph of every process, in the counted runs'
+    /// `counts/` directories, for `callgrind_annotate --inclusive=yes`).
+    #[arg(long, default_value = "cachegrind")]
+    instructions_tool: String,
+    /// Another mkc binary (say, built from the commit before a change):
+    /// every mkc row is measured with it too, right after the same row
+    /// with this tree's binary, as a row "... before".
+    #[arg(long)]
+    mkc_before: Option<PathBuf>,
     /// tansu's storage engine: memory (the default) or sqlite.
     #[arg(long, default_value = "memory")]
     engine: String,
@@ -186,6 +206,8 @@ struct Sample {
     /// "mkc worker steady" (median VmRSS while running).
     rss: BTreeMap<String, f64>,
     duplicates: u64,
+    /// mkc's instructions per delivered message (`--instructions`).
+    instructions: Option<f64>,
 }
 
 /// One row of the table: a scenario at one sink latency.
@@ -220,6 +242,33 @@ fn run(mut opts: Opts) -> anyhow::Result<()> {
         opts.messages > 0 && opts.partitions > 0 && opts.runs > 0,
         "N, P and --runs must be positive"
     );
+    if opts.instructions {
+        anyhow::ensure!(
+            instructions::available(),
+            "--instructions needs valgrind (scripts/setup.sh bench installs it)"
+        );
+        anyhow::ensure!(
+            opts.instructions_messages > 0,
+            "--instructions-messages must be positive"
+        );
+        anyhow::ensure!(
+            ["cachegrind", "callgrind"].contains(&opts.instructions_tool.as_str()),
+            "--instructions-tool {}: cachegrind or callgrind",
+            opts.instructions_tool
+        );
+    }
+    if let Some(before) = &opts.mkc_before {
+        // mkc runs in its run directory: a relative path would not be found.
+        let path = before
+            .canonicalize()
+            .with_context(|| format!("--mkc-before {}", before.display()))?;
+        anyhow::ensure!(
+            path.is_file(),
+            "--mkc-before {}: not a file",
+            path.display()
+        );
+        opts.mkc_before = Some(path);
+    }
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = opts
         .out
@@ -238,11 +287,18 @@ fn run(mut opts: Opts) -> anyhow::Result<()> {
         let broker = broker::Broker::start(&tansu, &dir, &opts.engine)?;
         broker.create_topic(&topic, opts.partitions)?;
         let t = Instant::now();
+        // The counted runs deliver up to twice `--instructions-messages`,
+        // and a little more before their stop lands.
+        let produced = if opts.instructions {
+            opts.messages.max(3 * opts.instructions_messages)
+        } else {
+            opts.messages
+        };
         eprintln!(
-            "producing {} messages of ~{} B to {} partitions",
-            opts.messages, opts.size, opts.partitions
+            "producing {produced} messages of ~{} B to {} partitions",
+            opts.size, opts.partitions
         );
-        broker.produce(&topic, opts.messages, opts.partitions, opts.size)?;
+        broker.produce(&topic, produced, opts.partitions, opts.size)?;
         eprintln!("produced in {:.1} s", t.elapsed().as_secs_f64());
         Some(broker)
     } else {
@@ -325,12 +381,26 @@ fn redis_consume_row(batch: usize) -> String {
 /// with: mkc's own take batch (src/pipeline/redis.rs, `TAKE_MAX`).
 const REDIS_BATCH: usize = 256;
 
+/// What a row of `--mkc-before`'s binary adds to the row's name.
+fn row_suffix(tag: &str) -> &'static str {
+    if tag.is_empty() {
+        ""
+    } else {
+        " before"
+    }
+}
+
 /// The scenarios, in the order they run within each run.
 fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
     let opts = ctx.opts.clone();
     let p = opts.partitions;
     let mut conns = vec![1, p, opts.concurrency];
     conns.dedup();
+    // This tree's mkc, and `--mkc-before`'s right after it in each row.
+    let mut binaries: Vec<(PathBuf, &str)> = vec![(PathBuf::from(MKC), "")];
+    if let Some(before) = &opts.mkc_before {
+        binaries.push((before.clone(), "-before"));
+    }
     let mut rows: Vec<Row> = Vec::new();
     let add = |rows: &mut Vec<Row>, name: &str, latency: Option<u64>, s: Sample| {
         eprintln!(
@@ -405,14 +475,33 @@ fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
                 // `--only unordered` also selects unordered-script and
                 // unordered-batch: they are compared with the same rows
                 // without.
-                if wants(&opts, key) {
-                    let variant = match key {
-                        "unordered-script" => Variant::Script,
-                        "unordered-batch" => Variant::Batch(BENCH_BATCH),
-                        _ => Variant::Plain,
+                if !wants(&opts, key) {
+                    continue;
+                }
+                for (bin, tag) in &binaries {
+                    let case = MkcCase {
+                        bin,
+                        tag,
+                        mode,
+                        workers,
+                        source: Source::Kafka,
+                        variant: match key {
+                            "unordered-script" => Variant::Script,
+                            "unordered-batch" => Variant::Batch(BENCH_BATCH),
+                            _ => Variant::Plain,
+                        },
                     };
-                    let s = measure_mkc(ctx, latency, mode, workers, run, Source::Kafka, variant)?;
-                    add(&mut rows, &name, Some(latency), s);
+                    let mut s = measure_mkc(ctx, &case, latency, run)?;
+                    // Once per row: the count does not depend on the run.
+                    if opts.instructions && latency == 0 && run == 0 {
+                        s.instructions = Some(measure_instructions(ctx, &case)?);
+                    }
+                    add(
+                        &mut rows,
+                        &format!("{name}{}", row_suffix(tag)),
+                        Some(latency),
+                        s,
+                    );
                 }
             }
             let redis_cases = [
@@ -428,17 +517,25 @@ fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
                 ),
             ];
             for (name, key, mode) in redis_cases {
-                if wants(&opts, key) {
-                    let s = measure_mkc(
-                        ctx,
-                        latency,
+                if !wants(&opts, key) {
+                    continue;
+                }
+                for (bin, tag) in &binaries {
+                    let case = MkcCase {
+                        bin,
+                        tag,
                         mode,
-                        1,
-                        run,
-                        Source::RedisList,
-                        Variant::Plain,
-                    )?;
-                    add(&mut rows, &name, Some(latency), s);
+                        workers: 1,
+                        source: Source::RedisList,
+                        variant: Variant::Plain,
+                    };
+                    let s = measure_mkc(ctx, &case, latency, run)?;
+                    add(
+                        &mut rows,
+                        &format!("{name}{}", row_suffix(tag)),
+                        Some(latency),
+                        s,
+                    );
                 }
             }
             if ctx.python.is_some() {
@@ -583,6 +680,7 @@ fn measure_broker(ctx: &Ctx, run: usize) -> anyhow::Result<Sample> {
         ]),
         rss: BTreeMap::from([("consumer".into(), usage.root_hwm_mib)]),
         duplicates: 0,
+        instructions: None,
     })
 }
 
@@ -623,6 +721,7 @@ fn measure_redis_consume(ctx: &Ctx, batch: usize, run: usize) -> anyhow::Result<
         ]),
         rss: BTreeMap::from([("consumer".into(), usage.root_hwm_mib)]),
         duplicates: 0,
+        instructions: None,
     })
 }
 
@@ -662,7 +761,20 @@ fn measure_http(ctx: &Ctx, latency: u64, connections: u32) -> anyhow::Result<Sam
             ("sink".into(), hwm_of(sink_pid)),
         ]),
         duplicates: 0,
+        instructions: None,
     })
+}
+
+/// What an mkc row runs: which binary, and how it is configured.
+#[derive(Clone, Copy, Debug)]
+struct MkcCase<'a> {
+    bin: &'a Path,
+    /// "" for this tree's binary, "-before" for `--mkc-before`'s.
+    tag: &'a str,
+    mode: &'a str,
+    workers: u32,
+    source: Source,
+    variant: Variant,
 }
 
 /// What an mkc row's module adds to the plain one.
@@ -675,30 +787,50 @@ enum Variant {
     Batch(u32),
 }
 
-fn measure_mkc(
+impl MkcCase<'_> {
+    /// The run directories' name for this case at `latency`.
+    fn slug(&self, latency: u64) -> String {
+        let kind = match self.source {
+            Source::Kafka => "",
+            Source::RedisList => "redis-",
+        };
+        let with_script = match self.variant {
+            Variant::Plain => String::new(),
+            Variant::Script => "-script".to_string(),
+            Variant::Batch(b) => format!("-batch{b}"),
+        };
+        format!(
+            "mkc{}-{kind}{}{with_script}-{}w-{latency}ms",
+            self.tag, self.mode, self.workers
+        )
+    }
+}
+
+/// A run directory of mkc: its server.conf and module conf.
+struct MkcRun {
+    dir: PathBuf,
+    conf: PathBuf,
+    /// The server whose CPU the run costs ("broker", "redis") and its pid.
+    server_name: &'static str,
+    server_pid: i32,
+}
+
+/// Writes `runs/NAME/` for `case`: a server.conf with a group of its own,
+/// one module delivering to the sink, and (Redis) the list filled with
+/// `n` messages. `session_timeout_ms` is the consumer's session timeout.
+fn write_mkc_run(
     ctx: &Ctx,
-    latency: u64,
-    mode: &str,
-    workers: u32,
-    run: usize,
-    source: Source,
-    variant: Variant,
-) -> anyhow::Result<Sample> {
-    let n = ctx.opts.messages;
-    let kind = match source {
-        Source::Kafka => "",
-        Source::RedisList => "redis-",
-    };
-    let suffix = match variant {
-        Variant::Plain => String::new(),
-        Variant::Script => "-script".to_string(),
-        Variant::Batch(b) => format!("-batch{b}"),
-    };
-    let name = format!("mkc-{kind}{mode}{suffix}-{workers}w-{latency}ms-{run}");
-    let dir = ctx.dir.join("runs").join(&name);
+    case: &MkcCase,
+    name: &str,
+    n: usize,
+    session_timeout_ms: u32,
+) -> anyhow::Result<MkcRun> {
+    let mode = case.mode;
+    let workers = case.workers;
+    let dir = ctx.dir.join("runs").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let script_line = match variant {
+    let script_line = match case.variant {
         Variant::Script => {
             let path = dir.join("bench.lua");
             std::fs::write(&path, BENCH_SCRIPT)?;
@@ -719,14 +851,14 @@ fn measure_mkc(
             }
         ),
     )?;
-    // The source's lines, and the server whose CPU the run costs.
-    let (source_lines, server_name, server_pid) = match source {
+    let (source_lines, server_name, server_pid) = match case.source {
         Source::Kafka => {
             let broker = ctx.broker()?;
             (
                 format!(
                     "brokers {}\nproperty auto.offset.reset earliest\n\
-                     property session.timeout.ms 6000\nproperty heartbeat.interval.ms 1000\n\
+                     property session.timeout.ms {session_timeout_ms}\n\
+                     property heartbeat.interval.ms 1000\n\
                      topic {} {workers}\n",
                     broker.addr, ctx.topic
                 ),
@@ -764,10 +896,27 @@ fn measure_mkc(
                 .collect::<String>(),
         ),
     )?;
+    Ok(MkcRun {
+        dir,
+        conf,
+        server_name,
+        server_pid,
+    })
+}
+
+fn measure_mkc(ctx: &Ctx, case: &MkcCase, latency: u64, run: usize) -> anyhow::Result<Sample> {
+    let n = ctx.opts.messages;
+    let name = format!("{}-{run}", case.slug(latency));
+    let MkcRun {
+        dir,
+        conf,
+        server_name,
+        server_pid,
+    } = write_mkc_run(ctx, case, &name, n, 6000)?;
     sink_reset(ctx, n, latency)?;
     let sink_pid = ctx.sink.id() as i32;
     let (sink_cpu, server_cpu) = (cpu_of(sink_pid), cpu_of(server_pid));
-    let mut child = Command::new(MKC)
+    let mut child = Command::new(case.bin)
         .arg("-c")
         .arg(&conf)
         .current_dir(&dir)
@@ -780,7 +929,7 @@ fn measure_mkc(
     let waited = wait_distinct(ctx, n, timeout, &mut child);
     let usage = watcher.finish();
     let (sink_cpu, server_cpu) = (cpu_of(sink_pid) - sink_cpu, cpu_of(server_pid) - server_cpu);
-    stop(&mut child);
+    stop(&mut child, Duration::from_secs(30));
     let (seconds, duplicates) =
         waited.with_context(|| format!("{name} (files in {})", dir.display()))?;
     Ok(Sample {
@@ -797,18 +946,85 @@ fn measure_mkc(
             ("mkc worker steady".into(), usage.worker_steady_rss_mib),
         ]),
         duplicates,
+        instructions: None,
     })
 }
 
-/// SIGTERM (graceful stop), then SIGKILL of the whole tree after 30 s.
-fn stop(child: &mut Child) {
+/// mkc's instructions per delivered message for `case` (Kafka, 0 ms
+/// sink): two runs under valgrind, to `--instructions-messages` and to
+/// twice as many, and the slope between them (instructions.rs).
+fn measure_instructions(ctx: &Ctx, case: &MkcCase) -> anyhow::Result<f64> {
+    let n = ctx.opts.instructions_messages;
+    let mut counted = Vec::new();
+    for target in [n, 2 * n] {
+        let name = format!("instructions-{}-{target}", case.slug(0));
+        // Under valgrind a worker runs some fifty times slower: a longer
+        // session timeout, so that a late heartbeat is no rebalance.
+        let run = write_mkc_run(ctx, case, &name, target, 60_000)?;
+        let counts = run.dir.join("counts");
+        std::fs::create_dir_all(&counts)?;
+        sink_reset(ctx, target, 0)?;
+        let started = Instant::now();
+        let mut child = instructions::command(&ctx.opts.instructions_tool, case.bin, &counts)
+            .arg("-c")
+            .arg(&run.conf)
+            .current_dir(&run.dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(run.dir.join("stdout.log"))?)
+            .stderr(std::fs::File::create(run.dir.join("stderr.log"))?)
+            .spawn()?;
+        let timeout = Duration::from_secs(300 + target as u64 / 20);
+        let waited = wait_distinct(ctx, target, timeout, &mut child);
+        let exited = stop(&mut child, Duration::from_secs(300));
+        waited.with_context(|| format!("{name} (files in {})", run.dir.display()))?;
+        anyhow::ensure!(
+            exited,
+            "{name}: mkc under valgrind did not stop within 300 s: no counts"
+        );
+        let (requests, ..) = sink_stats(ctx)?;
+        let (instructions, processes) = instructions::total(&counts)?;
+        anyhow::ensure!(
+            processes > case.workers as usize,
+            "{name}: counts of {processes} processes, expected the master and {} worker(s)",
+            case.workers
+        );
+        eprintln!(
+            "    counted: {requests} requests, {:.3} G instructions in {processes} processes ({:.0} s)",
+            instructions as f64 / 1e9,
+            started.elapsed().as_secs_f64()
+        );
+        counted.push(instructions::Counted {
+            instructions,
+            requests,
+        });
+    }
+    instructions::slope(counted[0], counted[1])
+        .context("the longer counted run delivered no more messages than the shorter")
+}
+
+/// SIGTERM (graceful stop), then SIGKILL of the whole tree after `grace`.
+/// Whether the process and the rest of its tree ended by themselves
+/// (under valgrind a process killed while it writes its count leaves a
+/// cut file).
+fn stop(child: &mut Child, grace: Duration) -> bool {
     let pid = child.id() as i32;
     let tree = procs::tree(pid);
     // SAFETY: kill(2) on a child this program started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + grace;
+    let mut exited = false;
     while Instant::now() < deadline {
         if child.try_wait().ok().flatten().is_some() {
+            exited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The rest of the tree, reparented once the root ended.
+    let alive = |p: i32| procs::read(p).is_some_and(|p| !p.zombie);
+    while exited && tree[1..].iter().any(|&p| alive(p)) {
+        if Instant::now() >= deadline {
+            exited = false;
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -818,6 +1034,7 @@ fn stop(child: &mut Child) {
         unsafe { libc::kill(p, libc::SIGKILL) };
     }
     let _ = child.wait();
+    exited
 }
 
 fn measure_python(
@@ -874,6 +1091,7 @@ fn measure_python(
         ]),
         rss: BTreeMap::from([("python".into(), usage.root_hwm_mib)]),
         duplicates,
+        instructions: None,
     })
 }
 
@@ -907,6 +1125,12 @@ fn machine() -> Value {
         "kernel": cmd("uname", &["-r"]),
         "load_average_at_start": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
     })
+}
+
+/// mkc's CPU (master and workers, whole life) per message of a row, µs.
+fn us_per_message(row: &Row, messages: usize) -> Option<f64> {
+    row.median(|s| s.cpu.get("mkc").copied())
+        .map(|cpu| cpu / messages as f64 * 1e6)
 }
 
 fn find<'a>(rows: &'a [Row], name: &str, latency: Option<u64>) -> Option<&'a Row> {
@@ -957,8 +1181,17 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
         machine["memory_gib"]
     ));
     out.push_str(&format!(
-        "{:<28} {:>5} {:>10} {:>9} {:>24} {:>26} {:>9} {:>9}\n",
-        "scenario", "sink", "msgs/s", "seconds", "CPU s", "peak RSS MiB", "/ceiling", "/python"
+        "{:<35} {:>5} {:>10} {:>9} {:>24} {:>26} {:>9} {:>9} {:>10} {:>10}\n",
+        "scenario",
+        "sink",
+        "msgs/s",
+        "seconds",
+        "CPU s",
+        "peak RSS MiB",
+        "/ceiling",
+        "/python",
+        "mkc us/msg",
+        "instr/msg"
     ));
     let mut json_rows = Vec::new();
     for row in rows {
@@ -995,8 +1228,10 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
             .map(|(k, v)| format!("{} {v:.0}", k.trim_start_matches("mkc ")))
             .collect::<Vec<_>>()
             .join(", ");
+        let us_per_msg = us_per_message(row, o.messages);
+        let instructions = row.median(|s| s.instructions);
         out.push_str(&format!(
-            "{:<28} {:>5} {:>10.0} {:>9.1} {:>24} {:>26} {:>9} {:>9}\n",
+            "{:<35} {:>5} {:>10.0} {:>9.1} {:>24} {:>26} {:>9} {:>9} {:>10} {:>10}\n",
             row.name,
             row.latency.map_or("-".into(), |l| format!("{l}ms")),
             rate,
@@ -1005,6 +1240,8 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
             rss_text,
             vs_ceiling.map_or("".into(), |r| format!("{:.0}%", r * 100.0)),
             vs_python.map_or("".into(), |r| format!("{r:.1}x")),
+            us_per_msg.map_or("".into(), |u| format!("{u:.1}")),
+            instructions.map_or("".into(), |i| format!("{i:.0}")),
         ));
         json_rows.push(json!({
             "scenario": row.name,
@@ -1016,9 +1253,11 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
             "duplicates": row.median(|s| Some(s.duplicates as f64)),
             "ratio_to_ceiling": vs_ceiling,
             "ratio_to_python_commit_1000": vs_python,
+            "mkc_cpu_us_per_message": us_per_msg,
+            "instructions_per_message": instructions,
             "runs": row.samples.iter().map(|s| json!({
                 "msgs_per_s": s.rate, "seconds": s.seconds, "cpu_s": s.cpu, "rss_mib": s.rss,
-                "duplicates": s.duplicates,
+                "duplicates": s.duplicates, "instructions_per_message": s.instructions,
             })).collect::<Vec<_>>(),
         }));
     }
@@ -1157,6 +1396,40 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
         steady.map(|mib| mib * 1.048576),
         Some(64.0),
         "MB",
+        true,
+    );
+    // `--mkc-before`: each row against the same row of the other binary.
+    let compared: Vec<(&Row, &Row)> = rows
+        .iter()
+        .filter_map(|r| Some((find(rows, &format!("{} before", r.name), r.latency)?, r)))
+        .collect();
+    if !compared.is_empty() {
+        out.push_str("\nbefore -> after (--mkc-before, same run):\n");
+        for (before, after) in compared {
+            let pair = |f: &dyn Fn(&Row) -> Option<f64>, digits: usize| match (f(before), f(after))
+            {
+                (Some(b), Some(a)) => format!(
+                    "{b:.digits$} -> {a:.digits$} ({:+.0}%)",
+                    (a / b - 1.0) * 100.0
+                ),
+                _ => "-".into(),
+            };
+            out.push_str(&format!(
+                "  {:<28} {:>4}: msgs/s {}, mkc us/msg {}, instr/msg {}\n",
+                after.name,
+                after.latency.map_or("-".into(), |l| format!("{l}ms")),
+                pair(&|r: &Row| Some(r.rate()), 0),
+                pair(&|r: &Row| us_per_message(r, o.messages), 1),
+                pair(&|r: &Row| r.median(|s| s.instructions), 0),
+            ));
+        }
+    }
+    // Issue 17: mkc's CPU per delivered message in the unordered row at 0 ms.
+    target(
+        "unordered, 0 ms sink: mkc CPU per message <= 25 us (issue 17)".to_string(),
+        find(rows, &unordered, Some(0)).and_then(|r| us_per_message(r, o.messages)),
+        Some(25.0),
+        "us",
         true,
     );
     out.push_str("\ntargets:\n");

@@ -14,6 +14,8 @@ pub struct Proc {
     pub hwm_mib: f64,
     pub rss_mib: f64,
     pub worker: bool,
+    /// Ended, not yet reaped by its parent.
+    pub zombie: bool,
 }
 
 fn clk_tck() -> f64 {
@@ -26,16 +28,17 @@ fn clk_tck() -> f64 {
     }
 }
 
-/// (ppid, utime+stime in s) of `pid`.
-fn stat(pid: i32) -> Option<(i32, f64)> {
+/// (ppid, utime+stime in s, zombie) of `pid`.
+fn stat(pid: i32) -> Option<(i32, f64, bool)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &text[text.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // After the name: state(0) ppid(1) ... utime(11) stime(12).
+    let zombie = fields.first()? == &"Z";
     let ppid = fields.get(1)?.parse().ok()?;
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((ppid, (utime + stime) / clk_tck()))
+    Some((ppid, (utime + stime) / clk_tck(), zombie))
 }
 
 fn status_kib(pid: i32, field: &str) -> Option<f64> {
@@ -46,13 +49,14 @@ fn status_kib(pid: i32, field: &str) -> Option<f64> {
 
 /// `pid` now, if it exists.
 pub fn read(pid: i32) -> Option<Proc> {
-    let (_, cpu_s) = stat(pid)?;
+    let (_, cpu_s, zombie) = stat(pid)?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     Some(Proc {
         cpu_s,
         hwm_mib: status_kib(pid, "VmHWM:").unwrap_or(0.0) / 1024.0,
         rss_mib: status_kib(pid, "VmRSS:").unwrap_or(0.0) / 1024.0,
         worker: String::from_utf8_lossy(&cmdline).contains("worker process"),
+        zombie,
     })
 }
 
@@ -62,7 +66,7 @@ pub fn tree(root: i32) -> Vec<i32> {
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
             if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
-                if let Some((ppid, _)) = stat(pid) {
+                if let Some((ppid, ..)) = stat(pid) {
                     parent.insert(pid, ppid);
                 }
             }

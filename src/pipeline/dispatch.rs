@@ -834,17 +834,32 @@ impl Endpoint {
         } else {
             h.insert(X_MKC_PARTITION.clone(), HeaderValue::from(msg.partition));
             h.insert(X_MKC_OFFSET.clone(), HeaderValue::from(msg.offset));
-            if let Ok(v) = HeaderValue::from_str(&msg.envelope.command_id.to_string()) {
+            // A commandId fits an i64 but for contrived ones: no i128
+            // formatting and no intermediate String per request.
+            let command_id = match i64::try_from(msg.envelope.command_id.0) {
+                Ok(id) => Ok(HeaderValue::from(id)),
+                Err(_) => HeaderValue::from_str(&msg.envelope.command_id.to_string()),
+            };
+            if let Ok(v) = command_id {
                 h.insert(X_MKC_COMMAND_ID.clone(), v);
             }
             if let Some(Ok(v)) = msg.envelope.commit_id.as_deref().map(HeaderValue::from_str) {
                 h.insert(X_MKC_COMMIT_ID.clone(), v);
             }
-            if let Ok(v) = HeaderValue::from_str(&idempotency_key(msg)) {
-                h.insert(IDEMPOTENCY_KEY.clone(), v);
+            // The formatted key becomes the value's buffer, not copied again;
+            // ASCII only, as `from_str` wants (a Redis name may be UTF-8).
+            let key = idempotency_key(msg);
+            if key.is_ascii() {
+                if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(key)) {
+                    h.insert(IDEMPOTENCY_KEY.clone(), v);
+                }
             }
         }
-        h.insert(X_MKC_ATTEMPT.clone(), HeaderValue::from(attempt));
+        let attempt = match attempt {
+            1 => HeaderValue::from_static("1"),
+            n => HeaderValue::from(n),
+        };
+        h.insert(X_MKC_ATTEMPT.clone(), attempt);
         h.insert(X_MKC_MODULE.clone(), self.module_header.clone());
         h.insert(
             X_MKC_SOURCE.clone(),

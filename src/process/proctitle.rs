@@ -34,6 +34,20 @@ pub fn init() {
     if arg_start == 0 || arg_end <= arg_start {
         return;
     }
+    // The area must hold this process's own command line. Under a program
+    // that runs mkc inside its own process (valgrind: `make
+    // bench-instructions`), the kernel's area is that program's, and it
+    // keeps its options there: overwriting them broke its output files.
+    let Some(argv0) = std::env::args_os().next() else {
+        return;
+    };
+    // SAFETY: [arg_start, arg_end) is this process's argv string area as
+    // the kernel reports it: mapped, and only read here.
+    let area = unsafe { std::slice::from_raw_parts(arg_start as *const u8, arg_end - arg_start) };
+    use std::os::unix::ffi::OsStrExt;
+    if area.split(|b| *b == 0).next() != Some(argv0.as_bytes()) {
+        return;
+    }
     let mut end = arg_end;
     if env_start == arg_end && env_end > env_start {
         // Copy the environment to the heap so that getenv no longer reads
