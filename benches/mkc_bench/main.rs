@@ -478,18 +478,23 @@ fn measure_all(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
                 if !wants(&opts, key) {
                     continue;
                 }
+                let variant = match key {
+                    "unordered-script" => Variant::Script,
+                    "unordered-batch" => Variant::Batch(BENCH_BATCH),
+                    _ => Variant::Plain,
+                };
                 for (bin, tag) in &binaries {
+                    // A `--mkc-before` binary may predate `batch` (issue 14).
+                    if !tag.is_empty() && matches!(variant, Variant::Batch(_)) {
+                        continue;
+                    }
                     let case = MkcCase {
                         bin,
                         tag,
                         mode,
                         workers,
                         source: Source::Kafka,
-                        variant: match key {
-                            "unordered-script" => Variant::Script,
-                            "unordered-batch" => Variant::Batch(BENCH_BATCH),
-                            _ => Variant::Plain,
-                        },
+                        variant,
                     };
                     let mut s = measure_mkc(ctx, &case, latency, run)?;
                     // Once per row: the count does not depend on the run.
