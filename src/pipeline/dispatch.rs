@@ -575,18 +575,14 @@ impl Endpoint {
         cancel: &Cancel,
         observer: &dyn Observer,
     ) -> Outcome {
-        let watch = self.controls.watch.as_deref();
-        if let Some(w) = watch {
-            w.started(msg);
+        match self.prepare(msg) {
+            Ok(Some(prepared)) => {
+                self.deliver_prepared(msg, &prepared, cancel, observer)
+                    .await
+            }
+            Ok(None) => Outcome::Filtered,
+            Err(error) => Outcome::ScriptError { error },
         }
-        let _watching = Watching(watch.map(|w| (w, msg)));
-        let prepared = match self.prepare(msg) {
-            Ok(Some(prepared)) => prepared,
-            Ok(None) => return Outcome::Filtered,
-            Err(error) => return Outcome::ScriptError { error },
-        };
-        self.send(std::slice::from_ref(&msg), &prepared, cancel, observer)
-            .await
     }
 
     /// [`Endpoint::deliver_observed`] of a message its script already ran

@@ -278,6 +278,24 @@ mod tests {
         (addr, seen)
     }
 
+    /// Prepares `msgs` (no script) and delivers them as one batch.
+    async fn deliver(endpoint: &Endpoint, msgs: &[Message]) -> Vec<Outcome> {
+        let prepared: Vec<Prepared> = msgs
+            .iter()
+            .map(|m| endpoint.prepare(m).unwrap().unwrap())
+            .collect();
+        let members: Vec<Member> = msgs
+            .iter()
+            .zip(&prepared)
+            .map(|(msg, prepared)| Member {
+                msg,
+                prepared,
+                observer: &NoObserver,
+            })
+            .collect();
+        endpoint.deliver_batch(&members, &Cancel::default()).await
+    }
+
     fn message(offset: i64, data: &str) -> Message {
         Message {
             source: crate::source::SourceKind::Kafka,
@@ -318,20 +336,7 @@ mod tests {
         let msgs: Vec<Message> = (0..5)
             .map(|i| message(10 + i, if i == 3 { "POISON" } else { "ok" }))
             .collect();
-        let prepared: Vec<Prepared> = msgs
-            .iter()
-            .map(|m| endpoint.prepare(m).unwrap().unwrap())
-            .collect();
-        let members: Vec<Member> = msgs
-            .iter()
-            .zip(&prepared)
-            .map(|(msg, prepared)| Member {
-                msg,
-                prepared,
-                observer: &NoObserver,
-            })
-            .collect();
-        let outcomes = endpoint.deliver_batch(&members, &Cancel::default()).await;
+        let outcomes = deliver(&endpoint, &msgs).await;
         // [10..15) ×2, [10,11,12] ok, [13,14] ×2, [13] ×2, [14] ok.
         let offsets: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
         assert_eq!(
@@ -377,20 +382,7 @@ mod tests {
         let (addr, seen) = sink().await;
         let endpoint = endpoint(addr, BatchFormat::Ndjson);
         let msgs: Vec<Message> = (0..2).map(|i| message(i, "ok")).collect();
-        let prepared: Vec<Prepared> = msgs
-            .iter()
-            .map(|m| endpoint.prepare(m).unwrap().unwrap())
-            .collect();
-        let members: Vec<Member> = msgs
-            .iter()
-            .zip(&prepared)
-            .map(|(msg, prepared)| Member {
-                msg,
-                prepared,
-                observer: &NoObserver,
-            })
-            .collect();
-        let outcomes = endpoint.deliver_batch(&members, &Cancel::default()).await;
+        let outcomes = deliver(&endpoint, &msgs).await;
         assert_eq!(outcomes, vec![Outcome::Delivered { attempts: 1 }; 2]);
         let body = seen.lock().unwrap()[0].1.clone();
         let one = String::from_utf8_lossy(&msgs[0].payload).to_string();
