@@ -567,3 +567,548 @@ fn a_script_runs_per_message_before_batching() {
         format!("committed {:?}", committed[0])
     });
 }
+
+/// The offsets a batch request carried, in body order.
+fn carried(r: &Request) -> Vec<i64> {
+    offsets(r).into_iter().map(|(_, o)| o).collect()
+}
+
+/// A per-message figure of `module` in `/metrics` (summed over its
+/// series; 0 when it has none).
+fn figure(admin: &str, name: &str, module: &str) -> f64 {
+    common::metrics::scrape(admin)
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && s.labels.get("module") == Some(module))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// Waits until the module's `(delivered, exhausted, skipped, failed
+/// attempts)` in `/metrics` are `want` (a snapshot every 500 ms); checks.
+fn check_figures(mkc: &Mkc, admin: &str, module: &str, want: [f64; 4]) {
+    let names = [
+        "mkc_messages_delivered_total",
+        "mkc_messages_exhausted_total",
+        "mkc_messages_skipped_total",
+        "mkc_delivery_attempts_failed_total",
+    ];
+    let mut got = [0.0; 4];
+    let same = wait_until(Duration::from_secs(15), || {
+        got = names.map(|n| figure(admin, n, module));
+        got == want
+    });
+    mkc.check(same, || {
+        format!("{module}: (delivered, exhausted, skipped, failed attempts) {got:?}, want {want:?}")
+    });
+}
+
+/// Reads the dead-letter topic `dead` for a few seconds: nothing may be
+/// there.
+fn check_no_dead_letters(mkc: &Mkc, dead: &str) {
+    let letters = consume(dead, 1, 1, Duration::from_secs(3));
+    mkc.check(letters.is_empty(), || {
+        format!(
+            "dead letters: {:?}",
+            letters
+                .iter()
+                .map(|l| String::from_utf8_lossy(&l.payload).into_owned())
+                .collect::<Vec<_>>()
+        )
+    });
+}
+
+#[test]
+fn a_skip_takes_one_message_out_of_a_failing_batch_and_the_others_are_delivered() {
+    const TOKEN: &str = "batch-skip-token";
+    let topic = unique_name("batch-skip");
+    let group = unique_name("batch-skip-group");
+    let dead = unique_name("batch-skip-dead");
+    create_topic(&topic, 1);
+    create_topic(&dead, 1);
+    let sink = Sink::with(Behavior::status(500));
+    // retrynum 0: retried forever, never split; what leaves the batch
+    // leaves it because of a skip.
+    let config = MkcConfig::new(&topic, &group)
+        .line(&format!("admin-token {TOKEN}"))
+        .module(
+            Module::new("skippy", sink.url("/skippy"))
+                .filter(1001)
+                .retrynum(0)
+                .retry_delay(200)
+                .line("batch 6")
+                .line("batch_linger 1000")
+                .line(&format!("dead_letter_topic {dead}")),
+        );
+    let records = (0..6u64)
+        .map(|i| Record::new(0, envelope(i, "1001", &format!("{{\"n\": {i}}}"))))
+        .collect();
+    let produced = produce(&topic, records);
+    let o = |i: usize| produced[i].offset;
+    let all: Vec<i64> = (0..6).map(o).collect();
+    let without_1: Vec<i64> = [0, 2, 3, 4, 5].map(o).to_vec();
+    let rest: Vec<i64> = [0, 2, 3, 5].map(o).to_vec();
+    let mut mkc = start(&config);
+    let admin = mkc.admin_url(Duration::from_secs(30));
+    let db = TestDb::sqlite(mkc.dir().join("mkc-dispatch-log.db"));
+
+    // The batch of six fails again and again.
+    let failing = sink.wait_until(Duration::from_secs(60), |rs| {
+        rs.iter().filter(|r| carried(r) == all).count() >= 2
+    });
+    mkc.check(failing, || {
+        format!(
+            "no batch of six failed twice: {:?}",
+            sink.requests().iter().map(carried).collect::<Vec<_>>()
+        )
+    });
+
+    // `mkc skip` (the dispatch log's is_skip) of the second message: its
+    // row exists once an attempt of its batch failed.
+    db.wait_rows(Duration::from_secs(30), |rows| {
+        rows.iter()
+            .any(|r| r.offset == o(1) && r.status == "retrying")
+    });
+    let (status, output) = mkc.command(
+        &[
+            "skip",
+            "--topic",
+            &topic,
+            "--partition",
+            "0",
+            "--offset",
+            &o(1).to_string(),
+            "--module",
+            "skippy",
+        ],
+        Duration::from_secs(60),
+    );
+    mkc.check(status.is_some_and(|s| s.success()), || {
+        format!("mkc skip failed ({status:?}): {output}")
+    });
+    let took_out = sink.wait_until(Duration::from_secs(30), |rs| {
+        rs.iter().any(|r| carried(r) == without_1)
+    });
+    mkc.check(took_out, || {
+        format!(
+            "after mkc skip of offset {}: requests carried {:?}",
+            o(1),
+            sink.requests().iter().map(carried).collect::<Vec<_>>()
+        )
+    });
+
+    // The admin API's skip of the fifth.
+    let skip =
+        serde_json::json!({"topic": topic, "partition": 0, "offset": o(4), "module": "skippy"});
+    let (code, text) = common::browser::http(
+        "POST",
+        &format!("{admin}/api/skip"),
+        Some(TOKEN),
+        Some(skip),
+    );
+    mkc.check(code == 200, || format!("POST /api/skip: {code} {text}"));
+    let took_out = sink.wait_until(Duration::from_secs(30), |rs| {
+        rs.iter().any(|r| carried(r) == rest)
+    });
+    mkc.check(took_out, || {
+        format!(
+            "after the admin skip of offset {}: requests carried {:?}",
+            o(4),
+            sink.requests().iter().map(carried).collect::<Vec<_>>()
+        )
+    });
+
+    // The endpoint recovers: the four left go in one request.
+    sink.set_behavior(Behavior::ok());
+    let end = o(5) + 1;
+    mkc.check(
+        wait_until(Duration::from_secs(30), || {
+            committed_offsets(&group, &topic, 1) == vec![Some(end)]
+        }),
+        || {
+            format!(
+                "committed {:?}, end {end}",
+                committed_offsets(&group, &topic, 1)
+            )
+        },
+    );
+    let requests = sink.requests();
+    sink.assert_no_more(requests.len(), Duration::from_secs(1));
+    // Every request carried the six, then the five, then the four, in
+    // that order and nothing else; only the last one was answered 2xx.
+    let shapes: Vec<Vec<i64>> = requests.iter().map(carried).collect();
+    let phases: Vec<usize> = shapes
+        .iter()
+        .map(|s| {
+            [&all, &without_1, &rest]
+                .iter()
+                .position(|p| *p == s)
+                .unwrap_or(9)
+        })
+        .collect();
+    mkc.check(
+        phases.windows(2).all(|w| w[0] <= w[1]) && !phases.contains(&9),
+        || format!("requests carried {shapes:?}"),
+    );
+    // What is left after a skip is a new batch: its own key, attempt 1.
+    for part in [&without_1, &rest] {
+        let at: Vec<(i32, i64)> = part.iter().map(|&o| (0, o)).collect();
+        let first = requests.iter().find(|r| carried(r) == *part).unwrap();
+        mkc.check(
+            first.attempt() == 1 && first.idempotency_key() == batch_key(&topic, &at),
+            || format!("the first request after a skip: {first}"),
+        );
+    }
+    let answers: Vec<u16> = requests.iter().map(|r| r.answered).collect();
+    mkc.check(
+        answers.iter().filter(|&&a| a == 200).count() == 1 && answers.last() == Some(&200),
+        || format!("answers {answers:?}"),
+    );
+    mkc.check(
+        delivered(&sink) == rest.iter().map(|&o| (0, o)).collect(),
+        || format!("delivered {:?}", delivered(&sink)),
+    );
+
+    // One row per message: the two skipped (mkc skip's row says is_skip),
+    // the four delivered after retries; retry_num counts every request
+    // that carried the message.
+    let rows = db.wait_rows(Duration::from_secs(30), |rows| {
+        rows.len() == 6 && rows.iter().all(|r| r.status != "retrying")
+    });
+    for (i, &offset) in all.iter().enumerate() {
+        let row = rows.iter().find(|r| r.offset == offset).unwrap();
+        let times = shapes.iter().filter(|s| s.contains(&offset)).count() as i64;
+        let status = if i == 1 || i == 4 {
+            "skipped"
+        } else {
+            "delivered_after_retry"
+        };
+        mkc.check(row.status == status && row.retry_num == times - 1, || {
+            format!(
+                "offset {offset}: {} retry_num {}, want {status} retry_num {} ({times} requests carried it)",
+                row.status,
+                row.retry_num,
+                times - 1
+            )
+        });
+    }
+    let skipped_row = rows.iter().find(|r| r.offset == o(1)).unwrap();
+    mkc.check(skipped_row.is_skip == 1, || {
+        format!("offset {}'s row: is_skip {}", o(1), skipped_row.is_skip)
+    });
+    mkc.check(mkc.log_count("skipped by the operator") == 2, || {
+        format!(
+            "{} 'skipped by the operator' lines",
+            mkc.log_count("skipped by the operator")
+        )
+    });
+    // Figures per message: a failed request of n messages is n failed
+    // attempts.
+    let failed: usize = requests
+        .iter()
+        .filter(|r| r.answered != 200)
+        .map(|r| offsets(r).len())
+        .sum();
+    check_figures(&mkc, &admin, "skippy", [4.0, 0.0, 2.0, failed as f64]);
+    check_no_dead_letters(&mkc, &dead);
+    mkc.stop_clean();
+}
+
+#[test]
+fn retry_after_pauses_the_module_and_the_whole_batch_is_sent_again_after_it() {
+    let topic = unique_name("batch-retry-after");
+    let group = unique_name("batch-retry-after-group");
+    let dead = unique_name("batch-retry-after-dead");
+    create_topic(&topic, 2);
+    create_topic(&dead, 1);
+    // The first request of each batch (Idempotency-Key) gets 429 with
+    // Retry-After: 3, its retry 200.
+    let sink = Sink::with(Behavior::fail_first(1, 429).retry_after("3"));
+    // retrynum 1: the pause is no extra attempt, nothing is exhausted.
+    let config = MkcConfig::new(&topic, &group).module(
+        Module::new("polite", sink.url("/polite"))
+            .filter(1001)
+            .retrynum(1)
+            .retry_delay(50)
+            .line("batch 4")
+            .line("batch_linger 1000")
+            .line(&format!("dead_letter_topic {dead}")),
+    );
+    // A batch of four on partition 0, waiting before mkc starts.
+    let mut produced = produce(
+        &topic,
+        (0..4u64)
+            .map(|i| Record::new(0, envelope(i, "1001", &format!("{{\"a\": {i}}}"))))
+            .collect(),
+    );
+    let mut mkc = start(&config);
+    let admin = mkc.admin_url(Duration::from_secs(30));
+    let paused = || {
+        common::metrics::value(
+            &common::metrics::scrape(&admin),
+            "mkc_module_server_paused",
+            &[("module", "polite")],
+        )
+    };
+    let first = sink.wait_for(1, Duration::from_secs(60))[0].clone();
+    // Partition 1's lane gets a batch of two while the module pauses.
+    produced.extend(produce(
+        &topic,
+        (4..6u64)
+            .map(|i| Record::new(1, envelope(i, "1001", &format!("{{\"b\": {i}}}"))))
+            .collect(),
+    ));
+    // /metrics is a snapshot every 500 ms: within the 3 s.
+    let seen = wait_until(Duration::from_millis(2500), || paused() == Some(1.0));
+    mkc.check(seen, || {
+        format!("mkc_module_server_paused {:?} during the pause", paused())
+    });
+
+    let requests = sink.wait_for(4, Duration::from_secs(30));
+    sink.assert_no_more(4, Duration::from_secs(1));
+    let a: Vec<(i32, i64)> = produced[..4]
+        .iter()
+        .map(|p| (p.partition, p.offset))
+        .collect();
+    let b: Vec<(i32, i64)> = produced[4..]
+        .iter()
+        .map(|p| (p.partition, p.offset))
+        .collect();
+    mkc.check(offsets(&first) == a && first.answered == 429, || {
+        format!("the first request: {first}")
+    });
+    let of = |at: &[(i32, i64)]| -> Vec<&Request> {
+        requests.iter().filter(|r| offsets(r) == at).collect()
+    };
+    let (ra, rb) = (of(&a), of(&b));
+    mkc.check(ra.len() == 2 && rb.len() == 2, || {
+        let all: Vec<String> = requests.iter().map(|r| r.to_string()).collect();
+        format!("not two requests of each batch:\n{}", all.join("\n"))
+    });
+    for (name, pair) in [("partition 0's", &ra), ("partition 1's", &rb)] {
+        let (one, two) = (pair[0], pair[1]);
+        // Retried whole: the same body, the same key, the next attempt.
+        mkc.check(
+            one.body == two.body
+                && one.idempotency_key() == two.idempotency_key()
+                && (one.attempt(), two.attempt()) == (1, 2)
+                && (one.answered, two.answered) == (429, 200),
+            || format!("{name} batch:\n{one}\n{two}"),
+        );
+        // No earlier than the Retry-After, and no later than the last
+        // pause asked before it (the other batch's 429 may extend it).
+        let gap = two.at.duration_since(one.at);
+        let pause_end = requests
+            .iter()
+            .filter(|r| r.answered == 429 && r.at < two.at)
+            .map(|r| r.at + Duration::from_secs(3))
+            .max()
+            .unwrap();
+        mkc.check(
+            gap >= Duration::from_millis(2900) && two.at <= pause_end + Duration::from_millis(1500),
+            || {
+                format!(
+                    "{name} batch: the retry came {gap:?} after the 429 with Retry-After: 3, \
+                     {:?} after the last pause's end",
+                    two.at.saturating_duration_since(pause_end)
+                )
+            },
+        );
+    }
+    // The other lane waited for the pause too.
+    let waited = rb[0].at.duration_since(first.at);
+    mkc.check(waited >= Duration::from_millis(2900), || {
+        format!("partition 1's batch went {waited:?} after the 429 (Retry-After: 3)")
+    });
+    mkc.check(mkc.log_count("module paused") >= 1, || {
+        "no 'module paused' in the log".to_string()
+    });
+    let cleared = wait_until(Duration::from_secs(10), || paused() == Some(0.0));
+    mkc.check(cleared, || {
+        format!("mkc_module_server_paused {:?} after the pause", paused())
+    });
+
+    // Per message: six delivered after one failed attempt each.
+    let ends = vec![Some(a[3].1 + 1), Some(b[1].1 + 1)];
+    mkc.check(
+        wait_until(Duration::from_secs(30), || {
+            committed_offsets(&group, &topic, 2) == ends
+        }),
+        || {
+            format!(
+                "committed {:?}, ends {ends:?}",
+                committed_offsets(&group, &topic, 2)
+            )
+        },
+    );
+    let db = TestDb::sqlite(mkc.dir().join("mkc-dispatch-log.db"));
+    let rows = db.wait_rows(Duration::from_secs(30), |rows| {
+        rows.len() == 6 && rows.iter().all(|r| r.status != "retrying")
+    });
+    mkc.check(
+        rows.iter()
+            .all(|r| r.status == "delivered_after_retry" && r.retry_num == 1),
+        || {
+            let rows: Vec<String> = rows
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}/{} {} retry_num {}",
+                        r.partition, r.offset, r.status, r.retry_num
+                    )
+                })
+                .collect();
+            format!("dispatch log rows: {rows:?}")
+        },
+    );
+    check_figures(&mkc, &admin, "polite", [6.0, 0.0, 0.0, 6.0]);
+    check_no_dead_letters(&mkc, &dead);
+    mkc.stop_clean();
+}
+
+#[test]
+fn the_breaker_opens_on_failed_batch_requests_probes_with_the_batch_and_closes() {
+    let topic = unique_name("batch-breaker");
+    let group = unique_name("batch-breaker-group");
+    let dead = unique_name("batch-breaker-dead");
+    create_topic(&topic, 1);
+    create_topic(&dead, 1);
+    let sink = Sink::with(Behavior::status(500));
+    // retrynum 5 and retry_max_age 2: the 6 s the breaker holds the batch
+    // would use up both if the wait counted (the batch would be split and
+    // its messages dead-lettered).
+    let config = MkcConfig::new(&topic, &group).module(
+        Module::new("fragile", sink.url("/fragile"))
+            .filter(1001)
+            .retrynum(5)
+            .retry_delay(100)
+            .line("retry_max_age 2")
+            .line("breaker_failures 3")
+            .line("breaker_cooldown 3")
+            .line("batch 4")
+            .line("batch_linger 1000")
+            .line(&format!("dead_letter_topic {dead}")),
+    );
+    // Two batches of four waiting before mkc starts; `ordered`: the second
+    // goes when the first is done.
+    let produced = produce(
+        &topic,
+        (0..8u64)
+            .map(|i| Record::new(0, envelope(i, "1001", &format!("{{\"i\": {i}}}"))))
+            .collect(),
+    );
+    let o = |i: usize| produced[i].offset;
+    let first_batch: Vec<i64> = (0..4).map(o).collect();
+    let second_batch: Vec<i64> = (4..8).map(o).collect();
+    let mut mkc = start(&config);
+    let admin = mkc.admin_url(Duration::from_secs(30));
+    let state = || {
+        common::metrics::value(
+            &common::metrics::scrape(&admin),
+            "mkc_module_breaker_state",
+            &[("module", "fragile")],
+        )
+    };
+
+    // Three failed requests (of four messages each: twelve failed message
+    // attempts) open it: the breaker counts requests.
+    let failed = sink.wait_for(3, Duration::from_secs(60));
+    mkc.wait_log_contains(
+        "circuit breaker open: 3 consecutive failed attempts",
+        Duration::from_secs(10),
+    );
+    mkc.check(
+        wait_until(Duration::from_secs(10), || state() == Some(1.0)),
+        || format!("breaker state {:?} while open", state()),
+    );
+    let gaps = [
+        failed[1].at.duration_since(failed[0].at),
+        failed[2].at.duration_since(failed[1].at),
+    ];
+    mkc.check(gaps.iter().all(|g| *g < Duration::from_secs(2)), || {
+        format!("the first three requests were {gaps:?} apart: the breaker opened before three failed requests")
+    });
+
+    // One probe, the whole batch, after the cooldown; it fails: open again.
+    let probe = sink.wait_for(4, Duration::from_secs(30))[3].clone();
+    mkc.wait_log_contains("circuit breaker open again", Duration::from_secs(10));
+    sink.set_behavior(Behavior::ok());
+    // The next probe succeeds and closes it; the second batch follows.
+    let requests = sink.wait_for(6, Duration::from_secs(30));
+    sink.assert_no_more(6, Duration::from_secs(2));
+    mkc.wait_log_contains("circuit breaker closed", Duration::from_secs(10));
+    let quiet = [
+        probe.at.duration_since(failed[2].at),
+        requests[4].at.duration_since(probe.at),
+    ];
+    mkc.check(quiet.iter().all(|q| *q >= Duration::from_secs(3)), || {
+        format!("the probes came {quiet:?} after the failure before them, within the 3 s cooldown")
+    });
+    let shapes: Vec<(Vec<i64>, u32, u16)> = requests
+        .iter()
+        .map(|r| (carried(r), r.attempt(), r.answered))
+        .collect();
+    let want: Vec<(Vec<i64>, u32, u16)> = vec![
+        (first_batch.clone(), 1, 500),
+        (first_batch.clone(), 2, 500),
+        (first_batch.clone(), 3, 500),
+        (first_batch.clone(), 4, 500),
+        (first_batch.clone(), 5, 200),
+        (second_batch.clone(), 1, 200),
+    ];
+    mkc.check(shapes == want, || {
+        format!("requests (offsets, attempt, answer) {shapes:?}, want {want:?}")
+    });
+    let keys: BTreeSet<&str> = requests[..5].iter().map(|r| r.idempotency_key()).collect();
+    mkc.check(keys.len() == 1, || {
+        format!("the first batch's requests had keys {keys:?}")
+    });
+    mkc.check(
+        wait_until(Duration::from_secs(10), || state() == Some(0.0)),
+        || format!("breaker state {:?} after closing", state()),
+    );
+    let openings = common::metrics::value(
+        &common::metrics::scrape(&admin),
+        "mkc_module_breaker_openings_total",
+        &[("module", "fragile")],
+    );
+    mkc.check(openings == Some(2.0), || format!("openings {openings:?}"));
+
+    let end = o(7) + 1;
+    mkc.check(
+        wait_until(Duration::from_secs(30), || {
+            committed_offsets(&group, &topic, 1) == vec![Some(end)]
+        }),
+        || {
+            format!(
+                "committed {:?}, end {end}",
+                committed_offsets(&group, &topic, 1)
+            )
+        },
+    );
+    // The first batch's messages: delivered after 4 failed attempts each
+    // (the waits were none); the second's at their first (no row).
+    let db = TestDb::sqlite(mkc.dir().join("mkc-dispatch-log.db"));
+    let rows = db.wait_rows(Duration::from_secs(30), |rows| {
+        rows.len() == 4 && rows.iter().all(|r| r.status != "retrying")
+    });
+    let seen: Vec<(i64, String, i64)> = rows
+        .iter()
+        .map(|r| (r.offset, r.status.clone(), r.retry_num))
+        .collect();
+    let want: Vec<(i64, String, i64)> = first_batch
+        .iter()
+        .map(|&o| (o, "delivered_after_retry".to_string(), 4))
+        .collect();
+    mkc.check(seen == want, || {
+        format!("dispatch log rows {seen:?}, want {want:?}")
+    });
+    check_figures(&mkc, &admin, "fragile", [8.0, 0.0, 0.0, 16.0]);
+    check_no_dead_letters(&mkc, &dead);
+    mkc.stop_clean();
+}
