@@ -20,7 +20,8 @@
 //!    `--concurrency` requests in flight, `unordered` again with a
 //!    module script (issue 13: reads one field of `msg.json`, adds a
 //!    header) and with `batch 100` (issue 14: up to 100 messages of any
-//!    partition per request; compared with the broker's ceiling alone);
+//!    partition per request, 5 MiB fetches as the ceiling's consumer gets;
+//!    compared with the broker's ceiling alone);
 //! 5. measures the baseline: a Python consumer (confluent-kafka +
 //!    requests, one POST per message) committing after each message and
 //!    every 1,000, over `--baseline-messages` messages;
@@ -348,6 +349,15 @@ const KAFKA_SCENARIOS: [&str; 8] = [
 
 /// `batch` of the `unordered-batch` rows (issue 14).
 const BENCH_BATCH: u32 = 100;
+
+/// `fetch.max.bytes` of the batch rows: 5 MiB, what tansu 0.6 gives the
+/// ceiling's consumer (librdkafka's 50 MB default, capped by the broker),
+/// instead of mkc's memory-bounded default (a thirty-second of
+/// `max-inflight-bytes`, 2 MiB). tansu lists a partition's whole log for
+/// every fetch, so the number of fetches, not the messages, is what the
+/// broker spends on: with 2 MiB mkc needs 2.5 times the ceiling's fetches
+/// (docs/bench.md, "Batches"). A later `--mkc-conf` line overrides it.
+const BATCH_FETCH_MAX_BYTES: u32 = 5 << 20;
 
 /// The module script of the `unordered-script` rows (issue 13): reads one
 /// field of `msg.json`, adds a header, sends the payload unchanged.
@@ -863,9 +873,16 @@ fn write_mkc_run(
                 format!(
                     "brokers {}\nproperty auto.offset.reset earliest\n\
                      property session.timeout.ms {session_timeout_ms}\n\
-                     property heartbeat.interval.ms 1000\n\
+                     property heartbeat.interval.ms 1000\n{}\
                      topic {} {workers}\n",
-                    broker.addr, ctx.topic
+                    broker.addr,
+                    match case.variant {
+                        Variant::Batch(_) => {
+                            format!("property fetch.max.bytes {BATCH_FETCH_MAX_BYTES}\n")
+                        }
+                        _ => String::new(),
+                    },
+                    ctx.topic
                 ),
                 "broker",
                 broker.pid(),
@@ -1185,6 +1202,12 @@ fn report(ctx: &Ctx, rows: &[Row], machine: &Value) -> anyhow::Result<()> {
         machine["cpu"].as_str().unwrap_or("?"),
         machine["memory_gib"]
     ));
+    if rows.iter().any(|r| r.name.contains(" batch ")) {
+        out.push_str(&format!(
+            "batch rows: server.conf `property fetch.max.bytes {BATCH_FETCH_MAX_BYTES}` \
+             (the ceiling consumer's fetch size on tansu; mkc's default is 2 MiB)\n\n"
+        ));
+    }
     out.push_str(&format!(
         "{:<35} {:>5} {:>10} {:>9} {:>24} {:>26} {:>9} {:>9} {:>10} {:>10}\n",
         "scenario",
