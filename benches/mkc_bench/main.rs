@@ -1027,7 +1027,7 @@ fn measure_instructions(ctx: &Ctx, case: &MkcCase) -> anyhow::Result<f64> {
             exited,
             "{name}: mkc under valgrind did not stop within 300 s: no counts"
         );
-        let (requests, ..) = sink_stats(ctx)?;
+        let (requests, distinct, ..) = sink_stats(ctx)?;
         let (instructions, processes) = instructions::total(&counts)?;
         anyhow::ensure!(
             processes > case.workers as usize,
@@ -1035,13 +1035,18 @@ fn measure_instructions(ctx: &Ctx, case: &MkcCase) -> anyhow::Result<f64> {
             case.workers
         );
         eprintln!(
-            "    counted: {requests} requests, {:.3} G instructions in {processes} processes ({:.0} s)",
+            "    counted: {requests} requests ({distinct} distinct messages), {:.3} G instructions in {processes} processes ({:.0} s)",
             instructions as f64 / 1e9,
             started.elapsed().as_secs_f64()
         );
         counted.push(instructions::Counted {
             instructions,
-            requests,
+            // A batch's request carries many messages: the figure is per
+            // message, so its rows count the messages the sink received.
+            requests: match case.variant {
+                Variant::Batch(_) => distinct,
+                _ => requests,
+            },
         });
     }
     instructions::slope(counted[0], counted[1])
