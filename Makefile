@@ -18,7 +18,8 @@
 #                    (scripts/fuzz.sh; stable Rust with RUSTC_BOOTSTRAP=1; not in `make test`)
 #   make bench       throughput benchmark (docs/bench.md); BENCH_ARGS=--quick for a smoke run
 #   make bench-instructions   mkc's instructions per delivered message (valgrind),
-#                    ordered 1w, keyed, unordered at 0 ms, with msgs/s and CPU of a short run
+#                    every Kafka mkc row at 0 ms (ordered 1w and 6w, keyed, unordered,
+#                    unordered with a script, with batch 100), with msgs/s and CPU of a short run
 #                    (BEFORE=path/to/old/mkc: that binary's rows beside them)
 #   make clean       cargo clean and stop the broker
 
@@ -100,7 +101,7 @@ bench: kafka-install
 BEFORE ?=
 bench-instructions: setup-bench kafka-install
 	$(CARGO) bench --bench mkc_bench -- --instructions --latencies 0 --runs 1 \
-		--messages 60000 --only ordered-1w,keyed,unordered \
+		--messages 60000 --only ordered,keyed,unordered \
 		$(if $(BEFORE),--mkc-before $(BEFORE)) $(BENCH_ARGS)
 
 kafka-install:

@@ -14,7 +14,7 @@
 //! Each row runs twice, to N and to 2N delivered messages, on a fresh
 //! consumer group each time; the figure is the slope between the two,
 //! (I₂ − I₁) / (R₂ − R₁) with R the requests the sink received by the
-//! time mkc stopped, so that start-up, group join, graceful stop and the
+//! time mkc stopped (a batch row: the distinct messages), so that start-up, group join, graceful stop and the
 //! messages fetched but not delivered when the stop came cancel out.
 //! Time-driven work (timers, heartbeats, librdkafka's polls) is counted
 //! per message as it happens, and under valgrind a run lasts fifteen to
@@ -87,7 +87,7 @@ pub fn total(dir: &Path) -> anyhow::Result<(u64, usize)> {
 }
 
 /// One counted run: instructions of mkc's processes, requests the sink
-/// received.
+/// received (messages, for a batch row).
 #[derive(Clone, Copy, Debug)]
 pub struct Counted {
     pub instructions: u64,

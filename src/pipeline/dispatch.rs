@@ -338,6 +338,14 @@ static X_MKC_SOURCE: HeaderName = HeaderName::from_static("x-mkc-source");
 static X_MKC_PATTERN: HeaderName = HeaderName::from_static("x-mkc-pattern");
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
+/// Room in a request's header map: mkc's own (eleven for a Kafka message
+/// with a commitId, up to thirteen), hyper's `Host` and `Content-Length`,
+/// and some of the module's `header` lines, a script's or the signature.
+/// A map made for 12 (16 slots) was full when hyper added
+/// `Content-Length` and grew, rehashing, on every request (about 1,300
+/// instructions a message, docs/bench.md); 13 to 24 all take 32 slots.
+const REQUEST_HEADERS: usize = 24;
+
 /// How much of an error response body goes into the last error.
 const ERROR_BODY_PREVIEW: usize = 200;
 /// How much of a 2xx answer's body is read (and dropped) to keep its
@@ -811,7 +819,7 @@ impl Endpoint {
     /// A request's headers: `msg`'s own, or with `batch` those of the
     /// batch `msg` is the first message of.
     fn headers(&self, msg: &Message, batch: Option<&BatchHeaders>, attempt: u32) -> HeaderMap {
-        let mut h = HeaderMap::with_capacity(12);
+        let mut h = HeaderMap::with_capacity(REQUEST_HEADERS);
         // First: every header below replaces a forwarded one of its name.
         // A batch forwards none: its messages each have their own.
         if batch.is_none() && !msg.headers.is_empty() {
