@@ -14,8 +14,9 @@
 //! Each row runs twice, to N and to 2N delivered messages, on a fresh
 //! consumer group each time; the figure is the slope between the two,
 //! (I₂ − I₁) / (R₂ − R₁) with R the requests the sink received by the
-//! time mkc stopped (a batch row: the distinct messages), so that start-up, group join, graceful stop and the
-//! messages fetched but not delivered when the stop came cancel out.
+//! time mkc stopped (a batch row: the distinct messages), so that
+//! start-up, group join, graceful stop and the messages fetched but not
+//! delivered when the stop came cancel out.
 //! Time-driven work (timers, heartbeats, librdkafka's polls) is counted
 //! per message as it happens, and under valgrind a run lasts fifteen to
 //! thirty times longer than natively: that work weighs more per message

@@ -99,8 +99,8 @@ struct Opts {
     #[arg(long)]
     quick: bool,
     /// Only the scenarios whose name contains one of these (broker, http,
-    /// ordered-1w, ordered-Pw (or ordered-6w with P = 6), keyed, unordered, unordered-script,
-    /// unordered-batch, python;
+    /// ordered-1w, ordered-Pw (or ordered-6w with P = 6), keyed, unordered,
+    /// unordered-script, unordered-batch, python;
     /// redis-consume,
     /// redis-ordered, redis-unordered). The Redis scenarios match only a
     /// filter that says `redis` (`--only redis`: all of them, with the HTTP
