@@ -573,22 +573,6 @@ fn carried(r: &Request) -> Vec<i64> {
     offsets(r).into_iter().map(|(_, o)| o).collect()
 }
 
-/// A per-message figure of `module` in `/metrics` (summed over its
-/// series; 0 when it has none).
-fn figure(admin: &str, name: &str, module: &str) -> f64 {
-    common::metrics::scrape(admin)
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && s.labels.get("module") == Some(module))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
-}
-
 /// Waits until the module's `(delivered, exhausted, skipped, failed
 /// attempts)` in `/metrics` are `want` (a snapshot every 500 ms); checks.
 fn check_figures(mkc: &Mkc, admin: &str, module: &str, want: [f64; 4]) {
@@ -600,7 +584,8 @@ fn check_figures(mkc: &Mkc, admin: &str, module: &str, want: [f64; 4]) {
     ];
     let mut got = [0.0; 4];
     let same = wait_until(Duration::from_secs(15), || {
-        got = names.map(|n| figure(admin, n, module));
+        let scrape = common::metrics::scrape(admin);
+        got = names.map(|n| common::metrics::sum(&scrape, n, &[("module", module)]));
         got == want
     });
     mkc.check(same, || {

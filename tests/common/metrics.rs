@@ -36,11 +36,30 @@ pub fn scrape(base: &str) -> Scrape {
 /// The value of the first sample of `name` whose labels include `labels`
 /// (counters, gauges and untyped series).
 pub fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples(scrape, name, labels).next()
+}
+
+/// The sum of every sample of `name` whose labels include `labels` (0
+/// when there is none): a figure kept in several series, e.g. one per
+/// partition.
+pub fn sum(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(scrape, name, labels).sum()
+}
+
+/// The values of the counter, gauge and untyped samples of `name` whose
+/// labels include `labels`.
+fn samples<'a>(
+    scrape: &'a Scrape,
+    name: &'a str,
+    labels: &'a [(&'a str, &'a str)],
+) -> impl Iterator<Item = f64> + 'a {
     scrape
         .samples
         .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .and_then(|s| match s.value {
+        .filter(move |s| {
+            s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .filter_map(|s| match s.value {
             Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
             _ => None,
         })
